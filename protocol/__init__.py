@@ -1,0 +1,1 @@
+"""The contract between export, device and cloud: numpy and the standard library only."""
