@@ -1,0 +1,140 @@
+"""`edgepatch` command line: a thin typer layer over the packages' functions.
+
+Heavy imports (torch, tensorflow) happen inside the commands that need them, so `edgepatch device …`
+on a Raspberry Pi never loads them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="edgepatch: on-device learning across a fleet.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=2)
+
+
+def _log(message: str) -> None:
+    console.print(f"[dim]{message}[/dim]" if message.startswith("  ") else message)
+
+
+@app.command("export")
+def export_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="bundle directory to write"),
+    model: str = typer.Option("digits_cnn", help="reference model name or 'module:attr' of a ModelSpec"),
+    weights: Path | None = typer.Option(None, help="base weights .npz; pretrained offline when absent"),
+    shared: Path | None = typer.Option(None, help="shared patch parameters θ̄/Θ .npz (e.g. distilled)"),
+    patch: str = typer.Option("film", help="patch kind: film or lowrank"),
+    patch_layers: str = typer.Option("", help="comma-separated layers to patch (default: every conv)"),
+    k: int = typer.Option(16, help="size of the per-device vector φ"),
+    rank: int = typer.Option(4, help="bottleneck of lowrank patches"),
+    variants: str = typer.Option("auto", help="'auto' (DSE) or keep ratios '1,0.5' or 'conv1=1:conv2=0.5,…'"),
+    runtimes: str = typer.Option("litert,executorch", help="programs to build"),
+    batch: int = typer.Option(32, help="fixed batch of the training programs"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Export a model to a verified bundle of LiteRT and ExecuTorch programs with dropout variants."""
+    from edgepatch.export.pipeline import ExportOptions, export_bundle
+
+    opts = ExportOptions(model=model, weights=weights, shared=shared, patch_kind=patch,
+                         patch_layers=tuple(p for p in patch_layers.split(",") if p) or None, k=k, rank=rank,
+                         variants=variants, runtimes=tuple(r for r in runtimes.split(",") if r),
+                         batch=batch, seed=seed)
+    try:
+        export_bundle(opts, out, _log)
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+    _print_bundle(out)
+
+
+@app.command("explore")
+def explore_cmd(
+    out: Path = typer.Option(Path("dse"), "--out", "-o", help="directory for variants.json and front.png"),
+    model: str = typer.Option("digits_cnn"),
+    weights: Path | None = typer.Option(None, help="base weights .npz; pretrained offline when absent"),
+    rates: str = typer.Option("0.25,0.5,0.75,1", help="discretized keep ratios per layer"),
+    population: int = typer.Option(8),
+    generations: int = typer.Option(3),
+    steps: int = typer.Option(30, help="step budget of the convergence objective"),
+    seeds: int = typer.Option(3, help="seeds averaged in the convergence objective"),
+    cost: str = typer.Option("litert", help="'litert' (measured step time) or 'flops' (cost model)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """DISTREAL design-space exploration: NSGA-II over per-layer keep ratios; writes the Pareto set."""
+    from edgepatch.export import dse
+    from edgepatch.export.pipeline import ExportOptions, base_weights, training_data
+    from edgepatch.export.resolve import resolve_model
+
+    try:
+        spec = resolve_model(model)
+        base = base_weights(spec, ExportOptions(model=model, weights=weights, seed=seed), _log)
+        x, y = training_data(spec, seed)
+        result = dse.explore(spec, base, x, y, rates=[float(r) for r in rates.split(",")],
+                             pop_size=population, generations=generations, seeds=tuple(range(seeds)),
+                             step_budget=steps, search_seed=seed,
+                             cost_fn=dse.flops_cost if cost == "flops" else None,
+                             progress=lambda rep: _log(f"  {rep}"))
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "variants.json").write_text(json.dumps(result.to_dict(), indent=1))
+    dse.plot_front(result, out / "front.png")
+    table = Table("variant", "cost", "convergence loss", "FLOPs", "pareto", title=f"DSE for {spec.name}")
+    for row in sorted(result.rows(), key=lambda r: r["flops_ratio"]):
+        cost_value = next(iter(row["train_ms"].values()), row["flops_ratio"])
+        table.add_row(row["id"], f"{cost_value:.3f}", f"{row['convergence']:.4f}", f"{row['flops_ratio']:.2f}",
+                      "yes" if row["pareto"] else "")
+    Console().print(table)
+    console.print(f"wrote {out / 'variants.json'} and {out / 'front.png'}")
+
+
+@app.command("inspect")
+def inspect_cmd(bundle: Path = typer.Argument(..., help="bundle directory or archive")) -> None:
+    """Print a bundle's manifest, variants and artifact sizes (verifies every hash)."""
+    _print_bundle(bundle)
+
+
+def _print_bundle(path: Path) -> None:
+    from edgepatch.protocol.bundle import load_bundle
+    from edgepatch.protocol.manifest import BundleError
+
+    try:
+        with load_bundle(path) as bundle:
+            info = bundle.describe()
+            manifest = bundle.manifest
+    except BundleError as exc:
+        raise _fail(str(exc)) from exc
+    out = Console()
+    out.print(f"[bold]{manifest.model_id}[/bold] base {manifest.base_version[:12]}  schema "
+              f"{manifest.schema_version}  created {manifest.created}")
+    out.print(f"input {list(manifest.input.shape)} {manifest.input.layout}, {manifest.labels.num_classes} classes; "
+              f"{manifest.patch.kind} patches on {', '.join(manifest.patch.layers)}, k={manifest.patch.k}")
+    table = Table("variant", "keep", "FLOPs", "train ms", "infer ms", "convergence", "pareto")
+    for row in manifest.variants:
+        table.add_row(row.id, " ".join(f"{k}={v:g}" for k, v in row.keep.items()), f"{row.flops_ratio:.2f}",
+                      " ".join(f"{k}:{v:.2f}" for k, v in row.train_ms.items()),
+                      " ".join(f"{k}:{v:.2f}" for k, v in row.infer_ms.items()),
+                      "" if row.convergence is None else f"{row.convergence:.4f}", "yes" if row.pareto else "")
+    out.print(table)
+    artifacts = Table("artifact", "kind", "bytes", "sha256")
+    for name, entry in manifest.artifacts.items():
+        artifacts.add_row(name, entry.kind, f"{entry.bytes:,}", entry.sha256[:16])
+    out.print(artifacts)
+    out.print(f"total {info.get('total_bytes', sum(e.bytes for e in manifest.artifacts.values())):,} bytes")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

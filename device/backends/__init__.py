@@ -1,0 +1,1 @@
+"""Runtime backends that execute exported programs (LiteRT; ExecuTorch)."""

@@ -1,0 +1,589 @@
+"""DISTREAL design-space exploration: Pareto-optimal per-layer keep rates (cost vs convergence).
+
+NSGA-II (pymoo) searches integer-coded genes, one per droppable conv layer, each an index into the
+discrete `rates`. Two objectives, both minimized:
+
+1. cost — the training-step time of the variant's full-weight step (`train_full_<vid>`) measured in the
+   real LiteRT interpreter (`LiteRTTrainCost`, the default), or any `CostFn`, e.g. the FLOP cost model
+   `flops_cost`. When the cost is measured, the result also reports how well the FLOP model predicts it
+   (Pearson and Spearman correlation over every evaluated variant): a cost model validated against
+   measurement.
+2. convergence — held-out loss of the FULL model after `step_budget` DISTREAL steps from the common
+   checkpoint `base_params`, averaged over `seeds`. Each step draws a fresh kept set, gathers the small
+   network's weights, runs forward/backward on the physically smaller network and scatters the update
+   back into the full weights. This runs in torch: the torch forward is the reference that the LiteRT
+   and ExecuTorch programs are parity-tested against, and on a CPU it is the fastest way to train the
+   same maths many times.
+
+Every distinct variant is evaluated once (a cache keyed by variant id); the cost function gets all of
+a generation's new variants in one call, so LiteRT builds one .tflite per generation, not per variant.
+The full variant (all rates 1.0) is always evaluated and always shipped: it is the device's fallback.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from edgepatch.protocol.model_spec import ModelSpec, PatchSpec, SpecError, param_infos
+from edgepatch.protocol.optim import AdamConfig, adam_step
+from edgepatch.protocol.params import Params, check_params
+from edgepatch.protocol.variants import (
+    Variant,
+    filter_flops,
+    full_variant,
+    kept_count,
+    sample_kept,
+    scatter_add,
+    slice_params,
+    variant_id,
+)
+
+from .torch_model import forward, to_tensors
+
+DEFAULT_RATES = (0.25, 0.5, 0.75, 1.0)
+
+
+class CostFn(Protocol):
+    """Cost of each variant's training step, one call per batch of new variants: {variant id: cost}.
+
+    `runtime` names the runtime whose step time the cost is (e.g. "litert"), or None for a cost model
+    that measures nothing; `unit` labels the axis ("ms", "FLOP ratio").
+    """
+
+    runtime: str | None
+    unit: str
+
+    def __call__(self, spec: ModelSpec, variants: Sequence[Variant], batch: int) -> dict[str, float]: ...
+
+
+class _FlopsCost:
+    """Cost model: forward multiply-accumulates of the variant relative to the full model."""
+
+    runtime: str | None = None
+    unit = "FLOP ratio"
+
+    def __call__(self, spec: ModelSpec, variants: Sequence[Variant], batch: int) -> dict[str, float]:
+        return {v.id: flops_ratio(spec, v) for v in variants}
+
+
+flops_cost: CostFn = _FlopsCost()
+
+
+def canonical_variant(spec: ModelSpec, keep: Mapping[str, float], rates: Sequence[float]) -> Variant:
+    """The variant for `keep`, each ratio raised to the largest of `rates` giving the same width.
+
+    Widths are rounded (to multiples of 8 where possible), so different rates can build the same
+    physical network (16 filters at 75 % -> 12 -> 16). Those are one design point: evaluated once and
+    named by the largest rate, which is the one that tells the truth about the width.
+    """
+    canon: dict[str, float] = {}
+    for name in spec.droppable_layers():
+        out, ratio = spec.layer(name).out, float(keep.get(name, 1.0))
+        width = kept_count(out, ratio)
+        canon[name] = max([r for r in rates if kept_count(out, r) == width] + [ratio])
+    return Variant(variant_id(canon, spec.droppable_layers()), canon)
+
+
+def flops_ratio(spec: ModelSpec, variant: Variant) -> float:
+    return filter_flops(variant.spec(spec)) / filter_flops(spec)
+
+
+class LiteRTTrainCost:
+    """Measured median wall time (ms) of `train_full_<vid>` in the real LiteRT interpreter.
+
+    All variants of one call go into one .tflite (one conversion per generation). Repetitions are
+    interleaved across variants in a shuffled order, so a slow phase of the shared machine hits every
+    variant alike instead of biasing one; the median of `repeats` calls is reported after `warmup`.
+    Calls happen minutes apart, so the machine's load may differ between them: the first call's
+    interpreter is kept as an anchor (its full variant, or its first variant) and re-timed, interleaved,
+    in every later call; later times are scaled by anchor-then / anchor-now.
+    """
+
+    runtime: str | None = "litert"
+    unit = "ms"
+
+    def __init__(self, base_params: Mapping[str, np.ndarray], *, patch: PatchSpec | None = None,
+                 repeats: int = 15, warmup: int = 3, seed: int = 0, num_threads: int | None = None) -> None:
+        if repeats < 1 or warmup < 0:
+            raise ValueError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
+        self.base_params = {k: np.asarray(v, np.float32) for k, v in base_params.items()}
+        self.patch, self.repeats, self.warmup, self.seed = patch, repeats, warmup, seed
+        self.num_threads = num_threads
+        self.build_seconds = 0.0  # conversion time, summed over calls
+        self.anchor_scales: list[float] = []  # load correction applied to each call after the first
+        self._anchor: tuple[Any, str, dict[str, np.ndarray], float] | None = None  # program, vid, params, ms
+
+    def __call__(self, spec: ModelSpec, variants: Sequence[Variant], batch: int) -> dict[str, float]:
+        # Imported here: TensorFlow takes seconds to import and only this cost function needs it.
+        from edgepatch.device.backends.litert import LiteRTProgram
+        from edgepatch.export.reference_models import default_patch
+        from edgepatch.export.tflite_builder import build_trainable_tflite
+
+        if not variants:
+            return {}
+        patch = self.patch or default_patch(spec)
+        started = time.perf_counter()
+        model = build_trainable_tflite(spec, patch, list(variants), batch)
+        self.build_seconds += time.perf_counter() - started
+        program = LiteRTProgram(model, num_threads=self.num_threads)
+        rng = np.random.default_rng(self.seed)
+        x = rng.normal(size=(batch, *spec.input_shape)).astype(np.float32)
+        y = rng.integers(0, spec.num_classes, size=batch).astype(np.int32)
+        infos = param_infos(spec, None)
+        # (program, vid, sliced params) per timed job; the anchor job runs the first call's program.
+        jobs = [(program, v.id, slice_params(self.base_params, infos, sample_kept(spec, v, rng))) for v in variants]
+        if self._anchor is not None:
+            jobs.append(self._anchor[:3])
+        times: list[list[float]] = [[] for _ in jobs]
+        for rep in range(self.warmup + self.repeats):
+            for i in rng.permutation(len(jobs)):
+                prog, vid, sliced = jobs[int(i)]
+                t0 = time.perf_counter()
+                prog.train_full(vid, x, y, sliced)  # exactly the device's call, input checks included
+                elapsed = (time.perf_counter() - t0) * 1e3
+                if rep >= self.warmup:
+                    times[int(i)].append(elapsed)
+        medians = [float(statistics.median(ts)) for ts in times]
+        if self._anchor is None:
+            pick = next((i for i, v in enumerate(variants) if v.is_full(spec)), 0)
+            self._anchor = (*jobs[pick], medians[pick])
+            scale = 1.0
+        else:
+            scale = self._anchor[3] / medians[-1]
+            self.anchor_scales.append(scale)
+        return {v.id: medians[i] * scale for i, v in enumerate(variants)}
+
+
+# -- convergence ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The DISTREAL training run behind the convergence objective."""
+
+    optimizer: str = "sgd"  # "sgd" or "adam" (numpy Adam of protocol/optim.py, slots sliced like weights)
+    lr: float = 0.05
+    holdout: float = 0.25  # fraction of the data held out for the loss after the budget
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+
+
+@dataclass(frozen=True)
+class _Data:
+    train_x: np.ndarray
+    train_y: np.ndarray
+    hold_x: torch.Tensor
+    hold_y: torch.Tensor
+
+
+def _check_data(spec: ModelSpec, x: np.ndarray, y: np.ndarray, batch: int, cfg: TrainConfig) -> _Data:
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim != len(spec.input_shape) + 1 or tuple(x.shape[1:]) != spec.input_shape:
+        raise ValueError(f"data_x has shape {x.shape}; model {spec.name!r} needs (N, {', '.join(map(str, spec.input_shape))})")
+    if y.shape != (len(x),):
+        raise ValueError(f"data_y has shape {y.shape}; expected ({len(x)},) labels matching data_x")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= spec.num_classes:
+        raise ValueError(f"data_y must hold integer labels in [0, {spec.num_classes})")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("data_x holds NaN or inf")
+    n_hold = max(1, int(round(cfg.holdout * len(x))))
+    if len(x) - n_hold < batch:
+        raise ValueError(f"{len(x)} samples leave {len(x) - n_hold} for training after the hold-out; "
+                         f"batch {batch} needs at least that many")
+    order = np.random.default_rng(cfg.split_seed).permutation(len(x))
+    hold, train = order[:n_hold], order[n_hold:]
+    return _Data(x[train].astype(np.float32), y[train].astype(np.int64),
+                 torch.tensor(x[hold], dtype=torch.float32), torch.tensor(y[hold], dtype=torch.long))
+
+
+def distreal_train(spec: ModelSpec, base_params: Mapping[str, np.ndarray], variant: Variant,
+                   x: np.ndarray, y: np.ndarray, *, steps: int, batch: int, seed: int,
+                   cfg: TrainConfig = TrainConfig()) -> Params:
+    """`steps` DISTREAL steps on the full weights; returns the trained full-size parameters.
+
+    Per step: a fresh kept set (sample_kept), gather (slice_params), forward/backward of the small
+    network, optimizer update of the small tensors, scatter of the change back (scatter_add). Batches
+    come from `seed` and kept sets from an independent stream, so variants see the same batches.
+    """
+    infos = param_infos(spec, None)
+    vspec = variant.spec(spec)
+    params = {n: np.array(base_params[n], dtype=np.float32) for n in infos}
+    slots = {n: (np.zeros_like(p), np.zeros_like(p)) for n, p in params.items()} if cfg.optimizer == "adam" else {}
+    adam = AdamConfig(lr=cfg.lr)
+    batch_rng = np.random.default_rng([seed, 0])
+    kept_rng = np.random.default_rng([seed, 1])
+    for step in range(steps):
+        idx = batch_rng.choice(len(x), size=batch, replace=False)
+        kept = sample_kept(spec, variant, kept_rng)
+        small = to_tensors(slice_params(params, infos, kept), requires_grad=True)
+        loss = F.cross_entropy(forward(vspec, None, small, torch.from_numpy(x[idx])), torch.from_numpy(y[idx]))
+        grads = torch.autograd.grad(loss, list(small.values()))
+        for (name, tensor), grad_t in zip(small.items(), grads, strict=True):
+            grad = grad_t.numpy()
+            if cfg.optimizer == "sgd":
+                scatter_add(params[name], grad, infos[name], kept, alpha=-cfg.lr)
+                continue
+            m_full, v_full = slots[name]
+            m, v = slice_params({"m": m_full, "v": v_full}, {"m": infos[name], "v": infos[name]}, kept).values()
+            old = tensor.detach().numpy()
+            new, m_new, v_new = adam_step(old, grad, m, v, float(step), adam)
+            scatter_add(params[name], new - old, infos[name], kept)
+            scatter_add(m_full, m_new - m, infos[name], kept)
+            scatter_add(v_full, v_new - v, infos[name], kept)
+    return params
+
+
+def heldout_loss(spec: ModelSpec, params: Mapping[str, np.ndarray], x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(F.cross_entropy(forward(spec, None, to_tensors(params), x), y))
+
+
+def convergence(spec: ModelSpec, base_params: Mapping[str, np.ndarray], variant: Variant, data: _Data, *,
+                seeds: Sequence[int], steps: int, batch: int, cfg: TrainConfig) -> list[float]:
+    """Held-out loss of the full model after the DISTREAL budget, one value per seed."""
+    with _single_thread():
+        return [heldout_loss(spec, distreal_train(spec, base_params, variant, data.train_x, data.train_y,
+                                                  steps=steps, batch=batch, seed=s, cfg=cfg),
+                             data.hold_x, data.hold_y)
+                for s in seeds]
+
+
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """One torch thread for tiny steps: on a busy 2-core machine a thread pool was ~20x slower (measured
+    3 ms vs 58 ms per digits_cnn step), and the results do not depend on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- results ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DSEPoint:
+    """One evaluated variant."""
+
+    variant: Variant
+    widths: dict[str, int]
+    flops_ratio: float
+    cost: float  # objective 1, in the cost function's unit
+    convergence: float  # objective 2: mean held-out loss after the budget (lower is better)
+    convergence_per_seed: tuple[float, ...]
+    generation: int  # first generation that asked for it (0 = the initial population)
+
+    @property
+    def id(self) -> str:
+        return self.variant.id
+
+
+@dataclass
+class DSEResult:
+    spec: ModelSpec
+    rates: tuple[float, ...]
+    points: list[DSEPoint]  # every distinct evaluated variant, in evaluation order
+    front_ids: list[str]  # strictly non-dominated variants
+    pareto_ids: list[str]  # what ships: the front plus the full variant (the fallback)
+    full_id: str
+    cost_runtime: str | None
+    cost_unit: str
+    cost_flops_pearson: float | None  # measured cost vs FLOP model; None when the cost IS the model
+    cost_flops_spearman: float | None
+    evaluations: int
+    cache_hits: int
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def point(self, vid: str) -> DSEPoint:
+        for p in self.points:
+            if p.id == vid:
+                return p
+        raise KeyError(vid)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Variant-table rows (docs/CONTRACTS.md) for every evaluated point."""
+        return [self._row(p) for p in self.points]
+
+    def pareto_rows(self) -> list[dict[str, Any]]:
+        """The variant table to ship, cheapest first."""
+        rows = [self._row(self.point(vid)) for vid in self.pareto_ids]
+        return sorted(rows, key=lambda r: (r["flops_ratio"], r["id"]))
+
+    def _row(self, p: DSEPoint) -> dict[str, Any]:
+        return {
+            "id": p.id,
+            "keep": dict(p.variant.keep),
+            "widths": dict(p.widths),
+            "flops_ratio": p.flops_ratio,
+            "train_ms": {self.cost_runtime: p.cost} if self.cost_runtime else {},
+            "infer_ms": {},
+            "memory_bytes": param_bytes(self.spec, p.variant),
+            "convergence": p.convergence,
+            "pareto": p.id in self.pareto_ids,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (rows plus how the search ran)."""
+        return {
+            "model": self.spec.name, "rates": list(self.rates), "cost_runtime": self.cost_runtime,
+            "cost_unit": self.cost_unit, "cost_flops_pearson": self.cost_flops_pearson,
+            "cost_flops_spearman": self.cost_flops_spearman, "evaluations": self.evaluations,
+            "cache_hits": self.cache_hits, "seconds": self.seconds, "settings": self.settings,
+            "front": self.front_ids, "pareto": self.pareto_ids, "rows": self.rows(),
+        }
+
+
+def param_bytes(spec: ModelSpec, variant: Variant) -> int:
+    """float32 bytes of the variant's sliced base parameters (what one step reads and writes)."""
+    vspec = variant.spec(spec)
+    return 4 * sum(int(np.prod(info.shape)) for info in param_infos(vspec, None).values())
+
+
+ROW_KEYS = ("id", "keep", "widths", "flops_ratio", "train_ms", "infer_ms", "memory_bytes", "convergence", "pareto")
+
+
+def validate_row(row: Mapping[str, Any], spec: ModelSpec) -> None:
+    """Raise ValueError naming the first field of a variant-table row that breaks the contract."""
+    missing = [k for k in ROW_KEYS if k not in row]
+    if missing:
+        raise ValueError(f"variant row misses {missing}")
+    layers = spec.droppable_layers()
+    keep = row["keep"]
+    if set(keep) != set(layers) or not all(0.0 < float(r) <= 1.0 for r in keep.values()):
+        raise ValueError(f"row {row['id']!r}: keep {keep} must give a ratio in (0, 1] for each of {layers}")
+    if row["id"] != variant_id(keep, layers):
+        raise ValueError(f"row id {row['id']!r} does not match its keep rates ({variant_id(keep, layers)})")
+    widths = Variant(row["id"], dict(keep)).widths(spec)
+    if dict(row["widths"]) != widths:
+        raise ValueError(f"row {row['id']!r}: widths {row['widths']} != {widths} implied by keep")
+    if not 0.0 < float(row["flops_ratio"]) <= 1.0:
+        raise ValueError(f"row {row['id']!r}: flops_ratio {row['flops_ratio']} not in (0, 1]")
+    for key in ("train_ms", "infer_ms"):
+        for runtime, ms in row[key].items():
+            if not isinstance(runtime, str) or not (math.isfinite(float(ms)) and float(ms) > 0):
+                raise ValueError(f"row {row['id']!r}: {key}[{runtime!r}] = {ms} is not a positive time")
+    if not (isinstance(row["memory_bytes"], int) and row["memory_bytes"] > 0):
+        raise ValueError(f"row {row['id']!r}: memory_bytes must be a positive int")
+    if not math.isfinite(float(row["convergence"])):
+        raise ValueError(f"row {row['id']!r}: convergence {row['convergence']} is not finite")
+    if not isinstance(row["pareto"], bool):
+        raise ValueError(f"row {row['id']!r}: pareto must be a bool")
+
+
+def non_dominated(objectives: np.ndarray) -> np.ndarray:
+    """Boolean mask of rows that no other row dominates (all objectives minimized)."""
+    f = np.asarray(objectives, dtype=np.float64)
+    le = (f[:, None, :] <= f[None, :, :]).all(axis=2)  # le[i, j]: i is no worse than j everywhere
+    lt = (f[:, None, :] < f[None, :, :]).any(axis=2)
+    dominated_by = le & lt  # [i, j]: i dominates j
+    return ~dominated_by.any(axis=0)
+
+
+def _correlations(xs: Sequence[float], ys: Sequence[float]) -> tuple[float | None, float | None]:
+    a, b = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+    if len(a) < 3 or a.std() == 0 or b.std() == 0:
+        return None, None
+    pearson = float(np.corrcoef(a, b)[0, 1])
+    ranks = [np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(np.float64) for v in (a, b)]
+    spearman = float(np.corrcoef(*ranks)[0, 1])
+    return pearson, spearman
+
+
+# -- the search -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationReport:
+    """What the progress callback receives after each generation."""
+
+    generation: int  # 1-based
+    generations: int
+    new_variants: int  # evaluated for the first time in this generation
+    cache_hits: int  # this generation's candidates that were already evaluated
+    evaluated: int  # distinct variants so far
+    front: list[tuple[str, float, float]]  # (id, cost, convergence) of the current front, cheapest first
+    seconds: float
+
+
+class _Evaluator:
+    """Evaluates variants once each; the cost function gets every new variant of a call together."""
+
+    def __init__(self, spec: ModelSpec, base_params: Mapping[str, np.ndarray], data: _Data, rates: Sequence[float],
+                 cost_fn: CostFn, *, seeds: Sequence[int], steps: int, batch: int, cfg: TrainConfig) -> None:
+        self.spec, self.base_params, self.data, self.rates = spec, base_params, data, tuple(rates)
+        self.cost_fn, self.seeds, self.steps, self.batch, self.cfg = cost_fn, tuple(seeds), steps, batch, cfg
+        self.layers = spec.droppable_layers()
+        self.points: dict[str, DSEPoint] = {}
+        self.cache_hits = 0
+
+    def variant(self, genes: Sequence[int]) -> Variant:
+        keep = {n: float(self.rates[int(g)]) for n, g in zip(self.layers, genes, strict=True)}
+        return canonical_variant(self.spec, keep, self.rates)
+
+    def evaluate(self, variants: Sequence[Variant], generation: int) -> tuple[list[DSEPoint], int, int]:
+        """Points for `variants` (in order); returns them with (new, cache hits) counts."""
+        new: dict[str, Variant] = {}
+        hits = 0
+        for v in variants:
+            if v.id in self.points or v.id in new:
+                hits += 1
+            else:
+                new[v.id] = v
+        if new:
+            costs = self.cost_fn(self.spec, list(new.values()), self.batch)
+            for vid, v in new.items():
+                cost = costs.get(vid)
+                if cost is None or not math.isfinite(cost) or cost <= 0:
+                    raise ValueError(f"cost function returned {cost!r} for variant {vid!r}; need a positive number")
+                losses = convergence(self.spec, self.base_params, v, self.data, seeds=self.seeds,
+                                     steps=self.steps, batch=self.batch, cfg=self.cfg)
+                self.points[vid] = DSEPoint(v, v.widths(self.spec), flops_ratio(self.spec, v), float(cost),
+                                            float(np.mean(losses)), tuple(losses), generation)
+        self.cache_hits += hits
+        return [self.points[v.id] for v in variants], len(new), hits
+
+    def front(self) -> list[DSEPoint]:
+        pts = list(self.points.values())
+        mask = non_dominated(np.array([[p.cost, p.convergence] for p in pts]))
+        return sorted((p for p, m in zip(pts, mask, strict=True) if m), key=lambda p: (p.cost, p.id))
+
+
+def explore(spec: ModelSpec, base_params: Mapping[str, np.ndarray], data_x: np.ndarray, data_y: np.ndarray, *,
+            rates: Sequence[float] = DEFAULT_RATES, pop_size: int = 8, generations: int = 3,
+            seeds: Sequence[int] = (0, 1, 2), step_budget: int = 30, batch: int = 32,
+            cost_fn: CostFn | None = None, progress: Callable[[GenerationReport], None] | None = None,
+            search_seed: int = 0, train: TrainConfig = TrainConfig()) -> DSEResult:
+    """NSGA-II over per-layer keep rates; returns every evaluated point and the Pareto set.
+
+    `cost_fn` defaults to `LiteRTTrainCost(base_params)` (measured LiteRT step time); pass `flops_cost`
+    for the FLOP model. `data_x` is (N, *spec.input_shape) float, `data_y` (N,) integer labels; a
+    `train.holdout` fraction is held out for the convergence loss.
+    """
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.core.evaluator import Evaluator
+    from pymoo.core.problem import Problem
+    from pymoo.operators.crossover.sbx import SBX
+    from pymoo.operators.mutation.pm import PM
+    from pymoo.operators.repair.rounding import RoundingRepair
+    from pymoo.operators.sampling.rnd import IntegerRandomSampling
+    from pymoo.problems.static import StaticProblem
+
+    started = time.perf_counter()
+    rates = tuple(float(r) for r in rates)
+    if not rates or any(not 0.0 < r <= 1.0 for r in rates) or len(set(rates)) != len(rates):
+        raise ValueError(f"rates {rates} must be distinct keep ratios in (0, 1]")
+    if 1.0 not in rates:
+        raise ValueError(f"rates {rates} must include 1.0: the full variant is the device's fallback")
+    if pop_size < 2 or generations < 1 or step_budget < 1 or batch < 1 or not seeds:
+        raise ValueError("need pop_size >= 2, generations >= 1, step_budget >= 1, batch >= 1 and at least one seed")
+    layers = spec.droppable_layers()
+    if not layers:
+        raise SpecError(f"model {spec.name!r} has no droppable conv layer: nothing to explore")
+    check_params(base_params, spec, None, roles=("base",))
+    data = _check_data(spec, data_x, data_y, batch, train)
+    if cost_fn is None:
+        cost_fn = LiteRTTrainCost(base_params, seed=search_seed)
+    ev = _Evaluator(spec, base_params, data, rates, cost_fn, seeds=seeds, steps=step_budget, batch=batch, cfg=train)
+
+    problem = Problem(n_var=len(layers), n_obj=2, xl=0, xu=len(rates) - 1, vtype=int)
+    algorithm = NSGA2(
+        pop_size=pop_size,
+        sampling=IntegerRandomSampling(),
+        crossover=SBX(prob=0.9, eta=3.0, vtype=float, repair=RoundingRepair()),
+        mutation=PM(prob=1.0, eta=3.0, vtype=float, repair=RoundingRepair()),
+        eliminate_duplicates=True,
+    )
+    algorithm.setup(problem, termination=("n_gen", generations), seed=search_seed, verbose=False)
+    full = full_variant(spec)
+    gen = 0
+    while algorithm.has_next():
+        gen_started = time.perf_counter()
+        pop = algorithm.ask()
+        genes = np.rint(pop.get("X")).astype(int)
+        variants = [ev.variant(g) for g in genes]
+        # The fallback is evaluated with the first batch, so it shares that LiteRT build.
+        extra = [full] if gen == 0 and full.id not in {v.id for v in variants} else []
+        points, n_new, hits = ev.evaluate(variants + extra, gen)
+        points = points[:len(variants)]
+        objectives = np.array([[p.cost, p.convergence] for p in points])
+        Evaluator().eval(StaticProblem(problem, F=objectives), pop)
+        algorithm.tell(infills=pop)
+        gen += 1
+        if progress is not None:
+            front = [(p.id, p.cost, p.convergence) for p in ev.front()]
+            progress(GenerationReport(gen, generations, n_new, hits, len(ev.points), front,
+                                      time.perf_counter() - gen_started))
+
+    front_ids = [p.id for p in ev.front()]
+    pareto_ids = front_ids + ([full.id] if full.id not in front_ids else [])
+    pts = list(ev.points.values())
+    pearson = spearman = None
+    if cost_fn.runtime is not None:
+        pearson, spearman = _correlations([p.cost for p in pts], [p.flops_ratio for p in pts])
+    return DSEResult(
+        spec=spec, rates=rates, points=pts, front_ids=front_ids, pareto_ids=pareto_ids, full_id=full.id,
+        cost_runtime=cost_fn.runtime, cost_unit=cost_fn.unit, cost_flops_pearson=pearson,
+        cost_flops_spearman=spearman, evaluations=len(pts), cache_hits=ev.cache_hits,
+        seconds=time.perf_counter() - started,
+        settings={"pop_size": pop_size, "generations": generations, "seeds": list(seeds),
+                  "step_budget": step_budget, "batch": batch, "search_seed": search_seed,
+                  "optimizer": train.optimizer, "lr": train.lr, "holdout": train.holdout},
+    )
+
+
+# -- plot -------------------------------------------------------------------------------------------
+
+
+def plot_front(result: DSEResult, path_png: str | Path) -> Path:
+    """All evaluated variants vs the Pareto front (cost against convergence), labelled with ids."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a build machine
+    import matplotlib.pyplot as plt
+
+    path = Path(path_png)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    try:
+        others = [p for p in result.points if p.id not in result.pareto_ids]
+        ax.scatter([p.cost for p in others], [p.convergence for p in others], c="0.6", label="evaluated")
+        front = sorted((result.point(v) for v in result.front_ids), key=lambda p: p.cost)
+        ax.step([p.cost for p in front], [p.convergence for p in front], where="post", c="C3", lw=1.2)
+        ax.scatter([p.cost for p in front], [p.convergence for p in front], c="C3", zorder=3,
+                   label="Pareto front")
+        if result.full_id not in result.front_ids:
+            fp = result.point(result.full_id)
+            ax.scatter([fp.cost], [fp.convergence], c="C0", marker="s", zorder=3, label="full (fallback)")
+        for p in result.points:
+            ax.annotate(p.id, (p.cost, p.convergence), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        runtime = f" ({result.cost_runtime})" if result.cost_runtime else ""
+        ax.set_xlabel(f"training step cost{runtime} [{result.cost_unit}]")
+        ax.set_ylabel(f"held-out loss after {result.settings.get('step_budget', '?')} steps")
+        ax.set_title(f"DISTREAL DSE on {result.spec.name}: {result.evaluations} variants evaluated")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+    return path

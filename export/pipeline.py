@@ -1,0 +1,234 @@
+"""The export tool as a chain of stages: model → base weights → variants (DSE) → programs → bundle.
+
+Each stage is a plain function so the CLI, the cloud companion (re-export after MoMoDistill) and the
+tests can run any part of it; `export_bundle` runs them all.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepatch.protocol.manifest import LabelSpec, Manifest, TrainConfig, VariantRow
+from edgepatch.protocol.model_spec import ModelSpec, PatchSpec, param_infos
+from edgepatch.protocol.optim import AdamConfig
+from edgepatch.protocol.params import Params, ParamsError, check_params, init_params, load_params
+from edgepatch.protocol.variants import Variant, sample_kept, slice_params
+
+from .reference_models import default_patch
+from .resolve import parse_variants, resolve_model
+
+Log = Callable[[str], None]
+RUNTIMES = ("litert", "executorch")
+
+
+@dataclass
+class ExportOptions:
+    """Everything `edgepatch export` accepts; the defaults export the default reference model."""
+
+    model: str = "digits_cnn"
+    weights: Path | None = None  # base weights (.npz); pretrained on offline data when absent
+    shared: Path | None = None  # θ̄/Θ (.npz, e.g. from MoMoDistill); initialized when absent
+    patch_kind: str = "film"
+    patch_layers: tuple[str, ...] | None = None  # default: every conv layer
+    k: int = 16
+    rank: int = 4
+    variants: str = "auto"  # "auto" = DSE, or "1,0.5" / "conv1=1:conv2=0.5,…" (see resolve.parse_variants)
+    runtimes: tuple[str, ...] = RUNTIMES
+    batch: int = 32
+    infer_batch: int = 32
+    phi_lr: float = 0.05
+    seed: int = 0
+    pretrain_epochs: int = 15
+    dse_generations: int = 3
+    dse_population: int = 8
+    dse_steps: int = 30
+    dse_seeds: tuple[int, ...] = (0, 1, 2)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def training_data(spec: ModelSpec, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The cloud's own offline data for a reference model (scikit-learn digits or mnist1d)."""
+    from edgepatch.data.datasets import dataset_for_model
+    from edgepatch.data.fleet import base_split
+
+    cloud, _ = base_split(dataset_for_model(spec.name), fraction=0.5, seed=seed)
+    if tuple(cloud.x.shape[1:]) != spec.input_shape:
+        raise ParamsError(f"no offline dataset fits model {spec.name!r} ({spec.input_shape}); pass --weights")
+    return cloud.x, cloud.y
+
+
+def base_weights(spec: ModelSpec, opts: ExportOptions, log: Log = _quiet) -> Params:
+    """Load `opts.weights`, or pretrain on the offline data that ships with the packages."""
+    if opts.weights is not None:
+        params = load_params(opts.weights)
+        check_params(params, spec, None, roles=("base",))
+        log(f"loaded base weights from {opts.weights}")
+        return {n: params[n] for n, info in param_infos(spec, None).items()}
+    from .pretrain import accuracy, pretrain_base
+
+    x, y = training_data(spec, opts.seed)
+    log(f"pretraining {spec.name} on {len(x)} offline samples ({opts.pretrain_epochs} epochs)")
+    params = pretrain_base(spec, x, y, epochs=opts.pretrain_epochs, seed=opts.seed,
+                           progress=lambda e, loss: log(f"  epoch {e}/{opts.pretrain_epochs}: loss {loss:.3f}"))
+    log(f"base accuracy on its training data: {accuracy(spec, params, x, y):.3f}")
+    return params
+
+
+def shared_patch_params(spec: ModelSpec, patch: PatchSpec, opts: ExportOptions) -> Params:
+    """θ̄ and Θ: loaded (e.g. distilled by the cloud) or initialized so φ = 0 changes nothing."""
+    infos = param_infos(spec, patch)
+    if opts.shared is not None:
+        params = load_params(opts.shared)
+        check_params(params, spec, patch, roles=("bar", "basis"))
+    else:
+        params = init_params(spec, patch, opts.seed + 1)
+    return {n: params[n] for n, info in infos.items() if info.role != "base"}
+
+
+def choose_variants(spec: ModelSpec, base: Params, opts: ExportOptions, out: Path, log: Log = _quiet
+                    ) -> tuple[list[VariantRow], dict[str, Any]]:
+    """The variant table: the DSE's Pareto set (`auto`) or the given variants, each with its convergence."""
+    from . import dse
+
+    x, y = training_data(spec, opts.seed) if opts.weights is None else _dse_data(spec, opts)
+    if opts.variants == "auto":
+        log(f"DSE: NSGA-II, population {opts.dse_population}, {opts.dse_generations} generations, "
+            f"{opts.dse_steps} steps x {len(opts.dse_seeds)} seeds per point")
+        result = dse.explore(
+            spec, base, x, y, pop_size=opts.dse_population, generations=opts.dse_generations,
+            seeds=opts.dse_seeds, step_budget=opts.dse_steps, batch=opts.batch, search_seed=opts.seed,
+            progress=lambda rep: log(f"  {rep}"))
+        png = out.with_name(out.name + ".dse-front.png")
+        dse.plot_front(result, png)
+        rows = [VariantRow(**row) for row in result.pareto_rows()]
+        return rows, {"dse": result.to_dict(), "dse_png": str(png)}
+    variants = parse_variants(opts.variants, spec)
+    data = dse._check_data(spec, x, y, opts.batch, dse.TrainConfig())
+    rows = []
+    for variant in variants:
+        losses = dse.convergence(spec, base, variant, data, seeds=opts.dse_seeds, steps=opts.dse_steps,
+                                 batch=opts.batch, cfg=dse.TrainConfig())
+        rows.append(VariantRow.for_variant(spec, variant, convergence=float(np.mean(losses)), pareto=True,
+                                           memory_bytes=dse.param_bytes(spec, variant)))
+        log(f"  variant {variant.id}: convergence loss {np.mean(losses):.3f}")
+    return rows, {}
+
+
+def _dse_data(spec: ModelSpec, opts: ExportOptions) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        return training_data(spec, opts.seed)
+    except Exception as exc:  # a user's model with no offline dataset
+        raise ParamsError(f"the DSE needs data shaped like {spec.input_shape}: {exc}") from exc
+
+
+def build_programs(spec: ModelSpec, patch: PatchSpec, params: Params, variants: Sequence[Variant],
+                   opts: ExportOptions, log: Log = _quiet) -> dict[str, bytes]:
+    """Artifact kind → bytes for every runtime asked for."""
+    artifacts: dict[str, bytes] = {}
+    adam = AdamConfig(lr=opts.phi_lr)
+    if "litert" in opts.runtimes:
+        from .tflite_builder import build_inference_tflite, build_trainable_tflite
+
+        t0 = time.perf_counter()
+        artifacts["litert_trainable"] = build_trainable_tflite(spec, patch, list(variants), opts.batch, adam)
+        artifacts["litert_infer"] = build_inference_tflite(spec, patch, params, opts.infer_batch)
+        log(f"LiteRT: {len(variants)} variants x 3 signatures + frozen inference "
+            f"({time.perf_counter() - t0:.1f} s)")
+    if "executorch" in opts.runtimes:
+        from .executorch_builder import build_inference_pte, build_train_full_pte, build_train_phi_pte
+
+        t0 = time.perf_counter()
+        artifacts["executorch_infer"] = build_inference_pte(spec, patch, params, opts.infer_batch)
+        for variant in variants:
+            artifacts[f"executorch_train_phi:{variant.id}"] = build_train_phi_pte(spec, patch, variant, opts.batch)
+            artifacts[f"executorch_train_full:{variant.id}"] = build_train_full_pte(spec, variant, opts.batch)
+        log(f"ExecuTorch: inference + {2 * len(variants)} training programs ({time.perf_counter() - t0:.1f} s)")
+    return artifacts
+
+
+def measure_programs(spec: ModelSpec, patch: PatchSpec, params: Params, artifacts: Mapping[str, bytes],
+                     rows: Sequence[VariantRow], batch: int, infer_batch: int, repeats: int = 7
+                     ) -> list[VariantRow]:
+    """Fill each row's train_ms/infer_ms per runtime by timing the shipped programs (medians)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, *spec.input_shape)).astype(np.float32)
+    y = rng.integers(0, spec.num_classes, size=batch).astype(np.int32)
+    phi = np.zeros(patch.k, np.float32)
+    infos_all, infos_base = param_infos(spec, patch), param_infos(spec, None)
+    timers: dict[str, dict[str, Callable[[], object]]] = {row.id: {} for row in rows}
+    if "litert_trainable" in artifacts:
+        from edgepatch.device.backends.litert import LiteRTProgram
+
+        program = LiteRTProgram(artifacts["litert_trainable"])
+        for row in rows:
+            kept = sample_kept(spec, row.variant, rng)
+            sliced, sliced_base = slice_params(params, infos_all, kept), slice_params(params, infos_base, kept)
+            timers[row.id]["litert_train"] = (
+                lambda vid=row.id, s=sliced_base: program.train_full(vid, x, y, s))
+            timers[row.id]["litert_infer"] = (
+                lambda vid=row.id, s=sliced: program.infer_variant(vid, x, phi, s))
+    samples: dict[tuple[str, str], list[float]] = {}
+    for _ in range(repeats):  # interleaved, so machine noise hits every variant alike
+        for vid, fns in timers.items():
+            for key, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                samples.setdefault((vid, key), []).append((time.perf_counter() - t0) * 1e3)
+    out = []
+    for row in rows:
+        train_ms, infer_ms = dict(row.train_ms), dict(row.infer_ms)
+        for (vid, key), values in samples.items():
+            if vid == row.id:
+                runtime, what = key.split("_")
+                (train_ms if what == "train" else infer_ms)[runtime] = float(statistics.median(values))
+        out.append(VariantRow(row.id, row.keep, row.widths, row.flops_ratio, train_ms, infer_ms,
+                              row.memory_bytes, row.convergence, row.pareto))
+    return out
+
+
+def export_bundle(opts: ExportOptions, out: Path, log: Log = _quiet) -> Manifest:
+    """Run every stage and write a verified bundle to `out`."""
+    from .bundle_writer import BundleWriter
+
+    started = time.perf_counter()
+    spec = resolve_model(opts.model)
+    patch = (PatchSpec(opts.patch_kind, opts.patch_layers, opts.k, opts.rank) if opts.patch_layers
+             else default_patch(spec, opts.patch_kind, opts.k, opts.rank))
+    patch.validate_against(spec)
+    bad = set(opts.runtimes) - set(RUNTIMES)
+    if bad:
+        raise ValueError(f"unknown runtimes {sorted(bad)}; choose from {', '.join(RUNTIMES)}")
+    log(f"model {spec.name}: input {spec.input_shape}, {len(spec.layers)} layers; "
+        f"{patch.kind} patches on {', '.join(patch.layers)} (k={patch.k})")
+    base = base_weights(spec, opts, log)
+    params = {**base, **shared_patch_params(spec, patch, opts)}
+    rows, dse_info = choose_variants(spec, base, opts, out, log)
+    variants = [row.variant for row in rows]
+    artifacts = build_programs(spec, patch, params, variants, opts, log)
+    rows = measure_programs(spec, patch, params, artifacts, rows, opts.batch, opts.infer_batch)
+    writer = BundleWriter(out, spec.name).set_model(spec, patch).add_params(params)
+    writer.set_labels(LabelSpec(spec.num_classes))
+    writer.set_train(TrainConfig(batch=opts.batch, infer_batch=opts.infer_batch, adam=AdamConfig(lr=opts.phi_lr),
+                                 phi_lr=opts.phi_lr))
+    writer.set_variants(rows)
+    for kind, data in artifacts.items():
+        writer.add_bytes(kind, data)
+    if dse_info:
+        writer.add_file("dse_front_png", dse_info.pop("dse_png"))
+        writer.add_bytes("dse_table_json", json.dumps(dse_info["dse"], indent=1).encode())
+    writer.set_meta(exporter="edgepatch", seconds=round(time.perf_counter() - started, 1), **opts.meta)
+    manifest = writer.finish()
+    log(f"bundle written to {out} (base version {manifest.base_version[:12]})")
+    return manifest

@@ -1,0 +1,192 @@
+"""The TensorFlow twin of a ModelSpec: the torch reference's maths, in ops LiteRT runs without Flex.
+
+Inputs stay channel-first like torch; inside, activations are NHWC (1-D signals are NHWC with H = 1)
+and go back to channel-first before `flatten`, so dense weights keep torch's flatten order. Parameters
+are passed in torch layouts and transposed in the graph, so weights are copied by name, never reshaped
+on the host.
+
+Why the custom gradients: TF's own conv filter gradient (`Conv2DBackpropFilter`), depthwise gradients,
+`ReluGrad` and `AvgPoolGrad` have no TFLite builtin and would force the Flex delegate, which the device
+does not have. Here the filter gradient is an im2col matmul built from per-tap strided slices, the
+input gradient is `conv2d_transpose` (builtin TRANSPOSE_CONV), relu is `maximum`, and pooling is a
+reshape + mean. Padding is explicit and symmetric (`kernel // 2`) followed by VALID, as torch pads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import tensorflow as tf
+
+from edgepatch.protocol.model_spec import LayerSpec, ModelSpec, PatchSpec
+
+NORM_EPS = 1e-5  # same as export/torch_model.py
+
+Tensors = Mapping[str, tf.Tensor]
+
+
+def _tap_slices(x: tf.Tensor, kh: int, kw: int, ho: int, wo: int, stride: int) -> list[tf.Tensor]:
+    """x[:, i::stride, j::stride, :] cut to the output grid, for every kernel tap (i, j), row-major."""
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            taps.append(x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :])
+    return taps
+
+
+def conv2d_valid(x: tf.Tensor, w: tf.Tensor, stride: int) -> tf.Tensor:
+    """VALID conv of an already padded NHWC `x` with an HWIO `w`, with a builtins-only gradient."""
+
+    @tf.custom_gradient
+    def conv(x: tf.Tensor, w: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+        y = tf.nn.conv2d(x, w, strides=[1, stride, stride, 1], padding="VALID")
+
+        def grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            kh, kw, cin, cout = w.shape
+            n, ho, wo = dy.shape[0], dy.shape[1], dy.shape[2]
+            # input gradient: a transposed conv with the static padded input shape (fixed batch)
+            dx = tf.nn.conv2d_transpose(dy, w, output_shape=x.shape, strides=[1, stride, stride, 1],
+                                        padding="VALID")
+            # filter gradient: im2col of the taps, one matmul (Conv2DBackpropFilter would need Flex)
+            cols = tf.concat(_tap_slices(x, kh, kw, ho, wo, stride), axis=-1)  # (N, Ho, Wo, kh*kw*cin)
+            cols = tf.reshape(cols, [n * ho * wo, kh * kw * cin])
+            dw = tf.matmul(cols, tf.reshape(dy, [n * ho * wo, cout]), transpose_a=True)
+            return dx, tf.reshape(dw, [kh, kw, cin, cout])
+
+        return y, grad
+
+    return conv(x, w)
+
+
+def depthwise_valid(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+    """Stride-1 VALID depthwise conv of a padded NHWC `x` with `w` (kh, kw, C, 1), builtins-only gradient."""
+
+    @tf.custom_gradient
+    def dwconv(x: tf.Tensor, w: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+        y = tf.nn.depthwise_conv2d(x, w, strides=[1, 1, 1, 1], padding="VALID")
+
+        def grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            kh, kw, c, _ = w.shape
+            ho, wo = dy.shape[1], dy.shape[2]
+            # input gradient: full correlation of dy with the flipped kernel (a plain depthwise conv)
+            dy_full = tf.pad(dy, [[0, 0], [kh - 1, kh - 1], [kw - 1, kw - 1], [0, 0]])
+            dx = tf.nn.depthwise_conv2d(dy_full, tf.reverse(w, axis=[0, 1]), strides=[1, 1, 1, 1],
+                                        padding="VALID")
+            taps = [tf.reduce_sum(t * dy, axis=[0, 1, 2]) for t in _tap_slices(x, kh, kw, ho, wo, 1)]
+            return dx, tf.reshape(tf.stack(taps, axis=0), [kh, kw, c, 1])
+
+        return y, grad
+
+    return dwconv(x, w)
+
+
+def _pad_spatial(h: tf.Tensor, pad: int, dims: int) -> tf.Tensor:
+    if pad == 0:
+        return h
+    rows = [pad, pad] if dims == 2 else [0, 0]
+    return tf.pad(h, [[0, 0], rows, [pad, pad], [0, 0]])
+
+
+def _avgpool(h: tf.Tensor, k: int, dims: int) -> tf.Tensor:
+    """Floor-mode average pooling as crop + reshape + mean (AvgPoolGrad would need Flex); rank <= 4."""
+    _, hh, ww, c = h.shape
+    ho, wo = (hh // k if dims == 2 else 1), ww // k
+    kh = k if dims == 2 else 1
+    if (ho * kh, wo * k) != (hh, ww):  # floor mode drops the ragged edge; Slice's gradient is a builtin Pad
+        h = tf.slice(h, [0, 0, 0, 0], [-1, ho * kh, wo * k, c])
+    if kh > 1:
+        h = tf.reduce_mean(tf.reshape(h, [-1, ho, kh, wo * k * c]), axis=2)  # pool rows
+    h = tf.reduce_mean(tf.reshape(h, [-1, wo, k, c]), axis=2)  # pool columns
+    return tf.reshape(h, [-1, ho, wo, c])
+
+
+def _norm(h: tf.Tensor, weight: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+    """Per-sample normalization over (spatial, C), per-channel affine (torch_model's `norm`)."""
+    mean = tf.reduce_mean(h, axis=[1, 2, 3], keepdims=True)
+    centered = h - mean
+    var = tf.reduce_mean(centered * centered, axis=[1, 2, 3], keepdims=True)
+    return centered * tf.math.rsqrt(var + NORM_EPS) * weight + bias
+
+
+def _theta(params: Tensors, layer: str, part: str, phi: tf.Tensor) -> tf.Tensor:
+    """θ = θ̄ + Θ·φ for one patch part; Θ has shape (*part_shape, k)."""
+    bar = params[f"{layer}.patch.{part}"]
+    basis = params[f"{layer}.patch.{part}_basis"]
+    k = basis.shape[-1]
+    flat = tf.matmul(tf.reshape(basis, [-1, k]), tf.reshape(phi, [k, 1]))
+    return bar + tf.reshape(flat, bar.shape)
+
+
+def _apply_patch(h: tf.Tensor, patch: PatchSpec, params: Tensors, layer: str, phi: tf.Tensor) -> tf.Tensor:
+    """Patch on channels-last activations (NHWC, or (N, F) after a dense layer)."""
+    if patch.kind == "film":
+        scale = _theta(params, layer, "scale", phi)
+        shift = _theta(params, layer, "shift", phi)
+        return h * (1.0 + scale) + shift
+    down = _theta(params, layer, "down", phi)  # (r, C)
+    up = _theta(params, layer, "up", phi)  # (C, r)
+    c = h.shape[-1]
+    flat = tf.reshape(h, [-1, c])
+    z = tf.maximum(tf.matmul(flat, down, transpose_b=True), 0.0)
+    return h + tf.reshape(tf.matmul(z, up, transpose_b=True), tf.shape(h))
+
+
+def _layer(layer: LayerSpec, h: tf.Tensor, params: Tensors, dims: int) -> tf.Tensor:
+    n, pad = layer.name, layer.kernel // 2
+    if layer.kind in ("conv2d", "conv1d"):
+        w = params[f"{n}.weight"]  # torch (O, I, kh, kw) or (O, I, k)
+        w = tf.transpose(w, [2, 3, 1, 0]) if dims == 2 else tf.expand_dims(tf.transpose(w, [2, 1, 0]), 0)
+        return conv2d_valid(_pad_spatial(h, pad, dims), w, layer.stride) + params[f"{n}.bias"]
+    if layer.kind == "dwconv2d":
+        w = tf.transpose(params[f"{n}.weight"], [2, 3, 0, 1])  # (C, 1, k, k) -> (k, k, C, 1)
+        return depthwise_valid(_pad_spatial(h, pad, dims), w) + params[f"{n}.bias"]
+    if layer.kind == "dense":
+        return tf.matmul(h, params[f"{n}.weight"], transpose_b=True) + params[f"{n}.bias"]
+    if layer.kind == "relu":
+        return tf.maximum(h, 0.0)
+    if layer.kind == "avgpool":
+        return _avgpool(h, layer.kernel, dims)
+    if layer.kind == "flatten":
+        _, hh, ww, c = h.shape
+        chw = tf.transpose(h, [0, 3, 1, 2])  # torch flattens channel-major
+        return tf.reshape(chw, [-1, c * hh * ww] if dims == 2 else [-1, c * ww])
+    if layer.kind == "norm":
+        return _norm(h, params[f"{n}.weight"], params[f"{n}.bias"])
+    raise ValueError(f"unknown layer kind {layer.kind!r}")
+
+
+def to_channels_last(x: tf.Tensor, dims: int) -> tf.Tensor:
+    """(N, C, H, W) -> (N, H, W, C); (N, C, L) -> (N, 1, L, C)."""
+    if dims == 2:
+        return tf.transpose(x, [0, 2, 3, 1])
+    return tf.expand_dims(tf.transpose(x, [0, 2, 1]), 1)
+
+
+def forward(spec: ModelSpec, patch: PatchSpec | None, params: Tensors, x: tf.Tensor,
+            phi: tf.Tensor | None = None) -> tf.Tensor:
+    """Logits of the (patched) model; the same contract as export/torch_model.py::forward."""
+    h = to_channels_last(x, spec.dims)
+    for layer in spec.layers:
+        h = _layer(layer, h, params, spec.dims)
+        if patch is not None and phi is not None and layer.name in patch.layers:
+            h = _apply_patch(h, patch, params, layer.name, phi)
+    return h
+
+
+def cross_entropy(logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    """Mean softmax cross-entropy from explicit ops (the fused TF kernel has no builtin twin)."""
+    shifted = logits - tf.stop_gradient(tf.reduce_max(logits, axis=-1, keepdims=True))
+    log_probs = shifted - tf.math.log(tf.reduce_sum(tf.exp(shifted), axis=-1, keepdims=True))
+    onehot = tf.one_hot(y, logits.shape[-1], dtype=logits.dtype)
+    return -tf.reduce_mean(tf.reduce_sum(onehot * log_probs, axis=-1))
+
+
+def adam(param: tf.Tensor, grad: tf.Tensor, m: tf.Tensor, v: tf.Tensor, step: tf.Tensor, lr: tf.Tensor,
+         beta1: float, beta2: float, eps: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """protocol/optim.py::adam_step in graph ops; `step` = steps already taken (t = step + 1)."""
+    t = step + 1.0
+    m = beta1 * m + (1.0 - beta1) * grad
+    v = beta2 * v + (1.0 - beta2) * grad * grad
+    m_hat = m / (1.0 - tf.pow(tf.constant(beta1, tf.float32), t))
+    v_hat = v / (1.0 - tf.pow(tf.constant(beta2, tf.float32), t))
+    return param - lr * m_hat / (tf.sqrt(v_hat) + eps), m, v

@@ -1,0 +1,253 @@
+"""Wire codec: round trips, and every malformed input rejected with its stable reason code."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+import numpy as np
+import pytest
+
+from edgepatch.protocol.messages import (
+    MAX_MESSAGE_BYTES,
+    REASONS,
+    BundleAnnouncement,
+    DeviceState,
+    HelpOffer,
+    HelpRequest,
+    MessageError,
+    Metrics,
+    PatchUpdate,
+    canonical_bytes,
+    content_hash_of,
+    decode,
+    encode,
+    make_message,
+)
+from edgepatch.protocol.topics import (
+    Channel,
+    TopicError,
+    bundle_topic,
+    device_topic,
+    fleet_filter,
+    parse_topic,
+    shared_filter,
+)
+
+HEADER = {"device_id": "dev-7", "fleet": "lab", "base_version": "b3", "variant_id": "v50"}
+SHA = "ab" * 32
+
+
+def patch_msg(phi: np.ndarray | None = None, seq: int = 5):
+    phi = np.linspace(-1, 1, 8, dtype=np.float32) if phi is None else phi
+    return make_message(PatchUpdate(phi=phi, steps=40, samples=320, holdout_acc=0.8125, loss=0.42),
+                        seq=seq, sent_at=1_700_000_000.5, **HEADER)
+
+
+def resign(env: dict) -> bytes:
+    """Re-hash an edited envelope, so a test reaches the check it targets rather than hash_mismatch."""
+    env = dict(env)
+    env["content_hash"] = content_hash_of(env)
+    return canonical_bytes(env)
+
+
+def reject(topic: str, data: bytes, reason: str, **kw) -> MessageError:
+    with pytest.raises(MessageError) as info:
+        decode(topic, data, **kw)
+    assert info.value.reason == reason, str(info.value)
+    assert info.value.reason in REASONS
+    return info.value
+
+
+# ------------------------------------------------------------------------------------------------ topics
+
+def test_topics_round_trip_and_reject_wildcards():
+    t = device_topic("lab", "dev-7", Channel.HELP_REQUEST)
+    assert t == "edgepatch/v1/lab/dev-7/help/request"
+    a = parse_topic(t)
+    assert (a.fleet, a.device_id, a.channel) == ("lab", "dev-7", Channel.HELP_REQUEST)
+    b = parse_topic(bundle_topic("lab"))
+    assert (b.fleet, b.device_id, b.channel) == ("lab", None, Channel.BUNDLE)
+    assert fleet_filter("lab", "patch") == "edgepatch/v1/lab/+/patch"
+    assert shared_filter("ingest", fleet_filter("lab", "patch")) == "$share/ingest/edgepatch/v1/lab/+/patch"
+    for bad in ("a/b", "+", "#", "$SYS", "", "x" * 65):
+        with pytest.raises(TopicError):
+            device_topic("lab", bad, Channel.PATCH)
+    for bad in ("edgepatch/v1/lab", "other/v1/lab/d/patch", "edgepatch/v1/lab/d/nope", "edgepatch/v1/lab/d/bundle"):
+        with pytest.raises(TopicError):
+            parse_topic(bad)
+
+
+# ------------------------------------------------------------------------------------------- round trips
+
+def test_patch_update_round_trip_is_exact():
+    phi = np.array([0.1, -2.5e-8, 3.4e38, -0.0, 7.0], dtype=np.float32)
+    msg = patch_msg(phi)
+    data = encode(msg)
+    assert b"pickle" not in data and data.decode("utf-8")
+    env = json.loads(data)
+    assert env["schema"] == 1 and env["kind"] == "patch_update" and env["seq"] == 5
+    assert base64.b64decode(env["payload"]["phi"]["b64"]) == phi.astype("<f4").tobytes()
+    back = decode(msg.topic(), data)
+    assert back == msg  # every header field, the content hash and the scalars
+    np.testing.assert_array_equal(back.payload.phi, phi)
+    assert back.payload.phi.dtype == np.float32
+    assert encode(back) == data  # canonical: re-encoding is byte-identical
+
+
+@pytest.mark.parametrize("payload", [
+    Metrics(values={"train_ms": 12.5, "rss_bytes": 1.5e7, "battery": 0.9}),
+    DeviceState(state="online", last_seen=1_700_000_001.25, reason="connected"),
+    HelpRequest(request_id="r-1", want="patch", note="accuracy dropped"),
+    HelpOffer(request_id="r-1", to_device="dev-2", reference="s3://b/slice-1", size=2048, sha256=SHA),
+])
+def test_other_payloads_round_trip(payload):
+    msg = make_message(payload, seq=1, **HEADER)
+    back = decode(msg.topic(), encode(msg))
+    assert back == msg
+    assert back.payload == payload
+
+
+def test_bundle_announcement_round_trip_on_fleet_topic():
+    ann = BundleAnnouncement(version="b4", reference="https://cdn.example/b4.tar", manifest_sha256=SHA,
+                             size=123456, artifacts={"trainable.tflite": SHA, "infer.pte": "cd" * 32})
+    msg = make_message(ann, device_id="cloud", fleet="lab", base_version="b4", variant_id="", seq=9)
+    assert msg.topic() == "edgepatch/v1/lab/bundle"
+    back = decode(msg.topic(), encode(msg))
+    assert back.payload == ann and back.content_hash == msg.content_hash
+
+
+def test_last_will_state_goes_on_lwt_channel():
+    msg = make_message(DeviceState(state="offline", last_seen=1.0, reason="will"), seq=0, **HEADER)
+    topic = msg.topic(Channel.LWT)
+    assert topic.endswith("/dev-7/lwt")
+    assert decode(topic, encode(msg)).payload.reason == "will"
+    with pytest.raises(MessageError):
+        msg.topic(Channel.PATCH)
+
+
+def test_sender_refuses_what_receivers_would_reject():
+    with pytest.raises(MessageError) as info:
+        patch_msg(np.array([1.0, np.nan], dtype=np.float32))
+    assert info.value.reason == "non_finite"
+    with pytest.raises(MessageError) as info:
+        encode(patch_msg(np.zeros(20_000, dtype=np.float32)))
+    assert info.value.reason == "oversize"
+
+
+def test_content_hash_is_stable_and_content_sensitive():
+    a, b = patch_msg(seq=5), patch_msg(seq=5)
+    assert a.content_hash == b.content_hash  # a resend is recognisable as the same message
+    assert patch_msg(seq=6).content_hash != a.content_hash
+
+
+# -------------------------------------------------------------------------------------------- rejections
+
+TOPIC = "edgepatch/v1/lab/dev-7/patch"
+
+
+def good_env() -> dict:
+    return json.loads(encode(patch_msg()))
+
+
+def test_random_bytes_rejected():
+    reject(TOPIC, os.urandom(512) + b"\xff", "bad_json")
+    reject(TOPIC, b"\x00\x01garbage", "bad_json")
+    reject(TOPIC, b"[1, 2, 3]", "bad_json")
+    reject(TOPIC, b'{"a": 1, "a": 2}', "bad_json")  # duplicate keys would make the hash ambiguous
+    reject(TOPIC, b"", "empty")
+
+
+def test_oversize_rejected_before_parsing():
+    reject(TOPIC, b"{" + b" " * MAX_MESSAGE_BYTES + b"}", "oversize")
+    reject(TOPIC, encode(patch_msg()), "oversize", max_bytes=100)
+
+
+@pytest.mark.parametrize("schema", [2, 0, "1", None, True])
+def test_wrong_schema_rejected(schema):
+    env = good_env()
+    env["schema"] = schema
+    reject(TOPIC, resign(env), "schema")
+    del env["schema"]
+    reject(TOPIC, resign(env), "schema")
+
+
+def test_topic_and_identity_mismatches_rejected():
+    data = encode(patch_msg())
+    reject("edgepatch/v1/lab/dev-8/patch", data, "topic_mismatch")  # device id != topic's device
+    reject("edgepatch/v1/other/dev-7/patch", data, "topic_mismatch")  # fleet != topic's fleet
+    reject("edgepatch/v1/lab/dev-7/metrics", data, "topic_mismatch")  # kind != channel
+    reject("edgepatch/v1/lab/bundle", data, "topic_mismatch")
+    reject("elsewhere/dev-7/patch", data, "bad_topic")
+    env = good_env()
+    env["kind"] = "firmware_update"
+    reject(TOPIC, resign(env), "unknown_kind")
+
+
+def test_non_finite_values_rejected():
+    env = good_env()
+    env["payload"]["phi"]["b64"] = base64.b64encode(np.array([1, np.inf, 0, 0, 0, 0, 0, np.nan], "<f4")
+                                                     .tobytes()).decode()
+    reject(TOPIC, resign(env), "non_finite")
+    raw = canonical_bytes(good_env()).replace(b'"loss":0.42', b'"loss":NaN')
+    reject(TOPIC, raw, "non_finite")
+    raw = canonical_bytes(good_env()).replace(b'"loss":0.42', b'"loss":-Infinity')
+    reject(TOPIC, raw, "non_finite")
+    raw = canonical_bytes(good_env()).replace(b'"loss":0.42', b'"loss":1e999')  # parses to inf
+    reject(TOPIC, raw, "non_finite")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda phi: phi.update(shape=[9]),  # 8 floats of data, shape claims 9
+    lambda phi: phi.update(shape=[2, 4]),  # phi must be 1-D
+    lambda phi: phi.update(dtype="<f8"),
+    lambda phi: phi.update(b64=base64.b64encode(b"\x00" * 30).decode()),  # not a whole number of floats
+    lambda phi: phi.update(shape=[0], b64=""),
+])
+def test_wrong_shape_rejected(edit):
+    env = good_env()
+    edit(env["payload"]["phi"])
+    reject(TOPIC, resign(env), "bad_shape")
+
+
+def test_bad_fields_rejected():
+    cases = [
+        lambda e: e.update(seq=-1), lambda e: e.update(seq=1.5), lambda e: e.update(seq=True),
+        lambda e: e.pop("device_id"), lambda e: e.update(extra=1), lambda e: e["payload"].pop("steps"),
+        lambda e: e["payload"].update(holdout_acc=1.5), lambda e: e["payload"]["phi"].update(b64="!!!!"),
+        lambda e: e.update(payload=[1]),
+    ]
+    for edit in cases:
+        env = good_env()
+        edit(env)
+        reject(TOPIC, resign(env), "bad_field")
+
+
+def test_hash_mismatch_rejected():
+    env = good_env()
+    env["payload"]["steps"] = 41  # tampered, hash not updated
+    reject(TOPIC, canonical_bytes(env), "hash_mismatch")
+    env = good_env()
+    del env["content_hash"]
+    reject(TOPIC, canonical_bytes(env), "hash_mismatch")
+    env = good_env()
+    env["payload"]["phi"]["b64"] = base64.b64encode(np.ones(8, "<f4").tobytes()).decode()
+    reject(TOPIC, canonical_bytes(env), "hash_mismatch")
+
+
+def test_fuzzed_mutations_only_raise_message_error():
+    """Random byte flips of a valid message: decode either succeeds identically or raises MessageError."""
+    rng = np.random.default_rng(0)
+    data = bytearray(encode(patch_msg()))
+    accepted = 0
+    for _ in range(400):
+        mutated = bytearray(data)
+        for pos in rng.integers(0, len(data), size=int(rng.integers(1, 4))):
+            mutated[pos] = int(rng.integers(0, 256))
+        try:
+            decode(TOPIC, bytes(mutated))
+            accepted += 1
+        except MessageError as exc:
+            assert exc.reason in REASONS
+    assert accepted <= 5  # the content hash catches virtually every corruption
