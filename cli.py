@@ -18,6 +18,15 @@ app = typer.Typer(help="edgepatch: on-device learning across a fleet.", no_args_
 console = Console(stderr=True)
 
 
+def _mount_subapps() -> None:
+    from edgepatch.device.cli import app as device_app
+
+    app.add_typer(device_app, name="device")
+
+
+_mount_subapps()
+
+
 def _fail(message: str) -> typer.Exit:
     console.print(f"[red]error:[/red] {message}")
     return typer.Exit(code=2)

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from edgepatch.device.backends.litert import LiteRTProgram
 from edgepatch.device.profile import load_profile
 from edgepatch.device.resources import RealClock, ResourceMonitor
@@ -125,6 +124,7 @@ def main() -> None:
     ap.add_argument("--slack", type=float, default=1.35, help="deadline = slack × steps × full-variant time")
     ap.add_argument("--hog-at", type=float, default=0.35, help="contention starts at this fraction of the deadline")
     ap.add_argument("--cpu", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "selector_deadline.json")
     args = ap.parse_args()
 
@@ -137,28 +137,34 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     step = _step_fn(program, spec, patch, init_params(spec, patch, seed=0), np.random.default_rng(0))
 
-    table = calibrate(step, variants)
-    rows = [{"id": v.id, "keep": v.keep, "train_ms": {"litert": table[v.id]}, "memory_bytes": 0,
-             "convergence": 1.0 - r, "pareto": True} for v, r in zip(variants, RATIOS, strict=True)]
-    full_s = table[variants[0].id] / 1000.0
-    deadline_s = args.slack * args.steps * full_s
-    results = [run_round(step, variants, rows, args.steps, deadline_s, args.hog_at * deadline_s, args.cpu, adaptive)
-               for adaptive in (False, True)]
+    # The machine is shared: re-calibrate right before every pair of rounds and alternate which policy
+    # goes first, so slow drift in background load does not favour one policy.
+    results = []
+    for rep in range(args.repeats):
+        table = calibrate(step, variants)
+        rows = [{"id": v.id, "keep": v.keep, "train_ms": {"litert": table[v.id]}, "memory_bytes": 0,
+                 "convergence": 1.0 - r, "pareto": True} for v, r in zip(variants, RATIOS, strict=True)]
+        deadline_s = args.slack * args.steps * table[variants[0].id] / 1000.0
+        order = (False, True) if rep % 2 == 0 else (True, False)
+        for adaptive in order:
+            result = run_round(step, variants, rows, args.steps, deadline_s, args.hog_at * deadline_s,
+                               args.cpu, adaptive)
+            results.append({"repeat": rep, "train_ms_litert": table, **result})
 
     report = {"benchmark": "selector_deadline", "model": spec.name, "batch": BATCH, "steps": args.steps,
               "slack": args.slack, "hog_at_fraction": args.hog_at, "build_s": build_s,
-              "train_ms_litert": table, "machine": platform.machine(), "python": platform.python_version(),
+              "load_avg_at_end": os.getloadavg(), "machine": platform.machine(), "python": platform.python_version(),
               "rounds": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
 
-    print(f"variant table (uncontended, 1 thread, batch {BATCH}):")
-    for vid, ms in table.items():
-        print(f"  {vid:<14} {ms:7.2f} ms/step")
-    print(f"\nround: {args.steps} steps, deadline {deadline_s:.2f} s, CPU halved from {args.hog_at * deadline_s:.2f} s")
-    print(f"{'policy':<12} {'elapsed s':>10} {'met':>5}  steps per variant")
+    print(f"{'rep':>3} {'policy':<12} {'full ms':>8} {'deadline s':>10} {'elapsed s':>10} {'met':>5}  steps per variant")
     for r in results:
-        print(f"{r['policy']:<12} {r['elapsed_s']:>10.2f} {str(r['met']):>5}  {r['steps_per_variant']}")
+        print(f"{r['repeat']:>3} {r['policy']:<12} {r['train_ms_litert'][variants[0].id]:>8.1f} "
+              f"{r['deadline_s']:>10.2f} {r['elapsed_s']:>10.2f} {str(r['met']):>5}  {r['steps_per_variant']}")
+    met = {p: sum(r["met"] for r in results if r["policy"] == p) for p in ("always_full", "adaptive")}
+    print(f"deadlines met: always_full {met['always_full']}/{args.repeats}, adaptive {met['adaptive']}/{args.repeats}"
+          f" (CPU halved from {args.hog_at:.0%} of the deadline)")
     print(f"\nwritten: {args.out}")
 
 

@@ -1,0 +1,1 @@
+"""Offline datasets, fleet generation and data loaders (numpy; sklearn/mnist1d only where loaded)."""

@@ -387,6 +387,15 @@ def write_device_shards(device_data: DeviceData, out_dir: str | Path, shard_size
     return paths
 
 
+def write_device_timeline(device_data: DeviceData, out_dir: str | Path, shard_size: int = 256) -> list[Path]:
+    """All of a device's samples (train and holdout) as shards: what a real device has on disk.
+
+    The device runtime makes its own time-ordered split (older → train, newest → holdout).
+    """
+    both = Dataset.concatenate([device_data.train, device_data.holdout], device_data.train.name)
+    return _write_dataset_shards(both, Path(out_dir), shard_size)
+
+
 def write_fleet_shards(fleet: Sequence[DeviceData], root: str | Path, shard_size: int = 256) -> dict[str, Path]:
     """`root/<device_id>/train/` and `root/<device_id>/holdout/` for every device; returns train dirs."""
     dirs: dict[str, Path] = {}

@@ -114,6 +114,7 @@ class DeviceLink:
         self.on_bundle = on_bundle
         self.rejects: Counter[str] = Counter()  # bundle announcements dropped, by MessageError reason
         self._connected = threading.Event()
+        self._ack_event = threading.Condition()  # notified after every outbox ack (wait_drained)
         self._started = False
         self._lock = threading.Lock()  # guards the maps below; never held while calling into paho
         self._flush_lock = threading.Lock()  # one flush at a time, so no entry is handed to paho twice
@@ -152,7 +153,8 @@ class DeviceLink:
         if self._started:
             raise RuntimeError("DeviceLink already started")
         s = self.settings
-        will = self._message(DeviceState(state="offline", last_seen=time.time(), reason="will"))
+        will = self._message(DeviceState(state="offline", last_seen=time.time(), reason="will"),
+                             self.outbox.next_seq())
         self._client.will_set(will.topic(Channel.LWT), encode(will), qos=1, retain=True)
         props = None
         if self._v5:
@@ -188,23 +190,30 @@ class DeviceLink:
     def wait_drained(self, timeout: float) -> bool:
         """True once every outbox entry has been acknowledged by the broker."""
         deadline = time.monotonic() + timeout
-        while len(self.outbox):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
+        with self._ack_event:
+            while len(self.outbox):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                # Short slices: entries can also leave by expiry or eviction, which do not notify.
+                self._ack_event.wait(min(remaining, 0.1))
         return True
 
     def send(self, payload: Payload, *, channel: Channel | None = None, retain: bool = False) -> Message:
         """Build a message (next persistent seq), commit it to the outbox, publish if connected."""
-        msg = self._message(payload)
-        topic = msg.topic(channel)
         ch = channel or type(payload).CHANNEL
         expiry = {Channel.METRICS: self.settings.metrics_expiry_s,
                   Channel.PATCH: self.settings.patch_expiry_s}.get(ch)
-        self.outbox.enqueue(topic, encode(msg), qos=1, retain=retain, expiry_s=expiry)
+        built: list[Message] = []
+
+        def build(seq: int) -> tuple[str, bytes]:
+            built.append(self._message(payload, seq))
+            return built[0].topic(ch), encode(built[0])
+
+        self.outbox.enqueue_numbered(build, qos=1, retain=retain, expiry_s=expiry)
         if self._connected.is_set():
             self._flush()
-        return msg
+        return built[0]
 
     def publish_patch(self, update: PatchUpdate) -> Message:
         return self.send(update)
@@ -218,14 +227,14 @@ class DeviceLink:
     def socket_nodelay(self) -> bool:
         """Whether TCP_NODELAY is set on the live socket (for tests and diagnostics)."""
         sock = self._client.socket()
-        return bool(sock is not None and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        getsockopt = getattr(sock, "getsockopt", None)  # a TCP socket or an SSL socket wrapping one
+        return bool(getsockopt is not None and getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     # ---------------------------------------------------------------------------------------- internals
 
-    def _message(self, payload: Payload) -> Message:
+    def _message(self, payload: Payload, seq: int) -> Message:
         return make_message(payload, device_id=self.settings.device_id, fleet=self.settings.fleet,
-                            base_version=self.base_version, variant_id=self.variant_id,
-                            seq=self.outbox.next_seq())
+                            base_version=self.base_version, variant_id=self.variant_id, seq=seq)
 
     def _properties(self, entry: OutboxEntry) -> Properties | None:
         if not self._v5:
@@ -283,6 +292,8 @@ class DeviceLink:
             log.error("broker refused outbox entry %d: %s (kept; retried after reconnect)", entry_id, reason)
         else:
             self.outbox.ack(entry_id)
+            with self._ack_event:
+                self._ack_event.notify_all()
 
     # ------------------------------------------------------------------------------- paho callbacks
     # These run on paho's loop thread: they must never raise.

@@ -136,15 +136,21 @@ class OsCounters:
 
 
 def psutil_counters() -> OsCounters:
-    """Current OS counters via psutil. cpu_percent calls measure since the previous call."""
+    """Current OS counters via psutil, restricted to the CPUs this process may run on (a pinned
+    process does not care how busy the other cores are). cpu_percent calls measure since the
+    previous call."""
     import psutil
 
-    cores = psutil.cpu_count() or 1
-    total = psutil.cpu_percent(interval=None) / 100.0
-    own = _own_process().cpu_percent(interval=None) / 100.0 / cores
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    per_cpu = psutil.cpu_percent(interval=None, percpu=True)
+    usable = [per_cpu[i] for i in allowed if i < len(per_cpu)] or per_cpu
+    cores = max(1, len(usable))
+    busy_cores = sum(usable) / 100.0
+    own_cores = _own_process().cpu_percent(interval=None) / 100.0  # 100 % = one full core
+    other = min(1.0, max(0.0, (busy_cores - own_cores) / cores))
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return OsCounters(cores=cores, other_cpu_fraction=min(1.0, max(0.0, total - own)),
-                      load_avg_1m=load1, free_memory_mb=psutil.virtual_memory().available / 2**20)
+    return OsCounters(cores=cores, other_cpu_fraction=other, load_avg_1m=load1,
+                      free_memory_mb=psutil.virtual_memory().available / 2**20)
 
 
 @functools.cache

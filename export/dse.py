@@ -27,7 +27,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -104,9 +104,9 @@ class LiteRTTrainCost:
     All variants of one call go into one .tflite (one conversion per generation). Repetitions are
     interleaved across variants in a shuffled order, so a slow phase of the shared machine hits every
     variant alike instead of biasing one; the median of `repeats` calls is reported after `warmup`.
-    Calls happen minutes apart, so the machine's load may differ between them: the first call's
-    interpreter is kept as an anchor (its full variant, or its first variant) and re-timed, interleaved,
-    in every later call; later times are scaled by anchor-then / anchor-now.
+    Calls happen a generation apart and the machine's load may change in between, so `remeasure()`
+    re-times every variant seen so far in one interleaved session (the interpreters are kept; no
+    conversion): `explore` reports those consistent times.
     """
 
     runtime: str | None = "litert"
@@ -120,8 +120,8 @@ class LiteRTTrainCost:
         self.patch, self.repeats, self.warmup, self.seed = patch, repeats, warmup, seed
         self.num_threads = num_threads
         self.build_seconds = 0.0  # conversion time, summed over calls
-        self.anchor_scales: list[float] = []  # load correction applied to each call after the first
-        self._anchor: tuple[Any, str, dict[str, np.ndarray], float] | None = None  # program, vid, params, ms
+        self._jobs: dict[str, tuple[Any, dict[str, np.ndarray]]] = {}  # vid -> (program, sliced params)
+        self._xy: tuple[np.ndarray, np.ndarray] | None = None
 
     def __call__(self, spec: ModelSpec, variants: Sequence[Variant], batch: int) -> dict[str, float]:
         # Imported here: TensorFlow takes seconds to import and only this cost function needs it.
@@ -137,31 +137,33 @@ class LiteRTTrainCost:
         self.build_seconds += time.perf_counter() - started
         program = LiteRTProgram(model, num_threads=self.num_threads)
         rng = np.random.default_rng(self.seed)
-        x = rng.normal(size=(batch, *spec.input_shape)).astype(np.float32)
-        y = rng.integers(0, spec.num_classes, size=batch).astype(np.int32)
+        if self._xy is None or self._xy[0].shape[0] != batch:
+            self._xy = (rng.normal(size=(batch, *spec.input_shape)).astype(np.float32),
+                        rng.integers(0, spec.num_classes, size=batch).astype(np.int32))
         infos = param_infos(spec, None)
-        # (program, vid, sliced params) per timed job; the anchor job runs the first call's program.
-        jobs = [(program, v.id, slice_params(self.base_params, infos, sample_kept(spec, v, rng))) for v in variants]
-        if self._anchor is not None:
-            jobs.append(self._anchor[:3])
-        times: list[list[float]] = [[] for _ in jobs]
+        for v in variants:
+            self._jobs[v.id] = (program, slice_params(self.base_params, infos, sample_kept(spec, v, rng)))
+        return self._time([v.id for v in variants])
+
+    def remeasure(self) -> dict[str, float]:
+        """Every variant timed so far, again, in one interleaved session."""
+        return self._time(list(self._jobs))
+
+    def _time(self, vids: list[str]) -> dict[str, float]:
+        assert self._xy is not None
+        x, y = self._xy
+        rng = np.random.default_rng(self.seed + 1)
+        times: dict[str, list[float]] = {vid: [] for vid in vids}
         for rep in range(self.warmup + self.repeats):
-            for i in rng.permutation(len(jobs)):
-                prog, vid, sliced = jobs[int(i)]
+            for i in rng.permutation(len(vids)):
+                vid = vids[int(i)]
+                program, sliced = self._jobs[vid]
                 t0 = time.perf_counter()
-                prog.train_full(vid, x, y, sliced)  # exactly the device's call, input checks included
+                program.train_full(vid, x, y, sliced)  # exactly the device's call, input checks included
                 elapsed = (time.perf_counter() - t0) * 1e3
                 if rep >= self.warmup:
-                    times[int(i)].append(elapsed)
-        medians = [float(statistics.median(ts)) for ts in times]
-        if self._anchor is None:
-            pick = next((i for i, v in enumerate(variants) if v.is_full(spec)), 0)
-            self._anchor = (*jobs[pick], medians[pick])
-            scale = 1.0
-        else:
-            scale = self._anchor[3] / medians[-1]
-            self.anchor_scales.append(scale)
-        return {v.id: medians[i] * scale for i, v in enumerate(variants)}
+                    times[vid].append(elapsed)
+        return {vid: float(statistics.median(ts)) for vid, ts in times.items()}
 
 
 # -- convergence ------------------------------------------------------------------------------------
@@ -255,9 +257,17 @@ def heldout_loss(spec: ModelSpec, params: Mapping[str, np.ndarray], x: torch.Ten
         return float(F.cross_entropy(forward(spec, None, to_tensors(params), x), y))
 
 
-def convergence(spec: ModelSpec, base_params: Mapping[str, np.ndarray], variant: Variant, data: _Data, *,
-                seeds: Sequence[int], steps: int, batch: int, cfg: TrainConfig) -> list[float]:
-    """Held-out loss of the full model after the DISTREAL budget, one value per seed."""
+def convergence(spec: ModelSpec, base_params: Mapping[str, np.ndarray], variant: Variant, data_x: np.ndarray,
+                data_y: np.ndarray, *, seeds: Sequence[int] = (0, 1, 2), step_budget: int = 30, batch: int = 32,
+                train: TrainConfig = TrainConfig()) -> list[float]:
+    """Objective 2 for one variant: held-out loss after the DISTREAL budget, one value per seed."""
+    check_params(base_params, spec, None, roles=("base",))
+    data = _check_data(spec, data_x, data_y, batch, train)
+    return _convergence(spec, base_params, variant, data, seeds=seeds, steps=step_budget, batch=batch, cfg=train)
+
+
+def _convergence(spec: ModelSpec, base_params: Mapping[str, np.ndarray], variant: Variant, data: _Data, *,
+                 seeds: Sequence[int], steps: int, batch: int, cfg: TrainConfig) -> list[float]:
     with _single_thread():
         return [heldout_loss(spec, distreal_train(spec, base_params, variant, data.train_x, data.train_y,
                                                   steps=steps, batch=batch, seed=s, cfg=cfg),
@@ -455,12 +465,17 @@ class _Evaluator:
                 cost = costs.get(vid)
                 if cost is None or not math.isfinite(cost) or cost <= 0:
                     raise ValueError(f"cost function returned {cost!r} for variant {vid!r}; need a positive number")
-                losses = convergence(self.spec, self.base_params, v, self.data, seeds=self.seeds,
-                                     steps=self.steps, batch=self.batch, cfg=self.cfg)
+                losses = _convergence(self.spec, self.base_params, v, self.data, seeds=self.seeds,
+                                      steps=self.steps, batch=self.batch, cfg=self.cfg)
                 self.points[vid] = DSEPoint(v, v.widths(self.spec), flops_ratio(self.spec, v), float(cost),
                                             float(np.mean(losses)), tuple(losses), generation)
         self.cache_hits += hits
         return [self.points[v.id] for v in variants], len(new), hits
+
+    def replace_costs(self, costs: Mapping[str, float]) -> None:
+        for vid, p in list(self.points.items()):
+            if vid in costs:
+                self.points[vid] = replace(p, cost=float(costs[vid]))
 
     def front(self) -> list[DSEPoint]:
         pts = list(self.points.values())
@@ -519,6 +534,8 @@ def explore(spec: ModelSpec, base_params: Mapping[str, np.ndarray], data_x: np.n
     while algorithm.has_next():
         gen_started = time.perf_counter()
         pop = algorithm.ask()
+        if pop is None or len(pop) == 0:  # duplicate elimination found nothing new: the space is exhausted
+            break
         genes = np.rint(pop.get("X")).astype(int)
         variants = [ev.variant(g) for g in genes]
         # The fallback is evaluated with the first batch, so it shares that LiteRT build.
@@ -534,6 +551,9 @@ def explore(spec: ModelSpec, base_params: Mapping[str, np.ndarray], data_x: np.n
             progress(GenerationReport(gen, generations, n_new, hits, len(ev.points), front,
                                       time.perf_counter() - gen_started))
 
+    remeasure = getattr(cost_fn, "remeasure", None)
+    if callable(remeasure):  # one consistent session for the reported costs (see LiteRTTrainCost)
+        ev.replace_costs(remeasure())
     front_ids = [p.id for p in ev.front()]
     pareto_ids = front_ids + ([full.id] if full.id not in front_ids else [])
     pts = list(ev.points.values())
@@ -545,7 +565,7 @@ def explore(spec: ModelSpec, base_params: Mapping[str, np.ndarray], data_x: np.n
         cost_runtime=cost_fn.runtime, cost_unit=cost_fn.unit, cost_flops_pearson=pearson,
         cost_flops_spearman=spearman, evaluations=len(pts), cache_hits=ev.cache_hits,
         seconds=time.perf_counter() - started,
-        settings={"pop_size": pop_size, "generations": generations, "seeds": list(seeds),
+        settings={"pop_size": pop_size, "generations": generations, "generations_run": gen, "seeds": list(seeds),
                   "step_budget": step_budget, "batch": batch, "search_seed": search_seed,
                   "optimizer": train.optimizer, "lr": train.lr, "holdout": train.holdout},
     )

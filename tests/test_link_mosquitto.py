@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-
 from edgepatch.device.link import DeviceLink, LinkSettings
 from edgepatch.device.outbox import Outbox
 from edgepatch.protocol.messages import (
@@ -252,7 +251,6 @@ def test_mqtt5_user_properties_and_expiry(mosquitto, tmp_path):
 
 
 @pytest.mark.broker
-@pytest.mark.slow
 def test_offline_updates_queue_on_disk_and_all_arrive_after_restart(mosquitto, tmp_path):
     # A persistent-session receiver: the broker keeps its subscription and queue across the restart.
     rx = Receiver(mosquitto, [fleet_filter(FLEET, "patch")], "rx-persistent", persistent=True)
@@ -354,6 +352,24 @@ def test_malformed_bundle_announcements_are_dropped_and_link_keeps_working(mosqu
         assert sum("dropped bundle announcement" in r.getMessage() for r in caplog.records) == 2
         link.publish_patch(patch(1))  # the loop thread survived: traffic still flows both ways
         wait_until(lambda: len(rx.kinds("patch_update")) == 1, 5, "a patch after the bad announcements")
+    finally:
+        link.stop()
+        rx.close()
+
+
+@pytest.mark.broker
+def test_link_started_while_broker_is_down_delivers_once_it_is_up(mosquitto, tmp_path):
+    rx = Receiver(mosquitto, [fleet_filter(FLEET, "patch")], "rx-late-broker", persistent=True)
+    mosquitto.stop()
+    link = make_link(mosquitto, tmp_path, device_id="dev-early")
+    try:
+        link.start()  # must not raise: paho keeps retrying the first connection
+        sent = [link.publish_patch(patch(i)) for i in range(3)]
+        assert not link.wait_connected(0.5) and len(link.outbox) == 3
+        mosquitto.start()
+        assert link.wait_connected(15)
+        wait_until(lambda: len(rx.kinds("patch_update")) == 3, 15, "the updates queued before the first connect")
+        assert [m.seq for m in sorted(rx.kinds("patch_update"), key=lambda m: m.seq)] == [m.seq for m in sent]
     finally:
         link.stop()
         rx.close()

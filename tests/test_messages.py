@@ -8,7 +8,6 @@ import os
 
 import numpy as np
 import pytest
-
 from edgepatch.protocol.messages import (
     MAX_MESSAGE_BYTES,
     REASONS,
@@ -251,3 +250,40 @@ def test_fuzzed_mutations_only_raise_message_error():
         except MessageError as exc:
             assert exc.reason in REASONS
     assert accepted <= 5  # the content hash catches virtually every corruption
+
+
+# ------------------------------------------------------------------------------------- AsyncAPI document
+
+def test_asyncapi_document_matches_the_code():
+    """docs/asyncapi.yaml lists every channel, kind and reason, and its schemas accept what encode() emits."""
+    yaml = pytest.importorskip("yaml")
+    jsonschema = pytest.importorskip("jsonschema")
+    from pathlib import Path
+
+    from edgepatch.protocol.messages import PAYLOAD_TYPES
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "asyncapi.yaml"
+    text = path.read_text()
+    doc = yaml.safe_load(text)
+    channels = {c.replace("{fleet}", "lab").replace("{device}", "dev-7") for c in doc["channels"]}
+    expected = {device_topic("lab", "dev-7", c) for c in Channel if c is not Channel.BUNDLE} | {bundle_topic("lab")}
+    assert channels == expected
+    assert all(reason in text for reason in REASONS)
+    samples = {
+        "PatchUpdate": patch_msg(),
+        "Metrics": make_message(Metrics(values={"train_ms": 3.0}), seq=1, **HEADER),
+        "DeviceState": make_message(DeviceState(state="offline", last_seen=2.0, reason="will"), seq=1, **HEADER),
+        "HelpRequest": make_message(HelpRequest(request_id="r1", want="patch"), seq=1, **HEADER),
+        "HelpOffer": make_message(HelpOffer(request_id="r1", to_device="d2", reference="x", size=1, sha256=SHA),
+                                  seq=1, **HEADER),
+        "BundleAnnouncement": make_message(BundleAnnouncement(version="b1", reference="r", manifest_sha256=SHA,
+                                                              size=1, artifacts={"a": SHA}), seq=1, **HEADER),
+    }
+    assert {m.kind for m in samples.values()} == set(PAYLOAD_TYPES)
+    for name, msg in samples.items():
+        schema = {"$ref": f"#/components/messages/{name}/payload", "components": doc["components"]}
+        validator = jsonschema.Draft202012Validator(schema)
+        env = json.loads(encode(msg))
+        validator.validate(env)
+        env["payload"]["unexpected"] = 1
+        assert not validator.is_valid(env), f"{name}: schema accepts unknown payload fields"

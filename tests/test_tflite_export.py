@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from edgepatch.device.backends.litert import LiteRTError, LiteRTProgram, model_op_names
 from edgepatch.export import tflite_builder, torch_model
 from edgepatch.export.reference_models import REFERENCE_MODELS, default_patch
@@ -128,8 +127,7 @@ def test_frozen_inference_dynamic_batch(model: str) -> None:
     patch = default_patch(spec, "lowrank", k=8)
     params = _params_with_live_patches(spec, patch, 2)
     program = LiteRTProgram(tflite_builder.build_inference_tflite(spec, patch, params))
-    assert program.signatures()["infer"]["inputs"] == ["phi", "x"] or \
-        sorted(program.signatures()["infer"]["inputs"]) == ["phi", "x"]
+    assert sorted(program.signatures()["infer"]["inputs"]) == ["phi", "x"]
     rng = np.random.default_rng(3)
     phi = rng.normal(0.0, 0.3, patch.k).astype(np.float32)
     for n in (1, 5, 32):  # one program, any batch
@@ -196,5 +194,5 @@ def test_runner_rejects_bad_inputs_by_name(built: dict) -> None:
 def test_program_rejects_garbage(tmp_path) -> None:
     with pytest.raises(LiteRTError, match="does not exist"):
         LiteRTProgram(tmp_path / "missing.tflite")
-    with pytest.raises((LiteRTError, ValueError)):
+    with pytest.raises(LiteRTError, match="TFL3"):
         LiteRTProgram(b"not a flatbuffer at all")

@@ -60,6 +60,8 @@ class LiteRTProgram:
             if not path.is_file():
                 raise LiteRTError(f"LiteRT program {path} does not exist")
             model = path.read_bytes()
+        if len(model) < 8 or model[4:8] != b"TFL3":
+            raise LiteRTError("not a LiteRT program: the flatbuffer identifier 'TFL3' is missing")
         flex = [op for op in model_op_names(model) if op.startswith(FLEX_PREFIX)]
         if flex:
             raise LiteRTError(f"program needs Flex ops {flex}, which this interpreter cannot run")
@@ -106,7 +108,7 @@ class LiteRTProgram:
                     raise LiteRTError(f"{signature}: input {name!r} has dtype {value.dtype}, expected {want}")
                 value = value.astype(want)
             expected = tuple(int(d) for d in detail["shape_signature"])
-            if len(value.shape) != len(expected) or any(e != -1 and e != s for e, s in zip(expected, value.shape)):
+            if len(value.shape) != len(expected) or any(e != -1 and e != s for e, s in zip(expected, value.shape, strict=True)):
                 shown = tuple("*" if e == -1 else e for e in expected)
                 raise LiteRTError(f"{signature}: input {name!r} has shape {value.shape}, expected {shown}")
             out[name] = np.ascontiguousarray(value)

@@ -1,0 +1,196 @@
+"""What a DISTREAL dropout variant really costs: train_full, train_phi and infer per variant, per runtime.
+
+All runtimes and variants are timed in one run with interleaved repetitions (so background load hits
+every cell alike) and reported as medians, with the ratio to the full model and the FLOP ratio.
+
+    python3 benchmarks/variant_cost.py                       # mnist_cnn, batch 32, 100/75/50/25 %
+    python3 benchmarks/variant_cost.py --variants conv1=1.0,conv2=0.5 --reps 40 --out results/x.json
+
+Runtimes: LiteRT always. ExecuTorch joins when `edgepatch.device.backends.executorch` provides
+`benchmark_tasks(spec, patch, variants, params, batch, rng) -> {(variant_id, kind): callable}` with kind
+in {"train_full", "train_phi", "infer"}; each callable runs one step on prepared inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from edgepatch.protocol.model_spec import ModelSpec, PatchSpec, param_infos
+from edgepatch.protocol.params import Params, init_params, write_atomic
+from edgepatch.protocol.variants import (
+    Variant,
+    filter_flops,
+    full_variant,
+    sample_kept,
+    slice_params,
+    uniform_variant,
+    variant_id,
+)
+
+KINDS = ("train_full", "train_phi", "infer")
+Task = Callable[[], object]
+TaskTable = dict[tuple[str, str], Task]  # (variant id, kind) -> one step
+TaskFactory = Callable[[ModelSpec, PatchSpec, Sequence[Variant], Params, int, np.random.Generator], TaskTable]
+
+
+def litert_tasks(spec: ModelSpec, patch: PatchSpec, variants: Sequence[Variant], params: Params, batch: int,
+                 rng: np.random.Generator, threads: int | None = None) -> TaskTable:
+    """One trainable .tflite with every variant; each task runs one signature on a fixed kept set."""
+    from edgepatch.device.backends.litert import LiteRTProgram
+    from edgepatch.export.tflite_builder import build_inference_tflite, build_trainable_tflite
+
+    program = LiteRTProgram(build_trainable_tflite(spec, patch, variants, batch=batch), num_threads=threads)
+    infos = param_infos(spec, patch)
+    x = rng.normal(size=(batch, *spec.input_shape)).astype(np.float32)
+    y = rng.integers(0, spec.num_classes, batch).astype(np.int32)
+    phi = rng.normal(0.0, 0.1, patch.k).astype(np.float32)
+    zeros = np.zeros(patch.k, np.float32)
+    tasks: TaskTable = {}
+    for variant in variants:
+        sliced = slice_params(params, infos, sample_kept(spec, variant, rng))
+        base = {n: p for n, p in sliced.items() if infos[n].role == "base"}
+        vid = variant.id
+        tasks[(vid, "train_full")] = lambda vid=vid, base=base: program.train_full(vid, x, y, base)
+        tasks[(vid, "train_phi")] = lambda vid=vid, s=sliced: program.train_phi(vid, x, y, phi, zeros, zeros,
+                                                                                 0.0, 0.01, s)
+        tasks[(vid, "infer")] = lambda vid=vid, s=sliced: program.infer_variant(vid, x, phi, s)
+    # the frozen inference program, for scale: what the device uses to serve predictions
+    frozen = LiteRTProgram(build_inference_tflite(spec, patch, params), num_threads=threads)
+    tasks[("frozen", "infer")] = lambda: frozen.infer(x, phi)
+    return tasks
+
+
+def executorch_factory() -> TaskFactory | None:
+    """The ExecuTorch half, if its backend exposes `benchmark_tasks` (see the module docstring)."""
+    try:
+        from edgepatch.device.backends import executorch
+    except Exception as exc:  # missing module or missing runtime: LiteRT numbers still stand
+        print(f"[variant_cost] ExecuTorch skipped: {exc}", file=sys.stderr)
+        return None
+    factory = getattr(executorch, "benchmark_tasks", None)
+    if factory is None:
+        print("[variant_cost] ExecuTorch skipped: device/backends/executorch.py has no benchmark_tasks()",
+              file=sys.stderr)
+    return factory
+
+
+def parse_variant(text: str, spec: ModelSpec) -> Variant:
+    """'conv1=1.0,conv2=0.5' -> a Variant (unnamed layers keep everything)."""
+    keep: dict[str, float] = {}
+    for item in text.split(","):
+        name, _, ratio = item.partition("=")
+        if name.strip() not in spec.droppable_layers():
+            raise SystemExit(f"--variants: {name!r} is not a droppable layer of {spec.name} "
+                             f"({', '.join(spec.droppable_layers())})")
+        keep[name.strip()] = float(ratio)
+    return Variant(variant_id(keep, spec.droppable_layers()), keep)
+
+
+def measure(runtimes: dict[str, TaskTable], reps: int, warmup: int) -> dict[str, dict[tuple[str, str], float]]:
+    """Median ms per task; every repetition visits every (runtime, task) once, in a rotating order."""
+    cells = [(rt, key) for rt, table in runtimes.items() for key in table]
+    for rt, key in cells:
+        for _ in range(warmup):
+            runtimes[rt][key]()
+    samples: dict[tuple[str, tuple[str, str]], list[float]] = {cell: [] for cell in cells}
+    for rep in range(reps):
+        shift = rep % len(cells)
+        for rt, key in cells[shift:] + cells[:shift]:
+            start = time.perf_counter()
+            runtimes[rt][key]()
+            samples[(rt, key)].append((time.perf_counter() - start) * 1e3)
+    result: dict[str, dict[tuple[str, str], float]] = {rt: {} for rt in runtimes}
+    for (rt, key), values in samples.items():
+        result[rt][key] = statistics.median(values)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from edgepatch.export.reference_models import REFERENCE_MODELS, default_patch
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mnist_cnn", choices=sorted(REFERENCE_MODELS))
+    ap.add_argument("--patch", default="film", choices=["film", "lowrank"])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
+    ap.add_argument("--variants", nargs="*", default=[], help="extra variants, e.g. conv1=1.0,conv2=0.5")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="LiteRT/XNNPACK threads (default: runtime's)")
+    ap.add_argument("--no-executorch", action="store_true")
+    ap.add_argument("--out", default="results/variant_cost.json")
+    args = ap.parse_args(argv)
+
+    spec = REFERENCE_MODELS[args.model]()
+    patch = default_patch(spec, args.patch)
+    params = init_params(spec, patch, seed=0)
+    variants = [full_variant(spec) if r == 1.0 else uniform_variant(spec, r) for r in args.ratios]
+    variants += [parse_variant(text, spec) for text in args.variants]
+    variants = list({v.id: v for v in variants}.values())
+    full_id = full_variant(spec).id
+    if full_id not in {v.id for v in variants}:
+        variants.insert(0, full_variant(spec))
+    rng = np.random.default_rng(0)
+
+    runtimes: dict[str, TaskTable] = {"litert": litert_tasks(spec, patch, variants, params, args.batch, rng,
+                                                             args.threads)}
+    factory = None if args.no_executorch else executorch_factory()
+    if factory is not None:
+        runtimes["executorch"] = factory(spec, patch, variants, params, args.batch, rng)
+    medians = measure(runtimes, args.reps, args.warmup)
+
+    full_flops = filter_flops(spec)
+    report: dict = {"model": spec.name, "patch": args.patch, "batch": args.batch, "reps": args.reps,
+                    "threads": args.threads, "variants": {}, "runtimes": {}}
+    for v in variants:
+        report["variants"][v.id] = {"keep": v.keep, "widths": v.widths(spec),
+                                    "flops_ratio": filter_flops(v.spec(spec)) / full_flops}
+    for rt, table in medians.items():
+        rows: dict = {}
+        for (vid, kind), ms in table.items():
+            full_ms = table.get((full_id, kind))
+            rows.setdefault(vid, {})[f"{kind}_ms"] = ms
+            if full_ms and vid != "frozen":
+                rows[vid][f"{kind}_ratio"] = ms / full_ms
+        report["runtimes"][rt] = rows
+    half = uniform_variant(spec, 0.5).id
+    lite = report["runtimes"]["litert"].get(half)
+    if lite:
+        report["targets"] = {"variant": half, "train_full_ratio_max": 0.55, "infer_ratio_max": 0.45,
+                             "met": lite["train_full_ratio"] <= 0.55 and lite["infer_ratio"] <= 0.45}
+
+    out = Path(args.out)
+    write_atomic(out, (json.dumps(report, indent=2) + "\n").encode())
+    _print_table(report)
+    print(f"wrote {out}")
+    return 0
+
+
+def _print_table(report: dict) -> None:
+    print(f"\n{report['model']} ({report['patch']} patch), batch {report['batch']}, median of {report['reps']}")
+    head = f"{'runtime':<11}{'variant':<12}{'FLOPs':>7}" + "".join(f"{k + ' ms':>15}{'ratio':>7}" for k in KINDS)
+    print(head)
+    print("-" * len(head))
+    for rt, rows in report["runtimes"].items():
+        for vid, row in rows.items():
+            flops = report["variants"].get(vid, {}).get("flops_ratio")
+            line = f"{rt:<11}{vid:<12}{'' if flops is None else f'{flops:.2f}':>7}"
+            for kind in KINDS:
+                ms, ratio = row.get(f"{kind}_ms"), row.get(f"{kind}_ratio")
+                line += f"{'' if ms is None else f'{ms:.2f}':>15}{'' if ratio is None else f'{ratio:.2f}':>7}"
+            print(line)
+    if "targets" in report:
+        t = report["targets"]
+        print(f"target at {t['variant']}: train_full <= {t['train_full_ratio_max']}x, infer <= "
+              f"{t['infer_ratio_max']}x of full -> {'met' if t['met'] else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Building blocks of MoMoDistill (public entry point: `edgepatch.cloud.momodistill`)."""

@@ -1,0 +1,383 @@
+"""The cloud's patch store (SQLAlchemy 2.x core): SQLite by default, PostgreSQL by URL.
+
+Tables (names get an optional prefix so test runs on a shared PostgreSQL never clash):
+
+    devices   one row per (fleet, device_id): first/last seen, last state, bundle/variant, bytes in,
+              last holdout accuracy
+    patches   every distinct PatchUpdate; `content_hash` UNIQUE is the idempotency key, so a message
+              redelivered after a crash or a lost PUBACK is stored once, even with concurrent workers
+    metrics   device scalar metrics; UNIQUE (content_hash, name) makes redelivery harmless here too
+    bundles   published bundle versions (manifest sha, where they are served, announced or not)
+    rejects   messages refused by validation, with their reason
+
+Writes come in batches (`commit_batch`): one transaction for many messages is what makes ingest fast on
+SQLite with synchronous=FULL (one fsync per batch, not per message). Inserts use the dialect's
+`ON CONFLICT DO NOTHING`, never read-then-write, so duplicates are race-free.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from edgepatch.protocol.messages import DeviceState, Message, Metrics, PatchUpdate
+from sqlalchemy import (
+    Column,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, make_url
+
+PHI_DTYPE = "<f4"
+
+
+@dataclass(frozen=True)
+class Received:
+    """A validated message plus what the transport told us about it."""
+
+    message: Message
+    nbytes: int
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Reject:
+    reason: str
+    topic: str
+    detail: str
+    t: float
+
+
+@dataclass
+class BatchResult:
+    new_patches: list[Message] = field(default_factory=list)
+    duplicates: int = 0
+    stored: int = 0  # accepted messages of any kind written (patch/metrics/state)
+
+
+def _tables(prefix: str) -> tuple[MetaData, dict[str, Table]]:
+    md = MetaData()
+    p = prefix
+    devices = Table(
+        f"{p}devices", md,
+        Column("fleet", String(64), primary_key=True),
+        Column("device_id", String(64), primary_key=True),
+        Column("first_seen", Float, nullable=False),
+        Column("last_seen", Float, nullable=False),
+        Column("last_state", String(16)),
+        Column("variant_id", String(256)),
+        Column("base_version", String(256)),
+        Column("bytes_in", Integer, nullable=False, default=0),
+        Column("patches", Integer, nullable=False, default=0),
+        Column("holdout_acc", Float),
+    )
+    patches = Table(
+        f"{p}patches", md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("fleet", String(64), nullable=False),
+        Column("device_id", String(64), nullable=False),
+        Column("base_version", String(256), nullable=False),
+        Column("variant_id", String(256), nullable=False),
+        Column("seq", Integer, nullable=False),
+        Column("content_hash", String(64), nullable=False),
+        Column("phi", LargeBinary, nullable=False),
+        Column("k", Integer, nullable=False),
+        Column("steps", Integer, nullable=False),
+        Column("samples", Integer, nullable=False),
+        Column("holdout_acc", Float, nullable=False),
+        Column("loss", Float, nullable=False),
+        Column("sent_at", Float, nullable=False),
+        Column("received_at", Float, nullable=False),
+        UniqueConstraint("content_hash", name=f"{p}uq_patches_hash"),
+        Index(f"{p}ix_patches_device", "base_version", "fleet", "device_id", "seq"),
+    )
+    metrics = Table(
+        f"{p}metrics", md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("fleet", String(64), nullable=False),
+        Column("device_id", String(64), nullable=False),
+        Column("name", String(64), nullable=False),
+        Column("value", Float, nullable=False),
+        Column("t", Float, nullable=False),
+        Column("content_hash", String(64), nullable=False),
+        UniqueConstraint("content_hash", "name", name=f"{p}uq_metrics_hash_name"),
+        Index(f"{p}ix_metrics_device", "fleet", "device_id", "name", "t"),
+    )
+    bundles = Table(
+        f"{p}bundles", md,
+        Column("version", String(256), primary_key=True),
+        Column("manifest_sha256", String(64), nullable=False),
+        Column("reference", Text, nullable=False),
+        Column("created_at", Float, nullable=False),
+        Column("announced_at", Float),
+    )
+    rejects = Table(
+        f"{p}rejects", md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("reason", String(32), nullable=False),
+        Column("topic", Text, nullable=False),
+        Column("t", Float, nullable=False),
+        Column("detail", Text, nullable=False),
+    )
+    return md, {"devices": devices, "patches": patches, "metrics": metrics, "bundles": bundles,
+                "rejects": rejects}
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Autocommit at the driver level; SQLAlchemy's "begin" hook below issues BEGIN IMMEDIATE, so a write
+    # transaction takes the write lock up front and concurrent writers queue on busy_timeout instead of
+    # failing on a read->write lock upgrade.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")  # a committed (hence acknowledged) batch survives power loss
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def sqlite_url(path: str | Path) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+class PatchStore:
+    """Open (and create) the store at `url`: a SQLAlchemy URL, or a plain file path meaning SQLite."""
+
+    def __init__(self, url: str | Path, *, table_prefix: str = "", echo: bool = False) -> None:
+        text = str(url)
+        if "://" not in text:
+            Path(text).parent.mkdir(parents=True, exist_ok=True)
+            text = sqlite_url(text)
+        parsed = make_url(text)
+        self.dialect = parsed.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported store URL {parsed.render_as_string(hide_password=True)!r}: "
+                             "use a SQLite file path or a postgresql+psycopg2:// URL")
+        if self.dialect == "sqlite" and parsed.database in (None, "", ":memory:"):
+            raise ValueError("an in-memory SQLite store would lose acknowledged patches: give a file path")
+        if table_prefix and not table_prefix.replace("_", "").isalnum():
+            raise ValueError(f"table_prefix {table_prefix!r} must be letters, digits and '_'")
+        self.url = parsed.render_as_string(hide_password=True)
+        self.engine: Engine = create_engine(parsed, echo=echo, future=True,
+                                            **({"connect_args": {"timeout": 30}} if self.dialect == "sqlite"
+                                               else {"pool_pre_ping": True}))
+        if self.dialect == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
+        self.metadata, self.t = _tables(table_prefix)
+        self.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def drop_all(self) -> None:
+        """Drop this store's tables (tests on a shared PostgreSQL clean up after themselves)."""
+        self.metadata.drop_all(self.engine)
+
+    # --------------------------------------------------------------------------------------------- writes
+
+    def add_patch(self, msg: Message, *, nbytes: int = 0, received_at: float | None = None) -> bool:
+        """Store one patch update; False if a patch with the same content hash is already stored."""
+        if not isinstance(msg.payload, PatchUpdate):
+            raise TypeError(f"add_patch takes a patch_update message, got kind {msg.kind!r}")
+        result = self.commit_batch([Received(msg, nbytes, time.time() if received_at is None else received_at)])
+        return bool(result.new_patches)
+
+    def record_reject(self, reason: str, topic: str, detail: str, t: float | None = None) -> None:
+        self.commit_batch([], [Reject(reason, topic, detail[:2000], time.time() if t is None else t)])
+
+    def commit_batch(self, accepted: Sequence[Received], rejects: Sequence[Reject] = ()) -> BatchResult:
+        """Write a batch of validated messages and rejects in ONE transaction; return what was new.
+
+        Idempotent: replaying the same batch stores nothing new (patches/metrics dedupe by content hash)."""
+        result = BatchResult()
+        patch_rows: list[dict[str, Any]] = []
+        patch_msgs: dict[str, Message] = {}
+        metric_rows: list[dict[str, Any]] = []
+        dev: dict[tuple[str, str], dict[str, Any]] = {}
+        for item in accepted:
+            m = item.message
+            d = dev.setdefault((m.fleet, m.device_id), {
+                "fleet": m.fleet, "device_id": m.device_id, "first_seen": item.received_at,
+                "last_seen": item.received_at, "last_state": None, "variant_id": m.variant_id,
+                "base_version": m.base_version, "bytes_in": 0, "patches": 0, "holdout_acc": None})
+            d["last_seen"] = max(d["last_seen"], item.received_at)
+            d["bytes_in"] += item.nbytes
+            d["variant_id"], d["base_version"] = m.variant_id, m.base_version
+            p = m.payload
+            if isinstance(p, PatchUpdate):
+                if m.content_hash in patch_msgs:
+                    result.duplicates += 1
+                    continue
+                patch_msgs[m.content_hash] = m
+                phi = np.ascontiguousarray(p.phi, dtype=PHI_DTYPE)
+                patch_rows.append({
+                    "fleet": m.fleet, "device_id": m.device_id, "base_version": m.base_version,
+                    "variant_id": m.variant_id, "seq": m.seq, "content_hash": m.content_hash,
+                    "phi": phi.tobytes(), "k": int(phi.size), "steps": p.steps, "samples": p.samples,
+                    "holdout_acc": p.holdout_acc, "loss": p.loss, "sent_at": m.sent_at,
+                    "received_at": item.received_at})
+                d["holdout_acc"] = p.holdout_acc
+            elif isinstance(p, Metrics):
+                metric_rows.extend({"fleet": m.fleet, "device_id": m.device_id, "name": name, "value": value,
+                                    "t": m.sent_at, "content_hash": m.content_hash}
+                                   for name, value in p.values.items())
+            elif isinstance(p, DeviceState):
+                d["last_state"] = p.state
+            else:
+                raise TypeError(f"the store does not keep {m.kind!r} messages")
+        with self.engine.begin() as conn:
+            if patch_rows:
+                stmt = self._insert(self.t["patches"]).on_conflict_do_nothing(index_elements=["content_hash"])
+                inserted = conn.execute(stmt.returning(self.t["patches"].c.content_hash), patch_rows)
+                new_hashes = {row[0] for row in inserted}
+                result.new_patches = [msg for h, msg in patch_msgs.items() if h in new_hashes]
+                result.duplicates += len(patch_rows) - len(new_hashes)
+                for m in result.new_patches:
+                    dev[(m.fleet, m.device_id)]["patches"] += 1
+            if metric_rows:
+                stmt = self._insert(self.t["metrics"]).on_conflict_do_nothing(
+                    index_elements=["content_hash", "name"])
+                conn.execute(stmt, metric_rows)
+            if dev:
+                self._upsert_devices(conn, list(dev.values()))
+            if rejects:
+                conn.execute(self.t["rejects"].insert(),
+                             [{"reason": r.reason, "topic": r.topic[:1000], "t": r.t, "detail": r.detail}
+                              for r in rejects])
+        result.stored = len(accepted) - result.duplicates
+        return result
+
+    def _upsert_devices(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        t = self.t["devices"]
+        stmt = self._insert(t)
+        ex = stmt.excluded
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["fleet", "device_id"],
+            set_={
+                "last_seen": func.max(t.c.last_seen, ex.last_seen) if self.dialect == "sqlite"
+                else func.greatest(t.c.last_seen, ex.last_seen),
+                "last_state": func.coalesce(ex.last_state, t.c.last_state),
+                "variant_id": ex.variant_id,
+                "base_version": ex.base_version,
+                "bytes_in": t.c.bytes_in + ex.bytes_in,
+                "patches": t.c.patches + ex.patches,
+                "holdout_acc": func.coalesce(ex.holdout_acc, t.c.holdout_acc),
+            })
+        # Sorted so concurrent workers lock device rows in the same order (no deadlocks on PostgreSQL).
+        conn.execute(stmt, sorted(rows, key=lambda r: (r["fleet"], r["device_id"])))
+
+    def add_bundle(self, version: str, manifest_sha256: str, reference: str, *,
+                   created_at: float | None = None) -> bool:
+        """Register a bundle version; False if that version is already registered (unchanged)."""
+        stmt = self._insert(self.t["bundles"]).on_conflict_do_nothing(index_elements=["version"])
+        with self.engine.begin() as conn:
+            res = conn.execute(stmt, {"version": version, "manifest_sha256": manifest_sha256,
+                                      "reference": reference,
+                                      "created_at": time.time() if created_at is None else created_at})
+            return bool(res.rowcount)
+
+    def mark_announced(self, version: str, t: float | None = None) -> None:
+        with self.engine.begin() as conn:
+            res = conn.execute(update(self.t["bundles"]).where(self.t["bundles"].c.version == version)
+                               .values(announced_at=time.time() if t is None else t))
+            if res.rowcount != 1:
+                raise KeyError(f"bundle version {version!r} is not registered")
+
+    # ---------------------------------------------------------------------------------------------- reads
+
+    def latest_patches(self, base_version: str | None = None, fleet: str | None = None
+                       ) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+        """Each device's newest patch (highest seq; ties by arrival) -> (phi float32[k], metadata)."""
+        p = self.t["patches"]
+        rank = func.row_number().over(partition_by=(p.c.fleet, p.c.device_id),
+                                      order_by=(p.c.seq.desc(), p.c.id.desc())).label("rank")
+        inner = select(p, rank)
+        if base_version is not None:
+            inner = inner.where(p.c.base_version == base_version)
+        if fleet is not None:
+            inner = inner.where(p.c.fleet == fleet)
+        sub = inner.subquery()
+        out: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
+        with self.engine.connect() as conn:
+            for row in conn.execute(select(sub).where(sub.c.rank == 1).order_by(sub.c.device_id)).mappings():
+                phi = np.frombuffer(row["phi"], dtype=PHI_DTYPE).astype(np.float32)
+                if phi.size != row["k"]:
+                    raise ValueError(f"stored phi of {row['device_id']} has {phi.size} floats, k={row['k']}")
+                meta = {k: row[k] for k in ("fleet", "base_version", "variant_id", "seq", "content_hash",
+                                            "steps", "samples", "holdout_acc", "loss", "sent_at", "received_at")}
+                out[row["device_id"]] = (phi, meta)
+        return out
+
+    def devices(self, fleet: str | None = None) -> list[dict[str, Any]]:
+        t = self.t["devices"]
+        q = select(t).order_by(t.c.fleet, t.c.device_id)
+        if fleet is not None:
+            q = q.where(t.c.fleet == fleet)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def patch_hashes(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(select(self.t["patches"].c.content_hash))]
+
+    def patch_seqs(self, device_id: str) -> list[int]:
+        p = self.t["patches"]
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(select(p.c.seq).where(p.c.device_id == device_id).order_by(p.c.seq))]
+
+    def rejects(self, limit: int = 1000) -> list[dict[str, Any]]:
+        t = self.t["rejects"]
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(t).order_by(t.c.id).limit(limit)).mappings()]
+
+    def metric_values(self, device_id: str, name: str) -> list[tuple[float, float]]:
+        t = self.t["metrics"]
+        q = select(t.c.t, t.c.value).where(t.c.device_id == device_id, t.c.name == name).order_by(t.c.t)
+        with self.engine.connect() as conn:
+            return [(float(a), float(b)) for a, b in conn.execute(q)]
+
+    def latest_bundle(self) -> dict[str, Any] | None:
+        t = self.t["bundles"]
+        with self.engine.connect() as conn:
+            row = conn.execute(select(t).order_by(t.c.created_at.desc(), t.c.version.desc()).limit(1)).mappings().first()
+        return dict(row) if row else None
+
+    def bundles(self) -> list[dict[str, Any]]:
+        t = self.t["bundles"]
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(t).order_by(t.c.created_at)).mappings()]
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return {name: int(conn.execute(select(func.count()).select_from(t)).scalar_one())
+                    for name, t in self.t.items()}
+
+    def count(self, table: str) -> int:
+        if table not in self.t:
+            raise KeyError(f"no table {table!r}; tables: {sorted(self.t)}")
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(self.t[table])).scalar_one())
+

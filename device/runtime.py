@@ -1,0 +1,190 @@
+"""The long-running device: active bundle, local data, patch trainer, MQTT link, bundle updates.
+
+Work that arrives on the MQTT thread (a bundle announcement) is only queued there; the main loop
+fetches, verifies and switches between rounds, so a slow download never blocks the network loop and a
+bad bundle never replaces the last good one.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepatch.protocol.bundle import ActiveBundleStore, Bundle
+from edgepatch.protocol.manifest import BundleError
+from edgepatch.protocol.messages import BundleAnnouncement, Message, PatchUpdate
+from edgepatch.protocol.shards import read_shards
+
+from .engine import open_engine
+from .profile import DeviceProfile
+from .resources import ResourceMonitor
+from .selector import VariantSelector
+from .state import DeviceStateStore
+from .trainer import LocalData, PatchTrainer, RoundReport
+
+log = logging.getLogger("edgepatch.device.runtime")
+MAX_BUNDLE_BYTES = 256 * 2**20
+
+
+@dataclass
+class DeviceConfig:
+    device_id: str
+    profile: DeviceProfile
+    state_dir: Path
+    data_dir: Path
+    fleet: str = "default"
+    runtime: str | None = None  # default: the profile's runtime
+    broker: str | None = None  # mqtt://host:port; None = offline (no link)
+    holdout_fraction: float = 0.25
+    seed: int = 0
+    adaptive: bool = True  # DISTREAL variant selection; False = always the full variant
+
+
+def parse_broker(url: str) -> tuple[str, int]:
+    parsed = urllib.parse.urlparse(url if "://" in url else f"mqtt://{url}")
+    if parsed.scheme not in ("mqtt", "mqtts", "tcp") or not parsed.hostname:
+        raise ValueError(f"broker {url!r}: expected mqtt://host:port")
+    return parsed.hostname, parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
+
+
+def load_local_data(data_dir: Path, bundle: Bundle, holdout_fraction: float) -> LocalData:
+    """Every readable shard of `data_dir` (bad shards are logged and skipped, never fatal)."""
+    manifest = bundle.manifest
+    x, y, t = read_shards(data_dir, tuple(manifest.input.shape), manifest.labels.num_classes, skip_bad=True)
+    return LocalData.split(x, y, t, holdout_fraction)
+
+
+class DeviceRuntime:
+    def __init__(self, cfg: DeviceConfig, bundle_path: Path | None = None) -> None:
+        self.cfg = cfg
+        self.runtime = cfg.runtime or cfg.profile.runtime
+        self.bundles = ActiveBundleStore(cfg.state_dir / "bundles")
+        if bundle_path is not None:
+            self._install_local(bundle_path)
+        bundle = self.bundles.current()
+        if bundle is None:
+            raise BundleError(f"no bundle installed in {cfg.state_dir}; pass --bundle")
+        self.announcements: queue.Queue[Message] = queue.Queue()
+        self.link: Any = None
+        self._activate(bundle)
+        if cfg.broker:
+            self._start_link()
+
+    # -- bundles ---------------------------------------------------------------------------------
+    def _install_local(self, path: Path) -> None:
+        try:
+            self.bundles.install(path)
+        except BundleError as exc:
+            if self.bundles.current_version() is None:
+                raise
+            log.error("bundle %s refused, keeping the installed one: %s", path, exc)
+
+    def _activate(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self.data = load_local_data(self.cfg.data_dir, bundle, self.cfg.holdout_fraction)
+        engine = open_engine(bundle, self.runtime, self.cfg.profile.threads)
+        rows = [row.to_dict() for row in bundle.manifest.variants]
+        runtime_rows = [r for r in rows if self.runtime in r.get("train_ms", {})]
+        selector = VariantSelector(runtime_rows, self.cfg.profile) if (self.cfg.adaptive and runtime_rows) else None
+        self.trainer = PatchTrainer(bundle, engine, DeviceStateStore(self.cfg.state_dir / "state"), self.data,
+                                    selector=selector, resources=ResourceMonitor(self.cfg.profile),
+                                    seed=self.cfg.seed)
+        if self.link is not None:
+            self.link.base_version = bundle.base_version
+        log.info("active bundle %s (base %s), %d train / %d holdout samples, runtime %s",
+                 bundle.version[:12], bundle.base_version[:12], len(self.data.train_x),
+                 len(self.data.holdout_x), self.runtime)
+
+    def apply_announcement(self, ann: BundleAnnouncement) -> bool:
+        """Fetch the announced bundle by reference, verify it, switch to it. False = kept the old one."""
+        if ann.manifest_sha256 == self.bundle.version:
+            return False
+        tmp = Path(tempfile.mkdtemp(prefix="edgepatch-fetch-"))
+        try:
+            candidate = fetch_reference(ann.reference, tmp, min(MAX_BUNDLE_BYTES, ann.size + 1024))
+            installed = self.bundles.install(candidate, expected_version=ann.manifest_sha256)
+        except (BundleError, OSError, ValueError) as exc:
+            log.error("bundle %s refused, keeping %s: %s", ann.version, self.bundle.version[:12], exc)
+            return False
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._activate(installed)
+        return True
+
+    def poll_announcements(self) -> None:
+        while True:
+            try:
+                msg = self.announcements.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(msg.payload, BundleAnnouncement):
+                self.apply_announcement(msg.payload)
+
+    # -- link ------------------------------------------------------------------------------------
+    def _start_link(self) -> None:
+        from .link import DeviceLink, LinkSettings
+        from .outbox import Outbox
+
+        host, port = parse_broker(self.cfg.broker or "")
+        mqtt_cfg = self.cfg.profile.mqtt
+        settings = LinkSettings(
+            fleet=self.cfg.fleet, device_id=self.cfg.device_id, host=host, port=port,
+            protocol="mqttv5" if mqtt_cfg.protocol == "5" else "mqttv311",
+            client_id=mqtt_cfg.client_id(self.cfg.fleet, self.cfg.device_id), keepalive=mqtt_cfg.keepalive_s,
+            tls_ca=mqtt_cfg.tls.ca_file if mqtt_cfg.tls else None,
+            tls_cert=mqtt_cfg.tls.cert_file if mqtt_cfg.tls else None,
+            tls_key=mqtt_cfg.tls.key_file if mqtt_cfg.tls else None,
+            username=mqtt_cfg.username, password=mqtt_cfg.password())
+        outbox = Outbox(self.cfg.state_dir / "outbox.sqlite")
+        self.link = DeviceLink(settings, outbox, base_version=self.bundle.base_version,
+                               variant_id=self.trainer.state.variant_id, on_bundle=self.announcements.put)
+        self.link.start()
+
+    def stop(self) -> None:
+        if self.link is not None:
+            self.link.stop()
+
+    # -- rounds ----------------------------------------------------------------------------------
+    def run_round(self, steps: int, deadline_s: float | None = None) -> RoundReport:
+        self.poll_announcements()
+        before = self.trainer.holdout_accuracy()
+        report = self.trainer.train_round(steps, deadline_s)
+        report.holdout_acc_before, report.holdout_acc_after = before, self.trainer.holdout_accuracy()
+        if self.link is not None:
+            self.link.variant_id = self.trainer.state.variant_id
+            acc = report.holdout_acc_after
+            self.link.publish_patch(PatchUpdate(
+                phi=np.asarray(self.trainer.phi, np.float32), steps=self.trainer.state.step,
+                samples=len(self.data.train_x), holdout_acc=0.0 if np.isnan(acc) else acc,
+                loss=report.losses[-1] if report.losses else 0.0))
+            self.link.publish_metrics({"holdout_acc": 0.0 if np.isnan(acc) else acc,
+                                       "round_seconds": report.seconds, "steps": float(report.steps)})
+        return report
+
+
+def fetch_reference(reference: str, dest: Path, max_bytes: int) -> Path:
+    """Download (http/https) or copy (file:// or a path) a bundle archive or directory into `dest`."""
+    parsed = urllib.parse.urlparse(reference)
+    if parsed.scheme in ("http", "https"):
+        target = dest / (Path(parsed.path).name or "bundle.tar.gz")
+        with urllib.request.urlopen(reference, timeout=30) as resp, open(target, "wb") as out:  # noqa: S310
+            total = 0
+            while chunk := resp.read(1 << 16):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise ValueError(f"bundle at {reference} exceeds {max_bytes} bytes")
+                out.write(chunk)
+        return target
+    path = Path(urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else reference)
+    if not path.exists():
+        raise FileNotFoundError(f"bundle reference {reference} does not exist")
+    return path

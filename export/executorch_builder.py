@@ -1,0 +1,306 @@
+"""ExecuTorch programs (.pte) for the device: frozen inference, φ training and full-weight training.
+
+Programs (see docs/CONTRACTS.md "ExecuTorch programs"):
+- `build_inference_pte`: XNNPACK-delegated; W, Θ, θ̄ baked as constants; inputs `x` f32[B, …] and
+  `phi` f32[k] → logits f32[B, classes].
+- `build_train_phi_pte`: the only parameter is φ. Inputs `x` f32[B, …], `y` **int64**[B], then every
+  sliced parameter of the variant (roles base, bar, basis) in `param_infos` order. Outputs: loss f32[]
+  (first), logits, then the runtime's training tail (grad φ, φ). The device writes φ into the program's
+  parameter, runs, reads the gradient and applies `protocol.optim.adam_step` in numpy.
+- `build_train_full_pte`: parameters = the variant's sliced base params (no patch). Inputs `x`, `y`
+  int64. The device copies freshly sliced weights into the parameters, runs, reads the gradients.
+- `build_infer_variant_pte`: per-variant inference for benchmarks, sliced params **baked** (first_kept
+  or a given kept set), XNNPACK-delegated, so its time is the variant's real inference cost.
+
+Training programs are not delegated: every weight is a runtime input there, which XNNPACK cannot take
+as a convolution filter (measured: delegation gave no speed-up and a 5–10× slower export), and the
+partitioner would bake a trainable matmul weight as a constant (RUNTIME_FACTS). Convolutions in training
+programs are written as im2col (shifted slices) + bmm because the portable `convolution_backward`
+kernel was ≈ 3× slower (mnist_cnn, batch 32: ≈ 1.2 s vs ≈ 0.35 s per φ step). Average pooling is a
+reshape + mean because the portable runtime has no `avg_pool2d_backward` kernel. Both rewrites are
+checked against `export/torch_model.py::forward` in the tests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from edgepatch.export import torch_model
+from edgepatch.protocol.model_spec import LayerSpec, ModelSpec, PatchSpec, param_infos
+from edgepatch.protocol.variants import KeptSets, Variant, first_kept, slice_params
+
+DEFAULT_BATCH = 32
+LABEL_DTYPE = np.int64  # `y` of every training program
+
+
+class ExecuTorchExportError(RuntimeError):
+    """An ExecuTorch program that does not have the structure the device relies on."""
+
+
+def et_name(name: str) -> str:
+    """Parameter name inside a program ('.' is not allowed in torch attribute names)."""
+    return name.replace(".", "__")
+
+
+# -- export-friendly forward ----------------------------------------------------------------------
+
+
+def _pad(h: Tensor, pad: int) -> Tensor:
+    """Zero padding by concatenation: the backward of `constant_pad_nd` is a negative pad, which the
+    portable kernel rejects."""
+    if pad == 0:
+        return h
+    if h.dim() == 3:
+        z = h.new_zeros(h.shape[0], h.shape[1], pad)
+        return torch.cat([z, h, z], dim=2)
+    n, c, height, width = h.shape
+    z = h.new_zeros(n, c, pad, width)
+    h = torch.cat([z, h, z], dim=2)
+    z = h.new_zeros(n, c, height + 2 * pad, pad)
+    return torch.cat([z, h, z], dim=3)
+
+
+def _conv_im2col(layer: LayerSpec, h: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+    """conv1d/conv2d (symmetric padding kernel//2) as shifted strided slices + one batched matmul."""
+    w, b = params[f"{layer.name}.weight"], params[f"{layer.name}.bias"]
+    k, s, p = layer.kernel, layer.stride, layer.kernel // 2
+    out_ch = w.shape[0]
+    hp = _pad(h, p)
+    if h.dim() == 4:
+        n, c, height, width = h.shape
+        ho, wo = (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1
+        taps = [hp[:, :, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s] for i in range(k) for j in range(k)]
+        cols = torch.stack(taps, dim=2).reshape(n, c * k * k, ho * wo)  # (c, i, j) order = weight layout
+        out = torch.matmul(w.reshape(out_ch, -1), cols) + b.reshape(1, out_ch, 1)
+        return out.reshape(n, out_ch, ho, wo)
+    n, c, length = h.shape
+    lo = (length + 2 * p - k) // s + 1
+    cols = torch.stack([hp[:, :, i:i + s * (lo - 1) + 1:s] for i in range(k)], dim=2).reshape(n, c * k, lo)
+    return torch.matmul(w.reshape(out_ch, -1), cols) + b.reshape(1, out_ch, 1)
+
+
+def _avgpool_reshape(layer: LayerSpec, h: Tensor) -> Tensor:
+    """Non-overlapping average pooling (kernel == stride, floor) as crop + reshape + mean."""
+    k = layer.kernel
+    if h.dim() == 4:
+        n, c, height, width = h.shape
+        h2, w2 = height // k, width // k
+        return h[:, :, :h2 * k, :w2 * k].reshape(n, c, h2, k, w2, k).mean(dim=(3, 5))
+    n, c, length = h.shape
+    l2 = length // k
+    return h[:, :, :l2 * k].reshape(n, c, l2, k).mean(dim=3)
+
+
+def trainable_forward(spec: ModelSpec, patch: PatchSpec | None, params: Mapping[str, Tensor], x: Tensor,
+                      phi: Tensor | None = None) -> Tensor:
+    """`torch_model.forward` with conv and avgpool rewritten for the portable training kernels.
+
+    Every other layer and the patches are the reference code itself (`layer_forward`, `apply_patch`).
+    """
+    h = x
+    for layer in spec.layers:
+        if layer.kind in ("conv2d", "conv1d"):
+            h = _conv_im2col(layer, h, params)
+        elif layer.kind == "avgpool":
+            h = _avgpool_reshape(layer, h)
+        else:
+            h = torch_model.layer_forward(layer, h, params)
+        if patch is not None and phi is not None and layer.name in patch.layers:
+            h = torch_model.apply_patch(h, patch, params, layer.name, phi)
+    return h
+
+
+# -- modules that get exported --------------------------------------------------------------------
+
+
+class _FrozenInference(nn.Module):
+    """Inference with every weight a buffer (baked as a constant); φ is an input."""
+
+    def __init__(self, spec: ModelSpec, patch: PatchSpec | None, params: Mapping[str, np.ndarray]) -> None:
+        super().__init__()
+        self.spec, self.patch = spec, patch
+        self.names = list(param_infos(spec, patch))
+        for name in self.names:
+            self.register_buffer(et_name(name), torch.tensor(np.asarray(params[name], dtype=np.float32)))
+
+    def forward(self, x: Tensor, phi: Tensor) -> Tensor:
+        params = {name: getattr(self, et_name(name)) for name in self.names}
+        return torch_model.forward(self.spec, self.patch, params, x, phi if self.patch is not None else None)
+
+
+class _PhiTraining(nn.Module):
+    """φ is the only parameter; the variant's sliced params arrive as inputs in `names` order."""
+
+    def __init__(self, spec: ModelSpec, patch: PatchSpec) -> None:
+        super().__init__()
+        self.spec, self.patch = spec, patch
+        self.names = list(param_infos(spec, patch))
+        self.phi = nn.Parameter(torch.zeros(patch.k))
+
+    def forward(self, x: Tensor, y: Tensor, *sliced: Tensor) -> tuple[Tensor, Tensor]:
+        logits = trainable_forward(self.spec, self.patch, dict(zip(self.names, sliced)), x, self.phi)
+        return F.cross_entropy(logits, y), logits.detach()
+
+
+class _FullTraining(nn.Module):
+    """The variant's sliced base params are the parameters; no patch."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.names = list(param_infos(spec, None))
+        for name, info in param_infos(spec, None).items():
+            self.register_parameter(et_name(name), nn.Parameter(torch.zeros(info.shape)))
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        params = {name: getattr(self, et_name(name)) for name in self.names}
+        logits = trainable_forward(self.spec, None, params, x)
+        return F.cross_entropy(logits, y), logits.detach()
+
+
+# -- export helpers -------------------------------------------------------------------------------
+
+
+def _check_batch(batch: int) -> None:
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int (the program's fixed batch), got {batch!r}")
+
+
+def _example_x(spec: ModelSpec, batch: int) -> Tensor:
+    return torch.zeros(batch, *spec.input_shape)
+
+
+def _example_y(spec: ModelSpec, batch: int) -> Tensor:
+    return torch.arange(batch, dtype=torch.int64) % spec.num_classes
+
+
+def _lower_xnnpack(module: nn.Module, example: tuple[Tensor, ...]) -> bytes:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    ep = torch.export.export(module.eval(), example, strict=False)
+    program = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+    return bytes(program.buffer)
+
+
+def _trainable_targets(graph_signature: Any) -> set[str]:
+    from torch.export.graph_signature import OutputKind
+
+    return {spec.target for spec in graph_signature.output_specs if spec.kind == OutputKind.GRADIENT_TO_PARAMETER}
+
+
+def _export_training(module: nn.Module, example: tuple[Tensor, ...], intended: set[str]) -> bytes:
+    """Joint forward-backward export; raises unless exactly `intended` parameters get gradients."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+    from torch.export.experimental import _export_forward_backward
+
+    ep = torch.export.export(module, example, strict=False)
+    joint = _export_forward_backward(ep, joint_loss_index=0)
+    program = to_edge(joint, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch()
+    trained = _trainable_targets(program.exported_program().graph_signature)
+    if trained != intended:
+        raise ExecuTorchExportError(
+            f"trainable parameter set after export is {sorted(trained)}, intended {sorted(intended)} "
+            "(a partitioner or decomposition baked or added a parameter)")
+    return bytes(program.buffer)
+
+
+# -- public builders ------------------------------------------------------------------------------
+
+
+def build_inference_pte(spec: ModelSpec, patch: PatchSpec | None, params: Mapping[str, np.ndarray],
+                        batch: int = DEFAULT_BATCH) -> bytes:
+    """Frozen, XNNPACK-delegated inference: inputs x f32[batch, …], phi f32[k] → logits."""
+    _check_batch(batch)
+    missing = [n for n in param_infos(spec, patch) if n not in params]
+    if missing:
+        raise ValueError(f"params miss {missing[:5]} for model {spec.name!r}")
+    k = patch.k if patch is not None else 1
+    return _lower_xnnpack(_FrozenInference(spec, patch, params), (_example_x(spec, batch), torch.zeros(k)))
+
+
+def build_infer_variant_pte(spec: ModelSpec, patch: PatchSpec | None, variant: Variant,
+                            params: Mapping[str, np.ndarray], batch: int = DEFAULT_BATCH,
+                            kept: KeptSets | None = None) -> bytes:
+    """A variant's inference program with its sliced params **baked** (XNNPACK), for timing it.
+
+    `kept` defaults to `first_kept` (nested widths). Inputs x, phi → logits, like `build_inference_pte`.
+    """
+    small = variant.spec(spec)
+    kept = first_kept(spec, variant) if kept is None else kept
+    sliced = slice_params(params, param_infos(spec, patch), kept)
+    return build_inference_pte(small, patch, sliced, batch)
+
+
+def build_train_phi_pte(spec: ModelSpec, patch: PatchSpec, variant: Variant, batch: int = DEFAULT_BATCH) -> bytes:
+    """φ training program of one variant: inputs x, y (int64), sliced params → loss first; grad φ out."""
+    _check_batch(batch)
+    small = variant.spec(spec)
+    infos = param_infos(small, patch)
+    example_params = tuple(torch.zeros(info.shape) for info in infos.values())
+    example = (_example_x(small, batch), _example_y(small, batch), *example_params)
+    return _export_training(_PhiTraining(small, patch), example, {"phi"})
+
+
+def build_train_full_pte(spec: ModelSpec, variant: Variant, batch: int = DEFAULT_BATCH) -> bytes:
+    """Full-weight training program of one variant: parameters = sliced base params; inputs x, y (int64)."""
+    _check_batch(batch)
+    small = variant.spec(spec)
+    intended = {et_name(n) for n in param_infos(small, None)}
+    return _export_training(_FullTraining(small), (_example_x(small, batch), _example_y(small, batch)), intended)
+
+
+def phi_input_names(spec: ModelSpec, patch: PatchSpec, variant: Variant) -> list[str]:
+    """Order of the sliced-param inputs of `build_train_phi_pte` (after x and y)."""
+    return list(param_infos(variant.spec(spec), patch))
+
+
+# -- benchmark ------------------------------------------------------------------------------------
+
+
+def _median_ms(fn: Callable[[], object], reps: int) -> float:
+    fn()  # warm-up (first run allocates and, for training programs, exposes the parameters)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return float(np.median(times))
+
+
+def benchmark_variants(spec: ModelSpec, patch: PatchSpec, variants: Sequence[Variant],
+                       params: Mapping[str, np.ndarray], batch: int = DEFAULT_BATCH, reps: int = 10,
+                       seed: int = 0) -> dict[str, dict[str, float]]:
+    """Median ms per variant of one train_full step, one train_phi step and one inference (batch `batch`).
+
+    Exports three programs per variant (several seconds each). Inference uses the baked
+    `build_infer_variant_pte`; training times include the numpy-free runtime call only.
+    """
+    from edgepatch.device.backends.executorch import ExecuTorchFullTrainer, ExecuTorchInference, ExecuTorchPhiTrainer
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, *spec.input_shape)).astype(np.float32)
+    y = rng.integers(0, spec.num_classes, size=batch).astype(LABEL_DTYPE)
+    phi = np.zeros(patch.k, np.float32)
+    infos_patch, infos_base = param_infos(spec, patch), param_infos(spec, None)
+    results: dict[str, dict[str, float]] = {}
+    for variant in variants:
+        kept = first_kept(spec, variant)
+        sliced = slice_params(params, infos_patch, kept)
+        sliced_base = slice_params(params, infos_base, kept)
+        full = ExecuTorchFullTrainer(build_train_full_pte(spec, variant, batch))
+        train_phi = ExecuTorchPhiTrainer(build_train_phi_pte(spec, patch, variant, batch))
+        infer = ExecuTorchInference(build_infer_variant_pte(spec, patch, variant, params, batch, kept))
+        results[variant.id] = {
+            "train_full_ms": _median_ms(lambda: full.grads(x, y, sliced_base), reps),
+            "train_phi_ms": _median_ms(lambda: train_phi.grad(x, y, phi, sliced), reps),
+            "infer_ms": _median_ms(lambda: infer.infer(x, phi), reps),
+        }
+    return results
