@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
 from edgepatch.protocol.model_spec import ModelSpec, PatchSpec, param_infos
 from edgepatch.protocol.params import Params, init_params, write_atomic
 from edgepatch.protocol.variants import (

@@ -43,11 +43,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
 from edgepatch.protocol.messages import MAX_MESSAGE_BYTES, Message, MessageError, decode
 from edgepatch.protocol.params import write_atomic
 from edgepatch.protocol.topics import PREFIX, Channel, check_name, shared_filter
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from .metrics import CloudMetrics
 from .store import PatchStore, Received, Reject
@@ -168,7 +169,7 @@ class IngestService:
         s = self.settings
         client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                              client_id=s.resolved_client_id, protocol=_PAHO_PROTOCOL[s.protocol],
-                             clean_session=None if self._v5 else False, manual_ack=True)
+                             clean_session=None if self._v5 else False, manual_ack=False)
         if s.tls_ca or s.tls_cert:
             client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key)
         if s.username is not None:

@@ -17,14 +17,14 @@ SQLite with synchronous=FULL (one fsync per batch, not per message). Inserts use
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edgepatch.protocol.messages import DeviceState, Message, Metrics, PatchUpdate
 from sqlalchemy import (
     Column,
     Engine,
@@ -45,6 +45,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
+
+from edgepatch.protocol.messages import DeviceState, Message, Metrics, PatchUpdate
 
 PHI_DTYPE = "<f4"
 
@@ -142,9 +144,9 @@ def _tables(prefix: str) -> tuple[MetaData, dict[str, Table]]:
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    # Autocommit at the driver level; SQLAlchemy's "begin" hook below issues BEGIN IMMEDIATE, so a write
-    # transaction takes the write lock up front and concurrent writers queue on busy_timeout instead of
-    # failing on a read->write lock upgrade.
+    # Autocommit at the driver level; for writes SQLAlchemy's "begin" hook below issues BEGIN IMMEDIATE, so
+    # a write transaction takes the write lock up front and concurrent writers queue on busy_timeout
+    # instead of failing on a read->write lock upgrade.
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -154,7 +156,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # Reads run in driver autocommit (WAL readers never block); writes take the lock up front.
+    if conn.info.get("write"):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def sqlite_url(path: str | Path) -> str:
@@ -179,6 +183,7 @@ class PatchStore:
         if table_prefix and not table_prefix.replace("_", "").isalnum():
             raise ValueError(f"table_prefix {table_prefix!r} must be letters, digits and '_'")
         self.url = parsed.render_as_string(hide_password=True)
+        self.table_prefix = table_prefix
         self.engine: Engine = create_engine(parsed, echo=echo, future=True,
                                             **({"connect_args": {"timeout": 30}} if self.dialect == "sqlite"
                                                else {"pool_pre_ping": True}))
@@ -188,6 +193,16 @@ class PatchStore:
         self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
         self.metadata, self.t = _tables(table_prefix)
         self.metadata.create_all(self.engine)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            conn.info["write"] = True
+            try:
+                with conn.begin():
+                    yield conn
+            finally:
+                conn.info.pop("write", None)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -248,7 +263,7 @@ class PatchStore:
                 d["last_state"] = p.state
             else:
                 raise TypeError(f"the store does not keep {m.kind!r} messages")
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             if patch_rows:
                 stmt = self._insert(self.t["patches"]).on_conflict_do_nothing(index_elements=["content_hash"])
                 inserted = conn.execute(stmt.returning(self.t["patches"].c.content_hash), patch_rows)
@@ -293,14 +308,14 @@ class PatchStore:
                    created_at: float | None = None) -> bool:
         """Register a bundle version; False if that version is already registered (unchanged)."""
         stmt = self._insert(self.t["bundles"]).on_conflict_do_nothing(index_elements=["version"])
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             res = conn.execute(stmt, {"version": version, "manifest_sha256": manifest_sha256,
                                       "reference": reference,
                                       "created_at": time.time() if created_at is None else created_at})
             return bool(res.rowcount)
 
     def mark_announced(self, version: str, t: float | None = None) -> None:
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             res = conn.execute(update(self.t["bundles"]).where(self.t["bundles"].c.version == version)
                                .values(announced_at=time.time() if t is None else t))
             if res.rowcount != 1:

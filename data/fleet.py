@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgepatch.protocol.shards import write_shard
 
 from .datasets import Dataset

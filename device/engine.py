@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 import numpy as np
+
 from edgepatch.protocol.bundle import Bundle
 from edgepatch.protocol.manifest import BundleError
 from edgepatch.protocol.optim import adam_step

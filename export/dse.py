@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from edgepatch.protocol.model_spec import ModelSpec, PatchSpec, SpecError, param_infos
 from edgepatch.protocol.optim import AdamConfig, adam_step
 from edgepatch.protocol.params import Params, check_params
@@ -373,31 +374,32 @@ ROW_KEYS = ("id", "keep", "widths", "flops_ratio", "train_ms", "infer_ms", "memo
 
 
 def validate_row(row: Mapping[str, Any], spec: ModelSpec) -> None:
-    """Raise ValueError naming the first field of a variant-table row that breaks the contract."""
+    """Raise ValueError naming the first field of a variant-table row that breaks the contract.
+
+    The bundle's own check (protocol.manifest.VariantRow) first, then what the DSE promises on top:
+    every key present, a ratio for every droppable layer, the id derived from the keep rates,
+    measured times > 0, a convergence value and a bool pareto flag.
+    """
+    from edgepatch.protocol.manifest import VariantRow
+
     missing = [k for k in ROW_KEYS if k not in row]
     if missing:
         raise ValueError(f"variant row misses {missing}")
+    ctx = f"variant {row['id']!r}"
+    VariantRow.from_dict(dict(row), ctx).validate_against(spec, ctx)
     layers = spec.droppable_layers()
-    keep = row["keep"]
-    if set(keep) != set(layers) or not all(0.0 < float(r) <= 1.0 for r in keep.values()):
-        raise ValueError(f"row {row['id']!r}: keep {keep} must give a ratio in (0, 1] for each of {layers}")
-    if row["id"] != variant_id(keep, layers):
-        raise ValueError(f"row id {row['id']!r} does not match its keep rates ({variant_id(keep, layers)})")
-    widths = Variant(row["id"], dict(keep)).widths(spec)
-    if dict(row["widths"]) != widths:
-        raise ValueError(f"row {row['id']!r}: widths {row['widths']} != {widths} implied by keep")
-    if not 0.0 < float(row["flops_ratio"]) <= 1.0:
-        raise ValueError(f"row {row['id']!r}: flops_ratio {row['flops_ratio']} not in (0, 1]")
+    if set(row["keep"]) != set(layers):
+        raise ValueError(f"{ctx}: keep names {sorted(row['keep'])}, the DSE sets all of {layers}")
+    if row["id"] != variant_id(row["keep"], layers):
+        raise ValueError(f"{ctx}: id does not match its keep rates ({variant_id(row['keep'], layers)})")
     for key in ("train_ms", "infer_ms"):
         for runtime, ms in row[key].items():
-            if not isinstance(runtime, str) or not (math.isfinite(float(ms)) and float(ms) > 0):
-                raise ValueError(f"row {row['id']!r}: {key}[{runtime!r}] = {ms} is not a positive time")
-    if not (isinstance(row["memory_bytes"], int) and row["memory_bytes"] > 0):
-        raise ValueError(f"row {row['id']!r}: memory_bytes must be a positive int")
-    if not math.isfinite(float(row["convergence"])):
-        raise ValueError(f"row {row['id']!r}: convergence {row['convergence']} is not finite")
+            if not float(ms) > 0:
+                raise ValueError(f"{ctx}: {key}[{runtime!r}] = {ms} is not a positive time")
+    if row["convergence"] is None or not math.isfinite(float(row["convergence"])):
+        raise ValueError(f"{ctx}: convergence {row['convergence']} is not finite")
     if not isinstance(row["pareto"], bool):
-        raise ValueError(f"row {row['id']!r}: pareto must be a bool")
+        raise ValueError(f"{ctx}: pareto must be a bool")
 
 
 def non_dominated(objectives: np.ndarray) -> np.ndarray:
@@ -406,16 +408,17 @@ def non_dominated(objectives: np.ndarray) -> np.ndarray:
     le = (f[:, None, :] <= f[None, :, :]).all(axis=2)  # le[i, j]: i is no worse than j everywhere
     lt = (f[:, None, :] < f[None, :, :]).any(axis=2)
     dominated_by = le & lt  # [i, j]: i dominates j
-    return ~dominated_by.any(axis=0)
+    return np.asarray(~dominated_by.any(axis=0), dtype=bool)
 
 
 def _correlations(xs: Sequence[float], ys: Sequence[float]) -> tuple[float | None, float | None]:
     a, b = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
     if len(a) < 3 or a.std() == 0 or b.std() == 0:
         return None, None
+    from scipy.stats import rankdata  # scipy comes with scikit-learn (export extra)
+
     pearson = float(np.corrcoef(a, b)[0, 1])
-    ranks = [np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(np.float64) for v in (a, b)]
-    spearman = float(np.corrcoef(*ranks)[0, 1])
+    spearman = float(np.corrcoef(rankdata(a), rankdata(b))[0, 1])  # average ranks: ties count fairly
     return pearson, spearman
 
 
@@ -433,6 +436,11 @@ class GenerationReport:
     evaluated: int  # distinct variants so far
     front: list[tuple[str, float, float]]  # (id, cost, convergence) of the current front, cheapest first
     seconds: float
+
+    def __str__(self) -> str:
+        front = ", ".join(f"{vid} ({cost:.3g}, {loss:.3f})" for vid, cost, loss in self.front)
+        return (f"generation {self.generation}/{self.generations}: {self.new_variants} new, "
+                f"{self.cache_hits} cached, {self.evaluated} evaluated, {self.seconds:.1f} s; front: {front}")
 
 
 class _Evaluator:

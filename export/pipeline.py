@@ -7,6 +7,7 @@ tests can run any part of it; `export_bundle` runs them all.
 from __future__ import annotations
 
 import json
+import tempfile
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -115,11 +116,10 @@ def choose_variants(spec: ModelSpec, base: Params, opts: ExportOptions, out: Pat
         rows = [VariantRow(**row) for row in result.pareto_rows()]
         return rows, {"dse": result.to_dict(), "dse_png": str(png)}
     variants = parse_variants(opts.variants, spec)
-    data = dse._check_data(spec, x, y, opts.batch, dse.TrainConfig())
     rows = []
     for variant in variants:
-        losses = dse.convergence(spec, base, variant, data, seeds=opts.dse_seeds, steps=opts.dse_steps,
-                                 batch=opts.batch, cfg=dse.TrainConfig())
+        losses = dse.convergence(spec, base, variant, x, y, seeds=opts.dse_seeds, step_budget=opts.dse_steps,
+                                 batch=opts.batch)
         rows.append(VariantRow.for_variant(spec, variant, convergence=float(np.mean(losses)), pareto=True,
                                            memory_bytes=dse.param_bytes(spec, variant)))
         log(f"  variant {variant.id}: convergence loss {np.mean(losses):.3f}")

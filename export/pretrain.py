@@ -32,7 +32,7 @@ def pretrain_base(spec: ModelSpec, x: np.ndarray, y: np.ndarray, *, epochs: int 
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         if progress is not None:
             progress(epoch + 1, total / len(x))
     return {n: t.detach().numpy().copy() for n, t in net.param_dict().items()}

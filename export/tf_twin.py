@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import tensorflow as tf
+
 from edgepatch.protocol.model_spec import LayerSpec, ModelSpec, PatchSpec
 
 NORM_EPS = 1e-5  # same as export/torch_model.py

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
+
 from edgepatch.device.backends.litert import FLEX_PREFIX, model_op_names
 from edgepatch.export import tf_twin
 from edgepatch.protocol.model_spec import ModelSpec, PatchSpec, SpecError, param_infos

@@ -145,3 +145,33 @@ def mosquitto_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosq
         yield broker
     finally:
         broker.kill()
+
+
+# -- bundles and device data shared by the device, cloud and end-to-end tests -------------------------
+
+@pytest.fixture(scope="session")
+def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real exported bundle (LiteRT programs, a full and a 50 % variant) of the digits reference CNN."""
+    from edgepatch.export.pipeline import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "digits"
+    export_bundle(ExportOptions(variants="1,0.5", runtimes=("litert",), pretrain_epochs=8, dse_steps=5,
+                                dse_seeds=(0,)), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shifted_digits_devices(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Shard directories of 3 devices whose digits carry a per-device gain/offset and pixel permutation."""
+    from edgepatch.data.datasets import load_digits
+    from edgepatch.data.fleet import base_split, make_fleet, write_device_timeline
+
+    root = tmp_path_factory.mktemp("devices")
+    _, device_part = base_split(load_digits(), fraction=0.5, seed=0)
+    fleet = make_fleet(device_part, 3, alpha=1.0, shift="gain_offset", tail="uniform", seed=3,
+                       shift_strength=2.0)
+    dirs = {}
+    for device in fleet:
+        dirs[device.device_id] = root / device.device_id
+        write_device_timeline(device, dirs[device.device_id])
+    return dirs

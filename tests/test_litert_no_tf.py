@@ -88,6 +88,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 def _train_base(spec, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
     import torch
     import torch.nn.functional as F
+
     from edgepatch.export import torch_model
     from edgepatch.protocol.params import init_params
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from edgepatch.device.backends.litert import LiteRTError, LiteRTProgram, model_op_names
 from edgepatch.export import tflite_builder, torch_model
 from edgepatch.export.reference_models import REFERENCE_MODELS, default_patch

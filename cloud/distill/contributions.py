@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from edgepatch.protocol.model_spec import ModelSpec, PatchSpec
 
 DATA_MODES = ("samples", "teacher_outputs", "proxy")

@@ -16,17 +16,22 @@ import torch
 from torch import Tensor
 
 EncoderParams = dict[str, np.ndarray]
-ENCODER_KEYS = ("encoder.fc1.weight", "encoder.fc1.bias", "encoder.fc2.weight", "encoder.fc2.bias")
+ENCODER_KEYS = ("encoder.fc1.weight", "encoder.fc1.bias", "encoder.fc2.weight", "encoder.fc2.bias",
+                "encoder.profile_mean", "encoder.profile_scale")
 
 
 def encoder_input_size(k: int, profile_size: int) -> int:
     return k + 1 + profile_size
 
 
-def init_encoder(k: int, profile_size: int, hidden: int, seed: int) -> EncoderParams:
+def init_encoder(k: int, profiles: np.ndarray, hidden: int, seed: int) -> EncoderParams:
+    """`profiles` (devices × features) fixes the input standardization: histograms and input statistics
+    live on very different scales, and a handful of devices must be enough to learn from."""
     rng = np.random.default_rng([seed, 0xE4C])
-    n_in = encoder_input_size(k, profile_size)
+    n_in = encoder_input_size(k, profiles.shape[1])
     return {
+        "encoder.profile_mean": profiles.mean(axis=0).astype(np.float32),
+        "encoder.profile_scale": np.maximum(profiles.std(axis=0), 0.05).astype(np.float32),
         "encoder.fc1.weight": rng.normal(0.0, np.sqrt(2.0 / n_in), (hidden, n_in)).astype(np.float32),
         "encoder.fc1.bias": np.zeros(hidden, np.float32),
         "encoder.fc2.weight": np.zeros((k, hidden), np.float32),  # φ̂ = φ at the start (see module doc)
@@ -41,6 +46,7 @@ def encoder_features(phi: Tensor | None, profile: Tensor, k: int) -> Tensor:
 
 
 def encoder_forward(weights: Mapping[str, Tensor], phi: Tensor | None, profile: Tensor, k: int) -> Tensor:
+    profile = (profile - weights["encoder.profile_mean"]) / weights["encoder.profile_scale"]
     z = encoder_features(phi, profile, k)
     h = torch.clamp_min(weights["encoder.fc1.weight"] @ z + weights["encoder.fc1.bias"], 0.0)
     out = weights["encoder.fc2.weight"] @ h + weights["encoder.fc2.bias"]
@@ -54,7 +60,7 @@ def encode_phi(encoder: Mapping[str, np.ndarray], profile: np.ndarray, phi: np.n
     if missing:
         raise ValueError(f"encoder weights missing {missing}")
     k = encoder["encoder.fc2.bias"].shape[0]
-    expected = encoder["encoder.fc1.weight"].shape[1] - k - 1
+    expected = encoder["encoder.profile_mean"].shape[0]
     profile = np.asarray(profile, np.float32)
     if profile.shape != (expected,):
         raise ValueError(f"profile has shape {profile.shape}, the encoder expects ({expected},)")

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from edgepatch.export.torch_model import forward
 from edgepatch.protocol.model_spec import ModelSpec, PatchSpec
-from torch import Tensor
 
 from .encoder import encoder_forward
 
@@ -166,9 +167,10 @@ def distill_patches(spec: ModelSpec, patch: PatchSpec, state: PatchDistillState,
     if trainable:
         groups.append({"params": trainable, "lr": lr_patch})
     if state.encoder is not None:
-        for key in state.encoder:
+        learned = [key for key in state.encoder if ".fc" in key]  # the standardization stays fixed
+        for key in learned:
             state.encoder[key] = state.encoder[key].detach().clone().requires_grad_(True)
-        groups.append({"params": list(state.encoder.values()), "lr": lr_encoder})
+        groups.append({"params": [state.encoder[key] for key in learned], "lr": lr_encoder})
     if not groups:
         raise ValueError("step 2 has nothing to train (no patch parameters and no encoder)")
     opt = torch.optim.Adam(groups)  # type: ignore[arg-type]

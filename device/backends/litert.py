@@ -16,7 +16,7 @@ import numpy as np
 try:  # ai-edge-litert is the maintained runtime; tflite-runtime 2.14 (numpy < 2) runs the same programs
     from ai_edge_litert.interpreter import Interpreter
 except ImportError:  # pragma: no cover - exercised only on devices with the old wheel
-    from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+    from tflite_runtime.interpreter import Interpreter
 
 FLEX_PREFIX = "Flex"  # TensorFlow ops that would need the (absent) Flex delegate are custom ops "Flex…"
 
