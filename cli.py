@@ -21,7 +21,10 @@ console = Console(stderr=True)
 def _mount_subapps() -> None:
     from edgepatch.device.cli import app as device_app
 
+    from edgepatch.cloud.cli import app as cloud_app
+
     app.add_typer(device_app, name="device")
+    app.add_typer(cloud_app, name="cloud")
 
 
 _mount_subapps()
@@ -139,6 +142,24 @@ def _print_bundle(path: Path) -> None:
         artifacts.add_row(name, entry.kind, f"{entry.bytes:,}", entry.sha256[:16])
     out.print(artifacts)
     out.print(f"total {info.get('total_bytes', sum(e.bytes for e in manifest.artifacts.values())):,} bytes")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("edgepatch-demo"), "--out", "-o", help="results, bundles, device state"),
+    model: str = typer.Option("digits_cnn"),
+    devices: int = typer.Option(8, help="device processes"),
+    rounds: int = typer.Option(2, help="train φ → upload → MoMoDistill → new bundle rounds"),
+    steps: int = typer.Option(120, help="φ steps per device per round"),
+    broker: str | None = typer.Option(None, help="mqtt://host:port (MQTT 5); default: embedded amqtt"),
+    variants: str = typer.Option("auto", help="'auto' (DSE) or keep ratios"),
+    seed: int = typer.Option(0),
+) -> None:
+    """The whole loop on embedded defaults: export, fleet trains, cloud distils, fleet updates; a report."""
+    from edgepatch.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(out=out, model=model, devices=devices, rounds=rounds, steps=steps, broker=broker,
+                         variants=variants, seed=seed))
 
 
 def main() -> None:

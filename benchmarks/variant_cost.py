@@ -6,8 +6,8 @@ every cell alike) and reported as medians, with the ratio to the full model and 
     python3 benchmarks/variant_cost.py                       # mnist_cnn, batch 32, 100/75/50/25 %
     python3 benchmarks/variant_cost.py --variants conv1=1.0,conv2=0.5 --reps 40 --out results/x.json
 
-Runtimes: LiteRT always. ExecuTorch joins when `edgepatch.device.backends.executorch` provides
-`benchmark_tasks(spec, patch, variants, params, batch, rng) -> {(variant_id, kind): callable}` with kind
+Runtimes: LiteRT always; ExecuTorch through `edgepatch.export.executorch_builder.benchmark_tasks(spec, patch,
+variants, params, batch, rng) -> {(variant_id, kind): callable}` (when executorch is installed), kind
 in {"train_full", "train_phi", "infer"}; each callable runs one step on prepared inputs.
 """
 
@@ -71,15 +71,11 @@ def litert_tasks(spec: ModelSpec, patch: PatchSpec, variants: Sequence[Variant],
 def executorch_factory() -> TaskFactory | None:
     """The ExecuTorch half, if its backend exposes `benchmark_tasks` (see the module docstring)."""
     try:
-        from edgepatch.device.backends import executorch
-    except Exception as exc:  # missing module or missing runtime: LiteRT numbers still stand
+        from edgepatch.export.executorch_builder import benchmark_tasks
+    except ImportError as exc:  # executorch not installed: the LiteRT numbers still stand
         print(f"[variant_cost] ExecuTorch skipped: {exc}", file=sys.stderr)
         return None
-    factory = getattr(executorch, "benchmark_tasks", None)
-    if factory is None:
-        print("[variant_cost] ExecuTorch skipped: device/backends/executorch.py has no benchmark_tasks()",
-              file=sys.stderr)
-    return factory
+    return benchmark_tasks
 
 
 def parse_variant(text: str, spec: ModelSpec) -> Variant:

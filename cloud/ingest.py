@@ -18,7 +18,9 @@ Delivery guarantee ("every acknowledged patch is in the store, no duplicates"):
 Throughput: messages are batched - one transaction (one fsync) per batch, then the batch's PUBACKs. A batch
 is flushed when it reaches `max_batch`, when its oldest message is `max_delay_s` old, when the broker's
 in-flight window is full (it will send no more until we ack) or when the socket has been quiet for
-`linger_s`. Everything runs on ONE thread (a hand-driven paho loop), so acks never race reconnects.
+`linger_s`. The paho loop is driven by hand on ONE thread, which also sends every ack, so acks never race
+reconnects; only the commit itself runs on a writer thread (one batch in flight), so the fsync of batch N
+overlaps receiving and validating batch N+1.
 
 Bad messages never crash the loop: each is logged with its `MessageError.reason`, counted in
 `edgepatch_ingest_rejects_total{reason}`, written to the `rejects` table and acknowledged (otherwise the
@@ -32,12 +34,14 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +55,7 @@ from edgepatch.protocol.params import write_atomic
 from edgepatch.protocol.topics import PREFIX, Channel, check_name, shared_filter
 
 from .metrics import CloudMetrics
-from .store import PatchStore, Received, Reject
+from .store import BatchResult, PatchStore, Received, Reject
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,7 @@ class IngestSettings:
     max_batch: int = 500
     max_delay_s: float = 0.02
     linger_s: float = 0.002
+    overlap_commit: bool = True  # commit batch N on the writer thread while receiving batch N+1
     max_message_bytes: int = MAX_MESSAGE_BYTES
     reconnect_min_delay: float = 0.2
     reconnect_max_delay: float = 10.0
@@ -155,6 +160,9 @@ class IngestService:
         self._subscribed = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending: list[_Pending] = []
+        self._in_flight: tuple[Future[tuple[BatchResult, float]], list[_Pending], list[Received],
+                               list[Reject]] | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1)
         self._oldest = 0.0
         self._generation = 0
         self._connected = False
@@ -169,7 +177,7 @@ class IngestService:
         s = self.settings
         client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                              client_id=s.resolved_client_id, protocol=_PAHO_PROTOCOL[s.protocol],
-                             clean_session=None if self._v5 else False, manual_ack=False)
+                             clean_session=None if self._v5 else False, manual_ack=True)
         if s.tls_ca or s.tls_cert:
             client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key)
         if s.username is not None:
@@ -221,6 +229,7 @@ class IngestService:
     def run_forever(self) -> None:
         """Process messages until `stop()` (or SIGTERM in `main`). Reconnects with exponential backoff."""
         delay = self.settings.reconnect_min_delay
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgepatch-ingest-commit")
         try:
             while not self._stop.is_set():
                 if not self._connected and self._client.socket() is None:
@@ -239,18 +248,24 @@ class IngestService:
                     continue
                 if self._connected:
                     delay = self.settings.reconnect_min_delay
-                if self._pending and self._flush_due(quiet=len(self._pending) == before):
+                self._poll_commit()
+                if self._pending and self._in_flight is None and self._flush_due(quiet=len(self._pending) == before):
                     self._flush()
         finally:
+            self._poll_commit(wait=True)
             self._flush()
+            self._poll_commit(wait=True)
             self._client.disconnect()
             # Let the DISCONNECT (and the last PUBACKs) leave the socket.
             for _ in range(3):
                 if self._client.loop(timeout=0.01) != mqtt.MQTT_ERR_SUCCESS:
                     break
             self._connected = False
+            self._writer.shutdown(wait=True)
 
     def _wait_time(self) -> float:
+        if self._in_flight is not None:
+            return 0.001  # poll the commit's completion; the socket wakes us earlier if data arrives
         if not self._pending:
             return 0.1
         age_left = self.settings.max_delay_s - (time.monotonic() - self._oldest)
@@ -268,7 +283,9 @@ class IngestService:
         self._connected = False
         self._subscribed.clear()
         # Commit what we have (the store dedupes the redeliveries); no acks: their packet ids are dead.
+        self._poll_commit(wait=True)
         self._flush()
+        self._poll_commit(wait=True)
         with contextlib.suppress(Exception):
             self._client.loop(timeout=0)  # lets paho close the socket so reconnect() starts clean
         if self._client.socket() is not None:
@@ -329,14 +346,35 @@ class IngestService:
     # ------------------------------------------------------------------------------------------ commit
 
     def _flush(self) -> None:
+        """Hand the pending batch to the writer thread (one commit in flight, so acks stay in order).
+
+        The commit (an fsync on SQLite) releases the GIL, so the loop keeps receiving and validating the
+        next batch meanwhile; the batch's PUBACKs are sent from this thread once the commit is done."""
         if not self._pending:
             return
+        if self._in_flight is not None:
+            self._poll_commit(wait=True)
         batch, self._pending = self._pending, []
         accepted = [p.item for p in batch if isinstance(p.item, Received)]
         rejects = [p.item for p in batch if isinstance(p.item, Reject)]
+        self._in_flight = (self._writer.submit(self._timed_commit, accepted, rejects), batch, accepted, rejects)
+        if not self.settings.overlap_commit:
+            self._poll_commit(wait=True)
+
+    def _timed_commit(self, accepted: list[Received], rejects: list[Reject]) -> tuple[BatchResult, float]:
         t0 = time.perf_counter()
+        result = self.store.commit_batch(accepted, rejects)
+        return result, time.perf_counter() - t0
+
+    def _poll_commit(self, wait: bool = False) -> None:
+        if self._in_flight is None:
+            return
+        future, batch, accepted, rejects = self._in_flight
+        if not wait and not future.done():
+            return
+        self._in_flight = None
         try:
-            result = self.store.commit_batch(accepted, rejects)
+            result, seconds = future.result()
         except Exception:
             # Nothing acknowledged: drop the connection so the broker redelivers the batch on reconnect.
             self.stats.commit_failures += 1
@@ -347,7 +385,7 @@ class IngestService:
                 self._connected = False
             self._stop.wait(self.settings.reconnect_min_delay)
             return
-        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+        self.metrics.batch_seconds.observe(seconds)
         self.metrics.batch_size.observe(len(batch))
         # Committed: now, and only now, acknowledge (on the connection the messages came in on).
         for p in batch:
@@ -410,18 +448,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client-id", default=None)
     ap.add_argument("--max-batch", type=int, default=500)
     ap.add_argument("--inflight-window", type=int, default=20)
+    ap.add_argument("--tls-ca", default=None)
+    ap.add_argument("--tls-cert", default=None)
+    ap.add_argument("--tls-key", default=None)
+    ap.add_argument("--username", default=None)
+    ap.add_argument("--password-env", default="EDGEPATCH_MQTT_PASSWORD",
+                    help="environment variable holding the MQTT password (never on the command line)")
     ap.add_argument("--ready-file", type=Path, default=None, help="written (atomically) once subscribed")
     ap.add_argument("--stats-file", type=Path, default=None, help="ingest stats as JSON, written on exit")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
 
+    # The loop thread does many short syscalls (each releases the GIL); with the default 5 ms switch
+    # interval every one of them can wait behind the writer thread's SQLAlchemy work. 0.5 ms measured
+    # ~25% more throughput draining a queue (1884 vs 1501 msg/s on a loaded 2-core box).
+    sys.setswitchinterval(0.0005)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     store = PatchStore(args.store, table_prefix=args.table_prefix)
     settings = IngestSettings(host=args.host, port=args.port, fleet=args.fleet, protocol=args.protocol,
                               group=args.group, worker=args.worker, client_id=args.client_id,
-                              max_batch=args.max_batch, inflight_window=args.inflight_window)
+                              max_batch=args.max_batch, inflight_window=args.inflight_window,
+                              tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                              username=args.username, password=os.environ.get(args.password_env))
     service = IngestService(store, settings)
     signal.signal(signal.SIGTERM, lambda *_: service._stop.set())  # noqa: SLF001
     signal.signal(signal.SIGINT, lambda *_: service._stop.set())  # noqa: SLF001

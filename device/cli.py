@@ -35,6 +35,8 @@ def run_cmd(
     steps: int | None = typer.Option(None, help="steps per round (default: the profile's budget)"),
     deadline: float | None = typer.Option(None, help="seconds per round (default: the profile's budget)"),
     interval: float = typer.Option(0.0, help="seconds to wait between rounds"),
+    await_bundle: float = typer.Option(0.0, help="after each round, wait up to this many seconds for the "
+                                       "cloud's next bundle (rounds in step with MoMoDistill)"),
     fixed_variant: bool = typer.Option(False, help="always train the full variant (no DISTREAL selection)"),
     log_level: str = typer.Option("INFO"),
 ) -> None:
@@ -64,6 +66,9 @@ def run_cmd(
                           f"({'met' if s['met_deadline'] else 'MISSED'} {deadline}s), variants {s['variants']}, "
                           f"loss {s['loss_first']:.3f}→{s['loss_last']:.3f}, holdout acc "
                           f"{s['holdout_acc_before']:.3f}→{s['holdout_acc_after']:.3f}")
+            if await_bundle and (rounds == 0 or done < rounds):
+                adopted = device.wait_for_new_bundle(await_bundle)
+                console.print(f"bundle {'adopted: ' + device.bundle.version[:12] if adopted else 'unchanged'}")
             if interval:
                 time.sleep(interval)
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ import logging
 import queue
 import shutil
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -52,8 +53,13 @@ class DeviceConfig:
 def parse_broker(url: str) -> tuple[str, int]:
     parsed = urllib.parse.urlparse(url if "://" in url else f"mqtt://{url}")
     if parsed.scheme not in ("mqtt", "mqtts", "tcp") or not parsed.hostname:
-        raise ValueError(f"broker {url!r}: expected mqtt://host:port")
+        raise ValueError(f"broker {url!r}: expected mqtt://host:port or mqtts://host:port")
     return parsed.hostname, parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
+
+
+def broker_uses_tls(url: str) -> bool:
+    """mqtts:// uses the profile's TLS files; mqtt:// is plain TCP (a local or test broker)."""
+    return url.startswith("mqtts://")
 
 
 def load_local_data(data_dir: Path, bundle: Bundle, holdout_fraction: float) -> LocalData:
@@ -120,6 +126,18 @@ class DeviceRuntime:
         self._activate(installed)
         return True
 
+    def wait_for_new_bundle(self, timeout: float) -> bool:
+        """Block until an announced bundle newer than the active one is installed (True) or timeout."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = self.announcements.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            if isinstance(msg.payload, BundleAnnouncement) and self.apply_announcement(msg.payload):
+                return True
+        return False
+
     def poll_announcements(self) -> None:
         while True:
             try:
@@ -136,13 +154,13 @@ class DeviceRuntime:
 
         host, port = parse_broker(self.cfg.broker or "")
         mqtt_cfg = self.cfg.profile.mqtt
+        tls = mqtt_cfg.tls if broker_uses_tls(self.cfg.broker or "") else None
         settings = LinkSettings(
             fleet=self.cfg.fleet, device_id=self.cfg.device_id, host=host, port=port,
             protocol="mqttv5" if mqtt_cfg.protocol == "5" else "mqttv311",
             client_id=mqtt_cfg.client_id(self.cfg.fleet, self.cfg.device_id), keepalive=mqtt_cfg.keepalive_s,
-            tls_ca=mqtt_cfg.tls.ca_file if mqtt_cfg.tls else None,
-            tls_cert=mqtt_cfg.tls.cert_file if mqtt_cfg.tls else None,
-            tls_key=mqtt_cfg.tls.key_file if mqtt_cfg.tls else None,
+            tls_ca=tls.ca_file if tls else None, tls_cert=tls.cert_file if tls else None,
+            tls_key=tls.key_file if tls else None,
             username=mqtt_cfg.username, password=mqtt_cfg.password())
         outbox = Outbox(self.cfg.state_dir / "outbox.sqlite")
         self.link = DeviceLink(settings, outbox, base_version=self.bundle.base_version,
@@ -166,7 +184,9 @@ class DeviceRuntime:
                 phi=np.asarray(self.trainer.phi, np.float32), steps=self.trainer.state.step,
                 samples=len(self.data.train_x), holdout_acc=0.0 if np.isnan(acc) else acc,
                 loss=report.losses[-1] if report.losses else 0.0))
+            base_acc = self.trainer.holdout_accuracy(np.zeros_like(self.trainer.phi))
             self.link.publish_metrics({"holdout_acc": 0.0 if np.isnan(acc) else acc,
+                                       "holdout_acc_base": 0.0 if np.isnan(base_acc) else base_acc,
                                        "round_seconds": report.seconds, "steps": float(report.steps)})
         return report
 

@@ -224,6 +224,8 @@ def distreal_train(spec: ModelSpec, base_params: Mapping[str, np.ndarray], varia
     Per step: a fresh kept set (sample_kept), gather (slice_params), forward/backward of the small
     network, optimizer update of the small tensors, scatter of the change back (scatter_add). Batches
     come from `seed` and kept sets from an independent stream, so variants see the same batches.
+    Torch computes the gradients: it is the reference forward that the LiteRT `train_full_<vid>`
+    programs are parity-tested against, so the maths is the device's.
     """
     infos = param_infos(spec, None)
     vspec = variant.spec(spec)
@@ -475,6 +477,9 @@ class _Evaluator:
                     raise ValueError(f"cost function returned {cost!r} for variant {vid!r}; need a positive number")
                 losses = _convergence(self.spec, self.base_params, v, self.data, seeds=self.seeds,
                                       steps=self.steps, batch=self.batch, cfg=self.cfg)
+                if not all(math.isfinite(loss) for loss in losses):
+                    raise ValueError(f"training variant {vid!r} diverged (held-out losses {losses}); "
+                                     f"lower the learning rate (now {self.cfg.optimizer} lr={self.cfg.lr})")
                 self.points[vid] = DSEPoint(v, v.widths(self.spec), flops_ratio(self.spec, v), float(cost),
                                             float(np.mean(losses)), tuple(losses), generation)
         self.cache_hits += hits

@@ -5,7 +5,8 @@ Programs (see docs/CONTRACTS.md "ExecuTorch programs"):
   `phi` f32[k] → logits f32[B, classes].
 - `build_train_phi_pte`: the only parameter is φ. Inputs `x` f32[B, …], `y` **int64**[B], then every
   sliced parameter of the variant (roles base, bar, basis) in `param_infos` order. Outputs: loss f32[]
-  (first), logits, then the runtime's training tail (grad φ, φ). The device writes φ into the program's
+  (first), logits, then the runtime's training tail (grad φ, φ). The input names are stored in the
+  program (constant method `edgepatch_param_input_names`). The device writes φ into the program's
   parameter, runs, reads the gradient and applies `protocol.optim.adam_step` in numpy.
 - `build_train_full_pte`: parameters = the variant's sliced base params (no patch). Inputs `x`, `y`
   int64. The device copies freshly sliced weights into the parameters, runs, reads the gradients.
@@ -23,7 +24,6 @@ checked against `export/torch_model.py::forward` in the tests.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -38,6 +38,7 @@ from edgepatch.protocol.variants import KeptSets, Variant, first_kept, slice_par
 
 DEFAULT_BATCH = 32
 LABEL_DTYPE = np.int64  # `y` of every training program
+INPUT_NAMES_METHOD = "edgepatch_param_input_names"  # constant method of train_phi programs
 
 
 class ExecuTorchExportError(RuntimeError):
@@ -145,7 +146,7 @@ class _PhiTraining(nn.Module):
         self.phi = nn.Parameter(torch.zeros(patch.k))
 
     def forward(self, x: Tensor, y: Tensor, *sliced: Tensor) -> tuple[Tensor, Tensor]:
-        logits = trainable_forward(self.spec, self.patch, dict(zip(self.names, sliced)), x, self.phi)
+        logits = trainable_forward(self.spec, self.patch, dict(zip(self.names, sliced, strict=True)), x, self.phi)
         return F.cross_entropy(logits, y), logits.detach()
 
 
@@ -196,14 +197,20 @@ def _trainable_targets(graph_signature: Any) -> set[str]:
     return {spec.target for spec in graph_signature.output_specs if spec.kind == OutputKind.GRADIENT_TO_PARAMETER}
 
 
-def _export_training(module: nn.Module, example: tuple[Tensor, ...], intended: set[str]) -> bytes:
-    """Joint forward-backward export; raises unless exactly `intended` parameters get gradients."""
+def _export_training(module: nn.Module, example: tuple[Tensor, ...], intended: set[str],
+                     input_names: Sequence[str] = ()) -> bytes:
+    """Joint forward-backward export; raises unless exactly `intended` parameters get gradients.
+
+    `input_names` (the sliced-param inputs after x and y) are stored in the program as the constant
+    method `INPUT_NAMES_METHOD`, so the runner can order a name → array mapping itself."""
     from executorch.exir import EdgeCompileConfig, to_edge
     from torch.export.experimental import _export_forward_backward
 
     ep = torch.export.export(module, example, strict=False)
     joint = _export_forward_backward(ep, joint_loss_index=0)
-    program = to_edge(joint, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch()
+    constants = {INPUT_NAMES_METHOD: list(input_names)} if input_names else None
+    program = to_edge(joint, constant_methods=constants,
+                      compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch()
     trained = _trainable_targets(program.exported_program().graph_signature)
     if trained != intended:
         raise ExecuTorchExportError(
@@ -246,7 +253,7 @@ def build_train_phi_pte(spec: ModelSpec, patch: PatchSpec, variant: Variant, bat
     infos = param_infos(small, patch)
     example_params = tuple(torch.zeros(info.shape) for info in infos.values())
     example = (_example_x(small, batch), _example_y(small, batch), *example_params)
-    return _export_training(_PhiTraining(small, patch), example, {"phi"})
+    return _export_training(_PhiTraining(small, patch), example, {"phi"}, list(infos))
 
 
 def build_train_full_pte(spec: ModelSpec, variant: Variant, batch: int = DEFAULT_BATCH) -> bytes:
@@ -265,42 +272,30 @@ def phi_input_names(spec: ModelSpec, patch: PatchSpec, variant: Variant) -> list
 # -- benchmark ------------------------------------------------------------------------------------
 
 
-def _median_ms(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up (first run allocates and, for training programs, exposes the parameters)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return float(np.median(times))
+def benchmark_tasks(spec: ModelSpec, patch: PatchSpec, variants: Sequence[Variant],
+                    params: Mapping[str, np.ndarray], batch: int, rng: np.random.Generator
+                    ) -> dict[tuple[str, str], Callable[[], object]]:
+    """One step of train_full / train_phi / infer per variant, as callables for benchmarks/variant_cost.py
+    (which times them interleaved with the LiteRT ones). Exports three programs per variant; inference
+    uses the baked `build_infer_variant_pte` on the first filters."""
+    from edgepatch.device.backends.executorch import (
+        ExecuTorchFullTrainer,
+        ExecuTorchInference,
+        ExecuTorchPhiTrainer,
+    )
 
-
-def benchmark_variants(spec: ModelSpec, patch: PatchSpec, variants: Sequence[Variant],
-                       params: Mapping[str, np.ndarray], batch: int = DEFAULT_BATCH, reps: int = 10,
-                       seed: int = 0) -> dict[str, dict[str, float]]:
-    """Median ms per variant of one train_full step, one train_phi step and one inference (batch `batch`).
-
-    Exports three programs per variant (several seconds each). Inference uses the baked
-    `build_infer_variant_pte`; training times include the numpy-free runtime call only.
-    """
-    from edgepatch.device.backends.executorch import ExecuTorchFullTrainer, ExecuTorchInference, ExecuTorchPhiTrainer
-
-    rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch, *spec.input_shape)).astype(np.float32)
     y = rng.integers(0, spec.num_classes, size=batch).astype(LABEL_DTYPE)
     phi = np.zeros(patch.k, np.float32)
-    infos_patch, infos_base = param_infos(spec, patch), param_infos(spec, None)
-    results: dict[str, dict[str, float]] = {}
+    tasks: dict[tuple[str, str], Callable[[], object]] = {}
     for variant in variants:
         kept = first_kept(spec, variant)
-        sliced = slice_params(params, infos_patch, kept)
-        sliced_base = slice_params(params, infos_base, kept)
+        sliced = slice_params(params, param_infos(spec, patch), kept)
+        sliced_base = slice_params(params, param_infos(spec, None), kept)
         full = ExecuTorchFullTrainer(build_train_full_pte(spec, variant, batch))
         train_phi = ExecuTorchPhiTrainer(build_train_phi_pte(spec, patch, variant, batch))
         infer = ExecuTorchInference(build_infer_variant_pte(spec, patch, variant, params, batch, kept))
-        results[variant.id] = {
-            "train_full_ms": _median_ms(lambda: full.grads(x, y, sliced_base), reps),
-            "train_phi_ms": _median_ms(lambda: train_phi.grad(x, y, phi, sliced), reps),
-            "infer_ms": _median_ms(lambda: infer.infer(x, phi), reps),
-        }
-    return results
+        tasks[(variant.id, "train_full")] = lambda f=full, s=sliced_base: f.grads(x, y, s)
+        tasks[(variant.id, "train_phi")] = lambda t=train_phi, s=sliced: t.grad(x, y, phi, s)
+        tasks[(variant.id, "infer")] = lambda i=infer: i.infer(x, phi)
+    return tasks

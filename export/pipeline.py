@@ -232,3 +232,35 @@ def export_bundle(opts: ExportOptions, out: Path, log: Log = _quiet) -> Manifest
     manifest = writer.finish()
     log(f"bundle written to {out} (base version {manifest.base_version[:12]})")
     return manifest
+
+
+def republish_bundle(previous: Path, params: Params, out: Path, *, runtimes: Sequence[str] | None = None,
+                     meta: Mapping[str, Any] | None = None, log: Log = _quiet) -> Manifest:
+    """A new bundle from new parameters (e.g. after MoMoDistill), keeping the previous bundle's model,
+    patch layout, variant table and training settings; programs are rebuilt and re-timed.
+
+    The variant table is not re-explored: the architecture did not change, so the Pareto set of keep
+    ratios still holds (its costs are measured again on the new programs).
+    """
+    from edgepatch.protocol.bundle import load_bundle
+
+    from .bundle_writer import BundleWriter
+
+    with load_bundle(previous) as old:
+        manifest = old.manifest
+        kinds = {entry.kind.split(":")[0] for entry in manifest.artifacts.values()}
+    spec, patch, train = manifest.model, manifest.patch, manifest.train
+    check_params(params, spec, patch)
+    if runtimes is None:
+        runtimes = tuple(r for r in RUNTIMES if any(k.startswith(r) for k in kinds))
+    opts = ExportOptions(model=spec.name, runtimes=tuple(runtimes), batch=train.batch,
+                         infer_batch=train.infer_batch, phi_lr=train.phi_lr)
+    rows = list(manifest.variants)
+    artifacts = build_programs(spec, patch, params, [row.variant for row in rows], opts, log)
+    rows = measure_programs(spec, patch, params, artifacts, rows, train.batch, train.infer_batch)
+    writer = BundleWriter(out, manifest.model_id).set_model(spec, patch).add_params(params)
+    writer.set_input(manifest.input).set_labels(manifest.labels).set_train(train).set_variants(rows)
+    for kind, data in artifacts.items():
+        writer.add_bytes(kind, data)
+    writer.set_meta(**{**manifest.meta, "parent_base_version": manifest.base_version, **(meta or {})})
+    return writer.finish()

@@ -60,6 +60,7 @@ class Publisher:
                                   protocol=mqtt.MQTTv5)
         self.client.max_inflight_messages_set(100)
         self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(min_delay=0.1, max_delay=1)
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
 
@@ -283,3 +284,52 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(mosquitto: Any,
     assert seqs == list(range(n))
     assert sum(d["patches"] for d in store.devices()) == n  # device counters did not double count
     store.close()
+
+
+def test_broker_restart_reconnects_and_resumes(mosquitto: Any, store: PatchStore) -> None:
+    service = run_service(store, mosquitto, client_id="ingest-reconnect", reconnect_min_delay=0.05)
+    pub = Publisher(mosquitto)
+    try:
+        for info in [pub.send(patch_msg("dev-1", i)) for i in range(10)]:
+            info.wait_for_publish(5)
+        wait_until(lambda: store.count("patches") == 10, 5, "patches before the outage")
+        mosquitto.stop()
+        wait_until(lambda: not service.connected, 5, "ingest to notice the outage")
+        mosquitto.start()
+        wait_until(lambda: service.connected and service.wait_subscribed(0), 15, "ingest to reconnect")
+        wait_until(lambda: pub.client.is_connected(), 15, "publisher to reconnect")
+        for info in [pub.send(patch_msg("dev-1", i)) for i in range(10, 20)]:
+            info.wait_for_publish(5)
+        wait_until(lambda: store.count("patches") == 20, 10, "patches after the outage")
+    finally:
+        pub.close()
+        service.stop()
+    assert store.patch_seqs("dev-1") == list(range(20))
+    assert service.stats.connects >= 2
+
+
+@pytest.mark.postgres
+def test_two_workers_into_postgresql(mosquitto: Any) -> None:
+    """The production shape: shared-subscription workers writing one PostgreSQL store."""
+    import uuid
+
+    store = PatchStore("postgresql+psycopg2://postgres@127.0.0.1:5432/test", table_prefix=f"t{uuid.uuid4().hex[:12]}_")
+    workers = [run_service(PatchStore(store.url, table_prefix=store.table_prefix), mosquitto, worker=f"pg{i}")
+               for i in range(2)]
+    pub = Publisher(mosquitto)
+    try:
+        msgs = [patch_msg(f"dev-{i % 3}", i) for i in range(150)]
+        infos = [pub.send(m) for m in msgs] + [pub.send(msgs[0])]  # plus one redelivery-like duplicate
+        for info in infos:
+            info.wait_for_publish(5)
+        wait_until(lambda: sum(w.stats.accepted for w in workers) == len(infos), 15, "both workers to drain")
+        assert store.count("patches") == len(msgs)
+        assert sum(d["patches"] for d in store.devices()) == len(msgs)
+        assert sum(w.stats.duplicates for w in workers) == 1
+    finally:
+        pub.close()
+        for w in workers:
+            w.stop()
+            w.store.close()
+        store.drop_all()
+        store.close()

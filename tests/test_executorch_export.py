@@ -234,16 +234,21 @@ def test_runner_rejects_bad_input(cache: _Cache) -> None:
         trainer.grad(x[:2], y[:2], phi, sliced)
     with pytest.raises(ExecuTorchRunError, match="integers"):
         trainer.grad(x, y.astype(np.float32), phi, sliced)
+    assert trainer.param_names == list(sliced)  # input names travel inside the program
+    # a mapping is ordered by the program's names, not by the dict's order
+    reordered = dict(reversed(list(sliced.items())))
+    np.testing.assert_array_equal(trainer.grad(x, y, phi, reordered)[1], trainer.grad(x, y, phi, sliced)[1])
     incomplete = {k: v for k, v in sliced.items() if k != "conv1.bias"}
-    with pytest.raises(ExecuTorchRunError, match=f"takes {len(sliced)} sliced params, got {len(sliced) - 1}"):
-        trainer.grad(x, y, phi, incomplete)
-    named = ExecuTorchPhiTrainer(trainer.program._data, param_names=list(sliced))
     with pytest.raises(ExecuTorchRunError, match="miss.*conv1.bias"):
-        named.grad(x, y, phi, incomplete)
+        trainer.grad(x, y, phi, incomplete)
+    with pytest.raises(ExecuTorchRunError, match=f"takes {len(sliced)} sliced params, got {len(sliced) - 1}"):
+        trainer.grad(x, y, phi, list(incomplete.values()))
     swapped = dict(sliced)
     swapped["conv1.bias"] = np.zeros(3, np.float32)
     with pytest.raises(ExecuTorchRunError, match="conv1.bias' has shape"):
-        named.grad(x, y, phi, swapped)
+        trainer.grad(x, y, phi, swapped)
+    with pytest.raises(ExecuTorchRunError, match="differ from the program"):
+        ExecuTorchPhiTrainer(trainer.program._data, param_names=list(reordered))
     with pytest.raises(ExecuTorchRunError, match="ET12"):
         ExecuTorchInference(b"not a program at all")
     with pytest.raises(ExecuTorchRunError, match="exactly"):
@@ -251,11 +256,12 @@ def test_runner_rejects_bad_input(cache: _Cache) -> None:
         ExecuTorchPhiTrainer(eb.build_train_full_pte(spec_, uniform_variant(spec_, 0.25), BATCH))
 
 
-def test_benchmark_variants_reports_every_variant() -> None:
+def test_benchmark_tasks_cover_every_variant_and_run() -> None:
     spec, patch, params = _setup("digits_cnn", "film")
     variants = [full_variant(spec), uniform_variant(spec, 0.5)]
-    result = eb.benchmark_variants(spec, patch, variants, params, batch=BATCH, reps=2)
-    assert set(result) == {v.id for v in variants}
-    for row in result.values():
-        assert set(row) == {"train_full_ms", "train_phi_ms", "infer_ms"}
-        assert all(np.isfinite(t) and t > 0 for t in row.values())
+    tasks = eb.benchmark_tasks(spec, patch, variants, params, BATCH, np.random.default_rng(0))
+    assert set(tasks) == {(v.id, kind) for v in variants for kind in ("train_full", "train_phi", "infer")}
+    loss, grads = tasks[(variants[1].id, "train_full")]()  # type: ignore[misc]
+    assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads.values())
+    logits = tasks[(variants[0].id, "infer")]()
+    assert np.asarray(logits).shape == (BATCH, spec.num_classes)

@@ -53,7 +53,8 @@ class FedAvgPatches:
         if not with_phi:
             raise DistillError("fedavg_patches needs at least one device with a phi")
         weights = data_sizes(with_phi)
-        phi_bar = (np.stack([d.phi for d in with_phi]) * (weights / weights.sum())[:, None]).sum(axis=0)
+        stacked = np.stack([d.phi for d in with_phi if d.phi is not None])
+        phi_bar = (stacked * (weights / weights.sum())[:, None]).sum(axis=0)
         phi_bar = phi_bar.astype(np.float32)
         if progress is not None:
             progress("fedavg", 1, float(np.linalg.norm(phi_bar)))

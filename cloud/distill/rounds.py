@@ -37,8 +37,8 @@ def prepare_round(spec: ModelSpec, patch: PatchSpec, params: Mapping[str, np.nda
         check_params(params, spec, patch)
     except ParamsError as exc:
         raise DistillError(f"params: {exc}") from exc
-    devs = validate_devices(devices, spec, patch, cfg.mode, need_profile)
     cloud = validate_cloud_data(cloud_data, spec, cfg.mode)
+    devs = validate_devices(devices, spec, patch, cfg.mode, need_profile)
     infos = param_infos(spec, patch)
     tensors = to_tensors({n: params[n] for n in infos})
     return Round(spec, patch, cfg, devs, cloud, tensors,

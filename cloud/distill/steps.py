@@ -173,7 +173,7 @@ def distill_patches(spec: ModelSpec, patch: PatchSpec, state: PatchDistillState,
         groups.append({"params": [state.encoder[key] for key in learned], "lr": lr_encoder})
     if not groups:
         raise ValueError("step 2 has nothing to train (no patch parameters and no encoder)")
-    opt = torch.optim.Adam(groups)  # type: ignore[arg-type]
+    opt = torch.optim.Adam(groups)
     history: list[float] = []
     for epoch in range(epochs):
         chunks = [(r, idx) for r in rows for idx in np.array_split(rng.permutation(len(r.x)),

@@ -22,6 +22,7 @@ METHOD = "forward"
 _GRADIENTS_INDEX = "__et_training_gradients_index_forward"
 _PARAMETERS_INDEX = "__et_training_parameters_index_forward"
 _FQN = "__et_training_fqn_forward"
+_INPUT_NAMES = "edgepatch_param_input_names"  # written by export/executorch_builder.py
 
 
 class ExecuTorchRunError(ValueError):
@@ -67,7 +68,7 @@ class _Program:
     def tensor(self, value: np.ndarray, index: int, name: str, dtype: type = np.float32) -> Any:
         import torch
 
-        array = np.ascontiguousarray(np.asarray(value), dtype=dtype)
+        array: np.ndarray = np.ascontiguousarray(np.asarray(value), dtype=dtype)
         expected = self.input_shapes[index]
         if tuple(array.shape) != expected:
             raise ExecuTorchRunError(f"input {name!r} has shape {tuple(array.shape)}, the program expects {expected}")
@@ -116,7 +117,9 @@ class _TrainingProgram:
 
         if self._param_memory is None:  # the parameters' memory is visible only as outputs of a run
             self._param_memory = self.program.run(inputs, clone=False)[self.param_start:]
-        for memory, value, name in zip(self._param_memory, values, self.trainable):
+        if len(values) != len(self.trainable):
+            raise ExecuTorchRunError(f"the program has {len(self.trainable)} parameters, got {len(values)} values")
+        for memory, value, name in zip(self._param_memory, values, self.trainable, strict=True):
             array = np.asarray(value, dtype=np.float32)
             if tuple(array.shape) != tuple(memory.shape):
                 raise ExecuTorchRunError(f"parameter {name!r} has shape {array.shape}, the program expects "
@@ -146,14 +149,18 @@ class ExecuTorchPhiTrainer(_TrainingProgram):
         if self.trainable != ["phi"]:
             raise ExecuTorchRunError(f"a phi training program must train exactly ['phi'], this one trains "
                                      f"{self.trainable}")
-        self.param_names = list(param_names) if param_names is not None else None
+        stored = ([str(n) for n in self.program.module.run_method(_INPUT_NAMES, ())]
+                  if _INPUT_NAMES in self.program.method_names else None)
+        if param_names is not None and stored is not None and list(param_names) != stored:
+            raise ExecuTorchRunError(f"param_names {list(param_names)} differ from the program's inputs {stored}")
+        self.param_names = list(param_names) if param_names is not None else stored
         self.adam = adam or AdamConfig()
         self.k = 0
 
     def _param_inputs(self, sliced: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[Any]:
         count = len(self.program.input_shapes) - 2
         if isinstance(sliced, Mapping):
-            names = self.param_names or list(sliced)  # param_infos order (dicts keep insertion order)
+            names = self.param_names or list(sliced)  # old programs without names: the dict's order
             missing = [n for n in names if n not in sliced]
             if missing:
                 raise ExecuTorchRunError(f"sliced params miss {missing}")
@@ -162,7 +169,7 @@ class ExecuTorchPhiTrainer(_TrainingProgram):
             names, values = [f"param{i}" for i in range(len(sliced))], list(sliced)
         if len(values) != count:
             raise ExecuTorchRunError(f"the program takes {count} sliced params, got {len(values)}")
-        return [self.program.tensor(v, i + 2, n) for i, (n, v) in enumerate(zip(names, values))]
+        return [self.program.tensor(v, i + 2, n) for i, (n, v) in enumerate(zip(names, values, strict=True))]
 
     def grad(self, x: np.ndarray, y: np.ndarray, phi: np.ndarray,
              sliced_params: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> tuple[float, np.ndarray]:
@@ -197,4 +204,4 @@ class ExecuTorchFullTrainer(_TrainingProgram):
         if missing:
             raise ExecuTorchRunError(f"sliced base params miss {missing}")
         loss, grads = self._run(self._xy(x, y), [sliced_base[n] for n in self.param_names])
-        return loss, dict(zip(self.param_names, grads))
+        return loss, dict(zip(self.param_names, grads, strict=True))

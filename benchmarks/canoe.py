@@ -1,0 +1,262 @@
+"""Canoe vs isolation vs full-model transfer + fine-tune vs FedAvg around a known drift (new classes appear).
+
+Setting (scikit-learn digits, the digits_cnn bundle, LiteRT for every forward/backward):
+- the shared starting model is pretrained on the cloud's data of classes 0..6 only (random init, LiteRT
+  `train_full` + SGD), so classes 7..9 are truly new to the target;
+- peers (`make_fleet`, no drift, Dirichlet α) have been fine-tuning on their own data of all classes;
+- the target's stream comes from `make_fleet(..., drift=Drift(at, new_classes=(7, 8, 9)))`: after the
+  drift, half its samples are of the new classes. It receives `chunk` samples per tick and takes
+  `steps_per_chunk` full-weight SGD steps per tick (the same compute in every method).
+Methods over the same stream:
+- isolation: the target learns alone;
+- canoe: at the drift detector's request, the best-matching peer (label histograms) extracts a 50 % slice
+  for the requested classes; the target boosts {own model, slice} with SAMME on its window and keeps
+  learning (re-requests after a cooldown if drift is still detected);
+- full transfer: at the same detection time the peer's whole model replaces the target's, then fine-tunes;
+- fedavg: every `fedavg_every` ticks from the start, target + peers average their full weights (each trains
+  locally between rounds); bytes = raw float32 weights up + down per participant per round (a lower bound:
+  no serialization overhead, favouring FedAvg).
+Bytes for canoe / full transfer: the request message + the slice (or whole-model) file twice (helper ->
+cloud -> target), in the same pickle-free npz format; envelope/base64 overhead is not counted.
+Accuracy is measured on held-out test samples with the post-drift label mix (old and new classes
+equally weighted). Time to recover = samples after the drift until that accuracy first reaches
+`--recover-frac` of the target's pre-drift accuracy on the old classes.
+
+    python3 benchmarks/canoe.py --bundle /path/to/digits_bundle --seeds 3
+    python3 benchmarks/canoe.py            # exports a digits bundle first (~1.5 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepatch.cloud.canoe import rank_helpers
+from edgepatch.data.datasets import Dataset, load_digits
+from edgepatch.data.fleet import Drift, base_split, make_fleet
+from edgepatch.device.canoe_boost import TailoredModel, bundle_variants, tailored_from_bundle
+from edgepatch.device.canoe_helper import CanoeHelper, full_model_bytes
+from edgepatch.device.canoe_target import CanoeTarget, DriftDetector
+from edgepatch.protocol.bundle import Bundle, load_bundle
+from edgepatch.protocol.canoe import CanoeMeta, CanoeReply, CanoeTask, encode_message
+from edgepatch.protocol.params import init_params, write_atomic
+
+NEW = (7, 8, 9)
+OLD = tuple(c for c in range(10) if c not in NEW)
+
+
+@dataclass
+class Setup:
+    bundle: Bundle
+    start: TailoredModel
+    peers: list[tuple[str, TailoredModel, np.ndarray, np.ndarray]]
+    stream_x: np.ndarray
+    stream_y: np.ndarray
+    drift_index: int
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def build(bundle: Bundle, seed: int, n_peers: int, pretrain_steps: int, peer_steps: int) -> Setup:
+    data = load_digits()
+    cloud, devices = base_split(data, fraction=0.3, seed=seed)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(devices))
+    test_idx, target_idx, peer_idx = order[:300], order[300:800], order[800:]
+    start = tailored_from_bundle(bundle)
+    start.base = dict(init_params(start.spec, None, seed=seed + 1))
+    old = np.flatnonzero(np.isin(cloud.y, OLD))
+    for _ in range(pretrain_steps):
+        idx = rng.choice(old, start.batch)
+        start.train_step(cloud.x[idx], cloud.y[idx])
+    drift = Drift(at=0.4, new_classes=NEW, new_class_share=0.5)
+    target_data = make_fleet(devices.subset(target_idx, "target"), 1, alpha=100.0, shift="none", tail="uniform",
+                             seed=seed, holdout_fraction=0.05, drift=drift)[0]
+    peer_data = make_fleet(devices.subset(peer_idx, "peers"), n_peers, alpha=1.0, shift="none", tail="uniform",
+                           seed=seed + 7, holdout_fraction=0.05)
+    peers = []
+    for k, dev in enumerate(peer_data):
+        model = start.copy()
+        for _ in range(peer_steps):
+            idx = rng.choice(len(dev.train.y), model.batch)
+            model.train_step(dev.train.x[idx], dev.train.y[idx])
+        peers.append((f"peer-{k}", model, dev.train.x, dev.train.y.astype(np.int64)))
+    stream: Dataset = target_data.train
+    drift_index = int(np.searchsorted(stream.t, target_data.drift_time or 0.0))
+    return Setup(bundle, start, peers, stream.x, stream.y.astype(np.int64), drift_index,
+                 devices.x[test_idx], devices.y[test_idx].astype(np.int64))
+
+
+def mixed_accuracy(pred: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(post-drift-mix accuracy, old-class accuracy, new-class accuracy)."""
+    old = float((pred[np.isin(y, OLD)] == y[np.isin(y, OLD)]).mean())
+    new = float((pred[np.isin(y, NEW)] == y[np.isin(y, NEW)]).mean())
+    return 0.5 * old + 0.5 * new, old, new
+
+
+def run_method(method: str, s: Setup, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    variants = bundle_variants(s.bundle)
+    target = CanoeTarget("target", s.start.copy(), variants, s.bundle.base_version,
+                         DriftDetector(10, reference=96, window=64), cooldown=args.cooldown, seed=seed)
+    peers = [(name, m.copy(), x, y) for name, m, x, y in s.peers]
+    metas = {name: CanoeMeta(np.bincount(y, minlength=10).tolist()) for name, _, _, y in peers}
+    rng = np.random.default_rng(seed)
+    curve, bytes_moved, events = [], 0, []
+    full_bytes_raw = 4 * sum(v.size for v in s.start.base.values())
+    t0 = time.perf_counter()
+    for tick, begin in enumerate(range(0, len(s.stream_y), args.chunk)):
+        xb, yb = s.stream_x[begin:begin + args.chunk], s.stream_y[begin:begin + args.chunk]
+        target.observe(xb, yb)
+        target.learn(args.steps_per_chunk)
+        if method == "fedavg":
+            for _, model, x, y in peers:
+                for _ in range(args.steps_per_chunk):
+                    idx = rng.choice(len(y), model.batch)
+                    model.train_step(x[idx], y[idx])
+            if (tick + 1) % args.fedavg_every == 0:
+                members = [target.model] + [m for _, m, _, _ in peers]
+                avg = {k: np.mean([m.base[k] for m in members], axis=0).astype(np.float32) for k in target.model.base}
+                for m in members:
+                    m.base = {k: v.copy() for k, v in avg.items()}
+                bytes_moved += 2 * full_bytes_raw * len(members)
+        elif method in ("canoe", "full_transfer"):
+            request = target.maybe_request()
+            if request is not None and (method == "canoe" or not any(e["event"] == "full_model" for e in target.events)):
+                bytes_moved += len(encode_message(request, fleet="bench", device_id="target"))
+                ranked = rank_helpers(metas, request.classes, "target")
+                if not ranked:
+                    target.on_reply(CanoeReply(request.request_id, error="no_helper: none"))
+                    continue
+                name, model, x, y = next(p for p in peers if p[0] == ranked[0][0])
+                if method == "canoe":
+                    helper = CanoeHelper(name, model, x, y, variants, s.bundle.base_version, seed=seed)
+                    offer = helper.answer(CanoeTask(request.request_id, "target", request.classes))
+                    reply = CanoeReply(request.request_id, offer=offer)
+                    bytes_moved += 2 * offer.size  # helper -> cloud -> target
+                    target.on_reply(reply)
+                else:
+                    target.adopt_full_model(model.base, name, request.classes, full_model_bytes(model))
+                    bytes_moved += 2 * full_model_bytes(model)  # helper -> cloud -> target
+                events.append({"sample": begin + len(yb), "classes": request.classes, "helper": name})
+        pred = target.ensemble.predict(s.test_x)
+        mix, old, new = mixed_accuracy(pred, s.test_y)
+        curve.append({"samples": begin + len(yb), "acc": mix, "old": old, "new": new, "bytes": bytes_moved,
+                      "weights": target.ensemble.weights()})
+    return {"method": method, "curve": curve, "bytes": bytes_moved, "requests": events,
+            "seconds": time.perf_counter() - t0, "retired": target.ensemble.retired}
+
+
+def time_to_recover(curve: list[dict[str, Any]], drift_index: int, threshold: float) -> int | None:
+    for point in curve:
+        if point["samples"] > drift_index and point["acc"] >= threshold:
+            return int(point["samples"] - drift_index)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, default=None, help="digits_cnn bundle with variants 1 and 0.5")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--peers", type=int, default=3)
+    ap.add_argument("--chunk", type=int, default=16)
+    ap.add_argument("--steps-per-chunk", type=int, default=2)
+    ap.add_argument("--pretrain-steps", type=int, default=250)
+    ap.add_argument("--peer-steps", type=int, default=300)
+    ap.add_argument("--fedavg-every", type=int, default=2, help="ticks between FedAvg rounds")
+    ap.add_argument("--cooldown", type=int, default=96)
+    ap.add_argument("--recover-frac", type=float, default=0.9)
+    ap.add_argument("--out", type=Path, default=Path("results/canoe.json"))
+    args = ap.parse_args(argv)
+
+    bundle_path = args.bundle
+    if bundle_path is None:
+        from edgepatch.export.pipeline import ExportOptions, export_bundle
+        bundle_path = Path(tempfile.mkdtemp(prefix="canoe-bench-")) / "digits"
+        print(f"exporting a digits bundle to {bundle_path} ...", file=sys.stderr)
+        export_bundle(ExportOptions(variants="1,0.5", runtimes=("litert",), pretrain_epochs=8, dse_steps=5,
+                                    dse_seeds=(0,)), bundle_path)
+    bundle = load_bundle(bundle_path)
+    methods = ("isolation", "canoe", "full_transfer", "fedavg")
+    runs: list[dict[str, Any]] = []
+    for seed in range(args.seeds):
+        setup = build(bundle, seed, args.peers, args.pretrain_steps, args.peer_steps)
+        pre = [mixed_accuracy(setup.start.logits(setup.test_x).argmax(1), setup.test_y)[1]]
+        threshold = args.recover_frac * pre[0]
+        for method in methods:
+            result = run_method(method, setup, args, seed)
+            result.update(seed=seed, drift_index=setup.drift_index, threshold=threshold,
+                          recover=time_to_recover(result["curve"], setup.drift_index, threshold))
+            runs.append(result)
+            print(f"seed {seed} {method:14s} recover={result['recover']} samples  bytes={result['bytes']:>9d}  "
+                  f"final acc={result['curve'][-1]['acc']:.3f}  ({result['seconds']:.1f} s)", file=sys.stderr)
+
+    summary: dict[str, Any] = {}
+    horizon = max(len(r["curve"]) for r in runs)
+    for method in methods:
+        rs = [r for r in runs if r["method"] == method]
+        rec = [r["recover"] for r in rs]
+        # Not recovered within the stream: count it as the whole post-drift stream (a lower bound).
+        rec_filled = [v if v is not None else r["curve"][-1]["samples"] - r["drift_index"]
+                      for v, r in zip(rec, rs, strict=True)]
+        summary[method] = {"recover_samples": rec, "recover_mean": float(np.mean(rec_filled)),
+                           "recovered_runs": sum(v is not None for v in rec), "bytes_mean": float(np.mean(
+                               [r["bytes"] for r in rs])), "final_acc_mean": float(np.mean(
+                                   [r["curve"][-1]["acc"] for r in rs])), "horizon_ticks": horizon}
+    iso = summary["isolation"]["recover_mean"]
+    for method in methods:
+        summary[method]["speedup_vs_isolation"] = iso / max(summary[method]["recover_mean"], 1e-9)
+    canoe_bytes = max(summary["canoe"]["bytes_mean"], 1.0)
+    for method in methods:
+        summary[method]["bytes_vs_canoe"] = summary[method]["bytes_mean"] / canoe_bytes
+
+    print(f"\n{'method':14s} {'recover (samples after drift)':>30s} {'×isolation':>10s} {'bytes moved':>12s} "
+          f"{'bytes/canoe':>11s} {'final acc':>9s}")
+    for method in methods:
+        m = summary[method]
+        print(f"{method:14s} {str(m['recover_samples']):>30s} {m['speedup_vs_isolation']:>10.2f} "
+              f"{m['bytes_mean']:>12.0f} {m['bytes_vs_canoe']:>11.1f} {m['final_acc_mean']:>9.3f}")
+
+    out = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+           "new_classes": list(NEW), "summary": summary, "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.out, json.dumps(out, indent=1).encode())
+    plot(runs, methods, args.out.with_suffix(".png"))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def plot(runs: list[dict[str, Any]], methods: tuple[str, ...], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = dict(zip(methods, ("tab:gray", "tab:blue", "tab:orange", "tab:green"), strict=True))
+    for method in methods:
+        rs = [r for r in runs if r["method"] == method]
+        n = min(len(r["curve"]) for r in rs)
+        xs = [p["samples"] for p in rs[0]["curve"][:n]]
+        acc = np.mean([[p["acc"] for p in r["curve"][:n]] for r in rs], axis=0)
+        ax.plot(xs, acc, label=method, color=colors[method])
+    drift = int(np.mean([r["drift_index"] for r in runs]))
+    ax.axvline(drift, color="red", linestyle="--", label="drift (new classes 7-9)")
+    ax.axhline(float(np.mean([r["threshold"] for r in runs])), color="black", linestyle=":", label="recovery level")
+    ax.set_xlabel("samples seen by the target")
+    ax.set_ylabel("test accuracy (post-drift label mix)")
+    ax.set_title(f"Canoe around a drift (digits, mean of {len({r['seed'] for r in runs})} seeds)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

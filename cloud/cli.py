@@ -1,0 +1,76 @@
+"""`edgepatch cloud …`: the companion service and its status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import urllib.request
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Cloud companion: ingest patches, MoMoDistill, republish bundles.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+@app.command("serve")
+def serve_cmd(
+    bundle: Path = typer.Option(..., help="the bundle to publish first"),
+    broker: str = typer.Option("mqtt://127.0.0.1:1883", help="mqtt://host:port, or 'embedded' (amqtt)"),
+    protocol: str = typer.Option("5", help="MQTT protocol: 5 or 3.1.1"),
+    db: str | None = typer.Option(None, help="SQLAlchemy URL or SQLite path (default: WORK/companion.sqlite)"),
+    work_dir: Path = typer.Option(Path("edgepatch-cloud"), help="published bundles, default store"),
+    fleet: str = typer.Option("default"),
+    http_port: int = typer.Option(8080, help="fleet page, /metrics and bundle downloads (0 = any free port)"),
+    distill_after: int = typer.Option(0, help="distil once this many devices reported on the current base "
+                                      "(0 = only on request)"),
+    aggregator: str = typer.Option("momodistill", help="momodistill, model_over_data or fedavg_patches"),
+    mode: str = typer.Option("proxy", help="MoMoDistill data mode: proxy, teacher_outputs or samples"),
+) -> None:
+    """Run the companion until SIGINT/SIGTERM."""
+    from edgepatch.device.runtime import parse_broker
+
+    from .broker import EmbeddedBroker
+    from .companion import Companion, CompanionConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    embedded = None
+    if broker == "embedded":
+        embedded = EmbeddedBroker().start()
+        host, port, proto = embedded.host, embedded.port, "mqttv311"
+        console.print(f"embedded broker on {embedded.url}")
+    else:
+        host, port = parse_broker(broker)
+        proto = "mqttv5" if protocol == "5" else "mqttv311"
+    companion = Companion(CompanionConfig(bundle=bundle, work_dir=work_dir, broker_host=host, broker_port=port,
+                                          protocol=proto, fleet=fleet, db_url=db, http_port=http_port,
+                                          distill_after=distill_after, aggregator=aggregator,
+                                          distill={"mode": mode}))
+    companion.start()
+    console.print(f"companion serving fleet {fleet!r}: {companion.web.url}/fleet  {companion.web.url}/metrics")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    worker = threading.Thread(target=companion.run_forever, daemon=True)
+    worker.start()
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    companion.stop()
+    if embedded is not None:
+        embedded.stop()
+
+
+@app.command("status")
+def status_cmd(url: str = typer.Option("http://127.0.0.1:8080", help="the companion's web address")) -> None:
+    """Devices, bundle and counters of a running companion (from its /api/fleet)."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/api/fleet", timeout=10) as resp:  # noqa: S310
+            data = json.loads(resp.read())
+    except OSError as exc:
+        console.print(f"[red]error:[/red] cannot reach the companion at {url}: {exc}")
+        raise typer.Exit(2) from exc
+    print(json.dumps(data, indent=2))

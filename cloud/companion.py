@@ -1,0 +1,181 @@
+"""The cloud companion: ingest → store → MoMoDistill → re-export → publish, as one long-running service.
+
+Threads: the ingest loop (paho, acks after commit), the web server (fleet page, /metrics, bundle files),
+and the companion's own loop, which runs a distillation when enough devices have sent a patch for the
+current base version (or when asked), then republishes. Bundles travel by reference: the retained
+announcement on `edgepatch/v1/<fleet>/bundle` names a URL of a `.tar.gz` the web server serves, with the
+manifest's sha256 so devices verify before switching.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from edgepatch.protocol.bundle import Bundle, load_bundle
+from edgepatch.protocol.messages import BundleAnnouncement, Message, encode, make_message
+from edgepatch.protocol.topics import bundle_topic
+
+from .ingest import IngestService, IngestSettings
+from .metrics import CloudMetrics
+from .store import PatchStore, sqlite_url
+from .web import FleetWeb
+
+log = logging.getLogger("edgepatch.cloud.companion")
+CLOUD_ID = "cloud"
+
+
+@dataclass
+class CompanionConfig:
+    bundle: Path  # the first bundle to publish
+    work_dir: Path  # published bundles and the default SQLite store
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    protocol: str = "mqttv5"  # "mqttv311" for brokers without MQTT 5 (amqtt)
+    fleet: str = "default"
+    db_url: str | None = None  # default: sqlite in work_dir
+    http_host: str = "127.0.0.1"
+    http_port: int = 0
+    distill_after: int = 0  # distil when this many devices sent a patch for the current base (0: on demand)
+    aggregator: str = "momodistill"
+    distill: dict[str, Any] = field(default_factory=dict)  # DistillConfig overrides
+    runtimes: tuple[str, ...] | None = None  # republished runtimes (default: those of the first bundle)
+
+
+class Companion:
+    def __init__(self, cfg: CompanionConfig) -> None:
+        self.cfg = cfg
+        cfg.work_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = CloudMetrics()
+        self.store = PatchStore(cfg.db_url or sqlite_url(cfg.work_dir / "companion.sqlite"))
+        self.ingest = IngestService(self.store, IngestSettings(
+            host=cfg.broker_host, port=cfg.broker_port, fleet=cfg.fleet,
+            protocol="mqttv5" if cfg.protocol == "mqttv5" else "mqttv311"), metrics=self.metrics)
+        self.ingest.add_patch_hook(self._on_patch)
+        self.web = FleetWeb(self.store, self.metrics, host=cfg.http_host, port=cfg.http_port)
+        self._publisher = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                      client_id=f"edgepatch-companion-{cfg.fleet}",
+                                      protocol=mqtt.MQTTv5 if cfg.protocol == "mqttv5" else mqtt.MQTTv311)
+        self._publisher.on_socket_open = lambda c, u, sock: sock.setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._seq = 0
+        self.current: Bundle | None = None
+        self.history: list[dict[str, Any]] = []  # one entry per distillation (for reports)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.web.start()
+        self._publisher.connect(self.cfg.broker_host, self.cfg.broker_port)
+        self._publisher.loop_start()
+        self.ingest.start()
+        if not self.ingest.wait_subscribed(30):
+            raise RuntimeError(f"ingest could not subscribe at {self.cfg.broker_host}:{self.cfg.broker_port}")
+        self.publish(self.cfg.bundle)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self.ingest.stop()
+        self._publisher.loop_stop()
+        self._publisher.disconnect()
+        self.web.stop()
+        self.store.close()
+
+    def run_forever(self) -> None:
+        """Distil whenever `distill_after` devices have reported on the current base (or on `request`)."""
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if not self._stop.is_set() and self._due():
+                try:
+                    self.distill_and_publish()
+                except Exception:  # a failed round must not take the service down: log, keep serving
+                    log.exception("distillation round failed; the current bundle stays published")
+
+    def request_distillation(self) -> None:
+        self._wake.set()
+
+    # -- ingest hook -----------------------------------------------------------------------------
+    def _on_patch(self, msg: Message) -> None:
+        if self.cfg.distill_after and self.current is not None and msg.base_version == self.current.base_version:
+            self._wake.set()
+
+    def _due(self) -> bool:
+        if self.current is None:
+            return False
+        reported = len(self.store.latest_patches(self.current.base_version, self.cfg.fleet))
+        return reported > 0 and (self.cfg.distill_after == 0 or reported >= self.cfg.distill_after)
+
+    # -- publishing ------------------------------------------------------------------------------
+    def publish(self, bundle_dir: Path) -> BundleAnnouncement:
+        """Verify, pack, serve over HTTP and announce (retained) a bundle directory."""
+        from edgepatch.export.bundle_writer import pack_bundle
+
+        with load_bundle(bundle_dir) as bundle:
+            version = bundle.version
+            artifacts = {e.path: e.sha256 for e in bundle.manifest.artifacts.values()}
+        serve_dir = self.cfg.work_dir / "published" / version[:16]
+        if serve_dir.exists():
+            shutil.rmtree(serve_dir)
+        serve_dir.mkdir(parents=True)
+        archive = pack_bundle(bundle_dir, serve_dir / "bundle.tar.gz")
+        base_url = self.web.serve_bundle(version[:16], serve_dir)
+        ann = BundleAnnouncement(version=version[:16], reference=f"{base_url}bundle.tar.gz",
+                                 manifest_sha256=version, size=archive.stat().st_size, artifacts=artifacts)
+        self.current = load_bundle(bundle_dir)
+        with self._lock:
+            self._seq += 1
+            msg = make_message(ann, device_id=CLOUD_ID, fleet=self.cfg.fleet,
+                               base_version=self.current.base_version, variant_id="-", seq=self._seq)
+        info = self._publisher.publish(bundle_topic(self.cfg.fleet), encode(msg), qos=1, retain=True)
+        info.wait_for_publish(30)
+        self.store.add_bundle(version, version, ann.reference)
+        self.store.mark_announced(version)
+        self.metrics.bundles_published.inc()
+        log.info("published bundle %s (base %s) at %s", version[:12], self.current.base_version[:12],
+                 ann.reference)
+        return ann
+
+    def distill_and_publish(self) -> dict[str, Any]:
+        """One MoMoDistill round on the stored φ of the current base, then re-export and publish."""
+        from edgepatch.cloud.momodistill import CloudData, DeviceContribution, DistillConfig, run_aggregator
+        from edgepatch.export.pipeline import republish_bundle, training_data
+
+        assert self.current is not None
+        bundle = self.current
+        spec, patch = bundle.model_spec, bundle.patch_spec
+        patches = self.store.latest_patches(bundle.base_version, self.cfg.fleet)
+        devices = [DeviceContribution(device_id, np.asarray(phi, np.float32))
+                   for device_id, (phi, _) in sorted(patches.items())]
+        x, y = training_data(spec)
+        cloud = CloudData(x=x, y=y, proxy_x=x)
+        t0 = time.perf_counter()
+        result = run_aggregator(self.cfg.aggregator, spec, patch, bundle.all_params(), devices, cloud,
+                                DistillConfig(**self.cfg.distill))
+        seconds = time.perf_counter() - t0
+        self.metrics.distill_runs.inc()
+        out = self.cfg.work_dir / "bundles" / f"round-{len(self.history) + 1}"
+        if out.exists():
+            shutil.rmtree(out)
+        manifest = republish_bundle(bundle.root, result.params, out, runtimes=self.cfg.runtimes,
+                                    meta={"distilled_from_devices": len(devices),
+                                          "aggregator": self.cfg.aggregator})
+        ann = self.publish(out)
+        entry = {"round": len(self.history) + 1, "devices": len(devices), "seconds": round(seconds, 2),
+                 "parent_base": bundle.base_version, "base_version": manifest.base_version,
+                 "bundle": ann.version, "metrics": result.metrics}
+        self.history.append(entry)
+        log.info("distillation round %d over %d devices in %.1f s", entry["round"], len(devices), seconds)
+        return entry

@@ -1,0 +1,1 @@
+"""Federated full-weight rounds over MQTT (DISTREAL and its baselines) and the fleet simulator."""

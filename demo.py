@@ -1,0 +1,239 @@
+"""`edgepatch demo`: export → fleet trains φ on-device → cloud distils → fleet updates, with a report.
+
+Everything is real: the bundle is exported to LiteRT, every device is its own process running the
+device runtime (LiteRT, no torch), they talk MQTT to a broker (embedded amqtt unless --broker), the
+companion ingests into SQLite, runs MoMoDistill, re-exports and announces each new bundle, and the
+devices fetch, verify and adopt it before their next round.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+@dataclass
+class DemoOptions:
+    out: Path = Path("edgepatch-demo")
+    model: str = "digits_cnn"
+    devices: int = 8
+    rounds: int = 2
+    steps: int = 120
+    broker: str | None = None
+    variants: str = "auto"
+    runtimes: tuple[str, ...] = ("litert",)
+    seed: int = 0
+
+
+def _profiles() -> list[str]:
+    """Device classes cycled over the fleet (all train with LiteRT in the demo)."""
+    return ["raspberry_pi_4", "raspberry_pi_5", "raspberry_pi_zero_2w", "linux_x86_64"]
+
+
+def _cloud_accuracy(spec: Any, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
+    import torch
+
+    from edgepatch.export.torch_model import forward, to_tensors
+
+    with torch.no_grad():
+        pred = forward(spec, None, to_tensors(params), torch.from_numpy(x)).argmax(1).numpy()
+    return float((pred == y).mean()) if len(y) else float("nan")
+
+
+def run_demo(opts: DemoOptions) -> dict[str, Any]:
+    from edgepatch.cloud.broker import EmbeddedBroker
+    from edgepatch.cloud.companion import Companion, CompanionConfig
+    from edgepatch.data.datasets import dataset_for_model
+    from edgepatch.data.fleet import base_split, make_fleet, write_device_timeline
+    from edgepatch.device.runtime import load_local_data, parse_broker
+    from edgepatch.export.pipeline import ExportOptions, export_bundle
+    from edgepatch.protocol.bundle import load_bundle
+
+    started = time.perf_counter()
+    out = opts.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    broker = None
+    if opts.broker:
+        host, port = parse_broker(opts.broker)
+        protocol = "mqttv5"
+    else:
+        broker = EmbeddedBroker().start()
+        host, port, protocol = broker.host, broker.port, broker.protocol
+        console.print(f"[bold]1/5[/bold] embedded MQTT broker (amqtt, MQTT 3.1.1) on {host}:{port}")
+    try:
+        console.print(f"[bold]2/5[/bold] exporting {opts.model} (pretrain offline, DSE, LiteRT programs)")
+        bundle0 = out / "bundle-0"
+        export_bundle(ExportOptions(model=opts.model, variants=opts.variants, runtimes=opts.runtimes,
+                                    dse_generations=2, dse_population=6, dse_steps=20, dse_seeds=(0, 1),
+                                    seed=opts.seed), bundle0, lambda m: console.print(f"    {m}"))
+        with load_bundle(bundle0) as b:
+            spec, base0 = b.model_spec, b.base_params()
+            variant_ids = [r.id for r in b.manifest.variants]
+        console.print(f"    variants shipped: {', '.join(variant_ids)}")
+
+        console.print(f"[bold]3/5[/bold] fleet of {opts.devices} devices (long tail, per-device sensor shift)")
+        _, device_part = base_split(dataset_for_model(opts.model), fraction=0.5, seed=opts.seed)
+        fleet = make_fleet(device_part, opts.devices, alpha=0.5, shift="gain_offset", tail="zipf",
+                           seed=opts.seed + 3, shift_strength=3.0)
+        for device in fleet:
+            write_device_timeline(device, out / "devices" / device.device_id / "data")
+
+        companion = Companion(CompanionConfig(bundle=bundle0, work_dir=out / "cloud", broker_host=host,
+                                              broker_port=port, protocol=protocol, fleet="demo",
+                                              distill_after=opts.devices, runtimes=opts.runtimes))
+        companion.start()
+        loop = threading.Thread(target=companion.run_forever, name="companion", daemon=True)
+        loop.start()
+        console.print(f"[bold]4/5[/bold] companion up: fleet page {companion.web.url}/fleet, "
+                      f"metrics {companion.web.url}/metrics")
+
+        procs = _start_devices(opts, fleet, bundle0, out, f"mqtt://{host}:{port}")
+        _follow(opts, companion, procs)
+        bytes_in = sum(d.get("bytes_in", 0) for d in companion.store.devices("demo"))
+        report = _report(opts, out, fleet, companion, spec, base0, bundle0, load_local_data, _cloud_accuracy,
+                         bytes_in)
+        companion.stop()
+    finally:
+        if broker is not None:
+            broker.stop()
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    _plot(report, out / "report.png")
+    console.print(f"[bold]done[/bold] in {report['seconds']} s; wrote {out / 'report.json'} and {out / 'report.png'}")
+    return report
+
+
+def _start_devices(opts: DemoOptions, fleet: list[Any], bundle0: Path, out: Path, broker_url: str
+                   ) -> dict[str, subprocess.Popen[bytes]]:
+    procs = {}
+    profiles = _profiles()
+    for i, device in enumerate(fleet):
+        ddir = out / "devices" / device.device_id
+        cmd = [sys.executable, "-m", "edgepatch.cli", "device", "run", "--profile", profiles[i % len(profiles)],
+               "--runtime", "litert", "--bundle", str(bundle0), "--data", str(ddir / "data"),
+               "--state-dir", str(ddir / "state"), "--device-id", device.device_id, "--fleet", "demo",
+               "--broker", broker_url, "--rounds", str(opts.rounds), "--steps", str(opts.steps),
+               "--deadline", "60", "--await-bundle", "600", "--log-level", "WARNING"]
+        log = open(ddir / "device.log", "wb")  # noqa: SIM115 - closed when the process ends
+        procs[device.device_id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    return procs
+
+
+def _follow(opts: DemoOptions, companion: Any, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Progress lines until every device process has finished its rounds."""
+    last = ""
+    deadline = time.monotonic() + 1800
+    while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
+        time.sleep(1.0)
+        bundle = companion.current.base_version[:12] if companion.current else "-"
+        reported = len(companion.store.latest_patches(companion.current.base_version, "demo")) \
+            if companion.current else 0
+        line = (f"    round {min(len(companion.history) + 1, opts.rounds)}/{opts.rounds}: "
+                f"{reported}/{opts.devices} devices reported on base {bundle}; "
+                f"{len(companion.history)} distillations; {sum(p.poll() is not None for p in procs.values())} "
+                f"devices finished")
+        if line != last:
+            console.print(line)
+            last = line
+    for device_id, proc in procs.items():
+        if proc.poll() is None:
+            proc.kill()
+        if proc.wait() != 0:
+            console.print(f"[red]device {device_id} exited with {proc.returncode}; see its device.log[/red]")
+
+
+def _report(opts: DemoOptions, out: Path, fleet: list[Any], companion: Any, spec: Any,
+            base0: dict[str, np.ndarray], bundle0: Path, load_local_data: Any, cloud_accuracy: Any,
+            bytes_in: int) -> dict[str, Any]:
+    from edgepatch.protocol.bundle import load_bundle
+
+    console.print("[bold]5/5[/bold] report")
+    with load_bundle(companion.current.root) as final:
+        base_final, final_version = final.base_params(), final.base_version
+    with load_bundle(bundle0) as b0:
+        bundle_bytes = sum(e.bytes for e in b0.manifest.artifacts.values())
+        param_bytes = sum(int(v.nbytes) for v in base0.values())
+        rows = []
+        for device in fleet:
+            data = load_local_data(out / "devices" / device.device_id / "data", b0, 0.25)
+            store = companion.store
+            base_acc = store.metric_values(device.device_id, "holdout_acc_base")
+            pers_acc = store.metric_values(device.device_id, "holdout_acc")
+            rows.append({
+                "device": device.device_id, "bucket": device.bucket, "train": len(data.train_x),
+                "holdout": len(data.holdout_x),
+                "acc_base_model": base_acc[0][1] if base_acc else None,
+                "acc_personalized": pers_acc[-1][1] if pers_acc else None,
+                "cloud_acc_before": cloud_accuracy(spec, base0, data.holdout_x, data.holdout_y),
+                "cloud_acc_after": cloud_accuracy(spec, base_final, data.holdout_x, data.holdout_y)})
+    buckets = {}
+    for bucket in ("head", "tail"):
+        members = [r for r in rows if r["bucket"] == bucket]
+        buckets[bucket] = {key: float(np.mean([r[key] for r in members if r[key] is not None]))
+                           if members else None
+                           for key in ("acc_base_model", "acc_personalized", "cloud_acc_before", "cloud_acc_after")}
+        buckets[bucket]["devices"] = len(members)
+    bytes_out = int(companion.metrics.value("edgepatch_bytes_out_total"))  # bundle files served over HTTP
+    edgepatch_bytes = bytes_in + bytes_out
+    fedavg_bytes = 2 * param_bytes * opts.devices * opts.rounds
+    report = {"devices": rows, "buckets": buckets, "rounds": opts.rounds, "distillations": companion.history,
+              "final_base_version": final_version, "bytes": {
+                  "patches_and_metrics_up": bytes_in, "bundles_down": bytes_out, "bundle_bytes": bundle_bytes,
+                  "edgepatch_total": edgepatch_bytes, "fedavg_full_model": fedavg_bytes,
+                  "model_param_bytes": param_bytes}}
+    table = Table("device", "bucket", "train", "base model", "personalized", "cloud before", "cloud after",
+                  title="per-device holdout accuracy (newest 25 % of each device's data)")
+    for r in rows:
+        table.add_row(r["device"], r["bucket"], str(r["train"]), _pct(r["acc_base_model"]),
+                      _pct(r["acc_personalized"]), _pct(r["cloud_acc_before"]), _pct(r["cloud_acc_after"]))
+    Console().print(table)
+    bt = Table("bucket", "devices", "base model", "personalized", "cloud before", "cloud after",
+               title="long-tail buckets (mean)")
+    for name, b in buckets.items():
+        bt.add_row(name, str(b["devices"]), _pct(b["acc_base_model"]), _pct(b["acc_personalized"]),
+                   _pct(b["cloud_acc_before"]), _pct(b["cloud_acc_after"]))
+    Console().print(bt)
+    Console().print(f"bytes moved: devices → cloud {bytes_in:,} B (φ + metrics); cloud → devices "
+                    f"{edgepatch_bytes - bytes_in:,} B (bundles); FedAvg of the full model would move "
+                    f"{fedavg_bytes:,} B ({param_bytes:,} B of weights up and down per device per round)")
+    return report
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.1f}%"
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["devices"]
+    names = [r["device"] for r in rows]
+    xs = np.arange(len(rows))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 1]})
+    for i, (key, label) in enumerate((("acc_base_model", "base model"), ("acc_personalized", "personalized φ"),
+                                      ("cloud_acc_before", "cloud before"), ("cloud_acc_after", "cloud after"))):
+        ax1.bar(xs + (i - 1.5) * 0.2, [r[key] or 0 for r in rows], width=0.2, label=label)
+    ax1.set_xticks(xs, [f"{n}\n{r['bucket']}" for n, r in zip(names, rows, strict=True)], fontsize=7)
+    ax1.set_ylabel("holdout accuracy")
+    ax1.legend(fontsize=7)
+    b = report["bytes"]
+    ax2.bar(["edgepatch", "FedAvg\nfull model"], [b["edgepatch_total"], b["fedavg_full_model"]])
+    ax2.set_ylabel("bytes moved")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,258 @@
+"""Canoe boosting at the target: the device's own tailored model + helper slices, weighted by SAMME.
+
+Members:
+- `TailoredModel`: the device's own model — base W fine-tuned locally with full-weight steps (LiteRT
+  `train_full_<full vid>` gives builtins-only gradients, numpy SGD applies them) plus the device's φ.
+  Inference runs the trainable program's `infer_<vid>` signature with the weights passed in.
+- `SliceModel`: a helper's significant sub-network. Its per-layer widths equal a bundle variant's, so it
+  runs in that variant's `infer_<vid>` signature on the target, lite runtime only, with no new export;
+  the patch's θ̄/Θ come from the target's own bundle, gathered with the slice's kept indices.
+
+Weights: multi-class AdaBoost SAMME (Zhu et al. 2009) over the fixed members in order (own model first,
+then helpers by arrival), computed on the target's recent labelled window: sample weights start uniform;
+member m's weighted error e_m gives α_m = log((1 - e_m) / e_m) + log(K - 1), and the samples it got wrong
+are up-weighted by exp(α_m). So a helper earns weight by being right where the own model is wrong (the
+drifted classes). These α_m are what we report, and a helper with α_m ≤ 0 is retired.
+
+Prediction (our refinement): plain SAMME votes argmax_k Σ α_m [h_m(x) = k]; with the usual two or three
+members that degenerates to "whoever has the largest α decides", so a helper that is right exactly on
+the new classes never changes a prediction while the own model's α is larger (we measured it flipping the
+whole ensemble between the two members from refit to refit). We therefore vote with class-conditional
+SAMME weights: α_{m,k} is the same formula with e_{m,k} = the (SAMME-reweighted, Laplace-smoothed) error of
+member m on the window samples where it predicts k. The own model, which calls every new-class sample
+"some old class", gets a low weight exactly for those predictions; a helper gets a high weight for
+predicting the new classes. Members never predicting k on the window use their overall α. Ties are
+broken by the own model's logits. Weights are recomputed whenever the target refits (it keeps learning);
+a helper is also retired when the ensemble without it is at least as accurate on the window for
+`patience` consecutive refits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgepatch.protocol.bundle import Bundle
+from edgepatch.protocol.canoe import CanoeSlice
+from edgepatch.protocol.model_spec import ModelSpec, PatchSpec, param_infos
+from edgepatch.protocol.variants import KeptSets, Variant, slice_params
+
+from .backends.litert import LiteRTProgram
+
+log = logging.getLogger("edgepatch.device.canoe")
+
+
+def padded_logits(program: LiteRTProgram, vid: str, x: np.ndarray, phi: np.ndarray,
+                  params: Mapping[str, np.ndarray], batch: int) -> np.ndarray:
+    """Logits of any number of samples through a fixed-batch `infer_<vid>` signature (zero padding)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = []
+    for start in range(0, len(x), batch):
+        chunk = x[start:start + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), np.float32)])
+        out.append(program.infer_variant(vid, chunk, phi, params)[:n])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def shared_slice(shared: Mapping[str, np.ndarray], spec: ModelSpec, patch: PatchSpec, kept: KeptSets
+                 ) -> dict[str, np.ndarray]:
+    """θ̄ and Θ of the target's bundle gathered at a slice's kept filters."""
+    infos = param_infos(spec, patch)
+    return slice_params(shared, {n: infos[n] for n in shared}, kept)
+
+
+@dataclass
+class TailoredModel:
+    """A device's own model: full-variant base W trained by LiteRT gradients + numpy SGD, and its φ."""
+
+    program: LiteRTProgram
+    spec: ModelSpec
+    patch: PatchSpec
+    base: dict[str, np.ndarray]
+    shared: dict[str, np.ndarray]
+    phi: np.ndarray
+    full_vid: str
+    batch: int = 32
+    lr: float = 0.05
+    steps: int = 0
+
+    def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+        loss, grads = self.program.train_full(self.full_vid, x, y.astype(np.int32), self.base)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"step {self.steps}: loss {loss}; not applying the update")
+        for name, grad in grads.items():
+            self.base[name] = (self.base[name] - self.lr * grad).astype(np.float32)
+        self.steps += 1
+        return loss
+
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        return self.program.train_full(self.full_vid, x, y.astype(np.int32), self.base)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return padded_logits(self.program, self.full_vid, x, self.phi, {**self.base, **self.shared}, self.batch)
+
+    def copy(self, program: LiteRTProgram | None = None) -> TailoredModel:
+        """An independent copy of the weights; pass a fresh `program` to use it from another thread."""
+        return TailoredModel(program or self.program, self.spec, self.patch, {k: v.copy() for k, v in self.base.items()},
+                             self.shared, self.phi.copy(), self.full_vid, self.batch, self.lr, self.steps)
+
+
+@dataclass
+class SliceModel:
+    """A helper's slice, run through the matching variant's `infer_<vid>` on the target."""
+
+    name: str
+    program: LiteRTProgram
+    variant_id: str
+    params: dict[str, np.ndarray]
+    phi: np.ndarray
+    batch: int
+    nbytes: int = 0
+
+    @classmethod
+    def from_slice(cls, s: CanoeSlice, program: LiteRTProgram, spec: ModelSpec, patch: PatchSpec,
+                   shared: Mapping[str, np.ndarray], batch: int, nbytes: int = 0) -> SliceModel:
+        params = {**s.base, **shared_slice(shared, spec, patch, s.kept)}
+        return cls(f"{s.helper}/{s.request_id}", program, s.variant_id, params, s.phi, batch, nbytes)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return padded_logits(self.program, self.variant_id, x, self.phi, self.params, self.batch)
+
+
+def samme_weights(predictions: list[np.ndarray], y: np.ndarray, num_classes: int, eps: float = 1e-3
+                  ) -> list[float]:
+    """SAMME α of each member in order, from its predicted labels on the window (y)."""
+    return samme_fit(predictions, y, num_classes, eps)[0]
+
+
+def samme_fit(predictions: list[np.ndarray], y: np.ndarray, num_classes: int, eps: float = 1e-3,
+              smoothing: float = 1.0) -> tuple[list[float], np.ndarray]:
+    """(α per member, class-conditional α per member × predicted label) on the window."""
+    members = len(predictions)
+    per_class = np.zeros((members, num_classes))
+    if not len(y):
+        return [1.0] + [0.0] * (members - 1), per_class
+    w = np.full(len(y), 1.0 / len(y))
+    alphas = []
+    log_k = np.log(num_classes - 1)
+    for m, pred in enumerate(predictions):
+        wrong = pred != y
+        err = float(np.clip(w[wrong].sum() / w.sum(), eps, 1 - eps))
+        alpha = float(np.log((1 - err) / err) + log_k)
+        alphas.append(alpha)
+        prior = smoothing / len(y)  # Laplace: `smoothing` pseudo-samples at the member's overall error
+        for k in range(num_classes):
+            says_k = pred == k
+            if not says_k.any():
+                per_class[m, k] = alpha
+                continue
+            e_k = (w[says_k & wrong].sum() + prior * err) / (w[says_k].sum() + prior)
+            e_k = float(np.clip(e_k, eps, 1 - eps))
+            per_class[m, k] = np.log((1 - e_k) / e_k) + log_k
+        if alpha > 0:
+            w = w * np.exp(alpha * wrong)
+            w /= w.sum()
+    return alphas, per_class
+
+
+def vote(predictions: list[np.ndarray], alphas: list[float] | np.ndarray, num_classes: int,
+         tie_break: np.ndarray) -> np.ndarray:
+    """argmax_k Σ_m weight_m(h_m(x)) [h_m(x) = k]; `alphas` per member (plain SAMME) or a members ×
+    classes array (class-conditional). Members with overall weight ≤ 0 do not vote."""
+    scores = 1e-6 * _softmax(tie_break)
+    table = np.asarray(alphas, dtype=np.float64)
+    for m, pred in enumerate(predictions):
+        weight = table[m][pred] if table.ndim == 2 else np.full(len(pred), table[m])
+        rows = np.arange(len(pred))
+        scores[rows, pred] += np.where(weight > 0, weight, 0.0)
+    return scores.argmax(axis=1)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class CanoeEnsemble:
+    """{own model, helper slices} with SAMME weights refit on the recent labelled window."""
+
+    own: TailoredModel
+    num_classes: int
+    patience: int = 3
+    helpers: list[SliceModel] = field(default_factory=list)
+    alphas: list[float] = field(default_factory=lambda: [1.0])
+    class_alphas: np.ndarray | None = None  # members × classes, the vote's weights
+    retired: list[str] = field(default_factory=list)
+    _useless: dict[str, int] = field(default_factory=dict)
+
+    def add(self, helper: SliceModel) -> None:
+        self.helpers.append(helper)
+        self.alphas.append(0.0)
+        log.info("canoe: helper slice %s joined the ensemble (%d bytes)", helper.name, helper.nbytes)
+
+    def weights(self) -> dict[str, float]:
+        names = ["own"] + [h.name for h in self.helpers]
+        return {n: round(a, 4) for n, a in zip(names, self.alphas, strict=True)}
+
+    def _member_predictions(self, x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        own_logits = self.own.logits(x)
+        preds = [own_logits.argmax(axis=1)] + [h.logits(x).argmax(axis=1) for h in self.helpers]
+        return preds, own_logits
+
+    def refit(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        """Recompute α on the window; retire helpers with α ≤ 0 or that stopped helping."""
+        if not self.helpers or not len(y):
+            self.alphas, self.class_alphas = [1.0], None
+            return self.weights()
+        preds, own_logits = self._member_predictions(x)
+        self.alphas, self.class_alphas = samme_fit(preds, y, self.num_classes)
+        with_all = float((vote(preds, self.class_alphas, self.num_classes, own_logits) == y).mean())
+        keep: list[int] = []
+        for i, helper in enumerate(self.helpers, start=1):
+            rest = [j for j in range(len(preds)) if j != i]
+            without = float((vote([preds[j] for j in rest], self.class_alphas[rest], self.num_classes,
+                                  own_logits) == y).mean())
+            self._useless[helper.name] = self._useless.get(helper.name, 0) + 1 if without >= with_all else 0
+            if self.alphas[i] <= 0 or self._useless[helper.name] >= self.patience:
+                log.info("canoe: retiring helper %s (alpha %.3f, window acc with %.3f / without %.3f)",
+                         helper.name, self.alphas[i], with_all, without)
+                self.retired.append(helper.name)
+            else:
+                keep.append(i)
+        if len(keep) != len(self.helpers):
+            rows = [0] + keep
+            self.helpers = [self.helpers[i - 1] for i in keep]
+            self.alphas = [self.alphas[i] for i in rows]
+            self.class_alphas = self.class_alphas[rows]
+        return self.weights()
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        preds, own_logits = self._member_predictions(x)
+        if not self.helpers or self.class_alphas is None:
+            return preds[0]
+        return vote(preds, self.class_alphas, self.num_classes, own_logits)
+
+
+def tailored_from_bundle(bundle: Bundle, program: LiteRTProgram | None = None, lr: float = 0.05,
+                         phi: np.ndarray | None = None) -> TailoredModel:
+    """A device's own model starting from the bundle's base W (and φ = 0 unless given)."""
+    manifest = bundle.manifest
+    spec, patch = manifest.model, manifest.patch
+    if program is None:
+        program = LiteRTProgram(bundle.artifact_bytes(bundle.artifact_of_kind("litert_trainable")))
+    full = next((r.id for r in manifest.variants if r.variant.is_full(spec)), None)
+    if full is None:
+        raise ValueError(f"bundle {bundle.version[:12]} has no full variant to fine-tune")
+    return TailoredModel(program, spec, patch, {k: v.copy() for k, v in bundle.base_params().items()},
+                         bundle.shared_params(), np.zeros(patch.k, np.float32) if phi is None else phi,
+                         full, manifest.train.batch, lr)
+
+
+def bundle_variants(bundle: Bundle) -> list[Variant]:
+    return [row.variant for row in bundle.manifest.variants]

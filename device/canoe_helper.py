@@ -1,0 +1,196 @@
+"""Canoe helper: extract the significant sub-network of the helper's own model for the requested classes.
+
+Per task: first-order Taylor importance of every conv filter for the requested classes, on the helper's
+own data only: score_j = Σ_batches Σ_{params of filter j} |w · ∂L/∂w| (weights and bias), with the
+gradients from the LiteRT `train_full_<full vid>` program (builtins-only) on batches drawn from the
+helper's samples of those classes. We score weights rather than activations (|a·∂L/∂a|) because the lite
+runtime exposes weight gradients and no activation gradients; for a conv filter the two agree to first
+order on what removing the filter costs. The top filters per layer are kept, with as many filters as a
+bundle variant keeps, so the slice runs in that variant's lite-runtime signature on the target. The
+slice (sliced base W + kept indices + the helper's φ + the sliced model description) is serialized
+pickle-free (`protocol.canoe.encode_slice`) with its sha256; it travels inline when it fits in a message,
+else by reference (a file in a directory the target can read, or any http(s) URL serving it).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgepatch.protocol.canoe import (
+    INLINE_LIMIT_BYTES,
+    CanoeError,
+    CanoeMessage,
+    CanoeMeta,
+    CanoeOffer,
+    CanoeSlice,
+    CanoeTask,
+    canoe_topic,
+    check_classes,
+    encode_slice,
+    sha256_hex,
+)
+from edgepatch.protocol.model_spec import param_infos
+from edgepatch.protocol.params import write_atomic
+from edgepatch.protocol.variants import KeptSets, Variant, slice_params
+
+from .canoe_boost import TailoredModel
+from .canoe_target import CanoeLink
+
+log = logging.getLogger("edgepatch.device.canoe")
+
+
+def filter_importance(model: TailoredModel, x: np.ndarray, y: np.ndarray, classes: list[int],
+                      rng: np.random.Generator, batches: int = 8) -> dict[str, np.ndarray]:
+    """Taylor score per filter of every droppable layer, for `classes`, on (x, y) (the helper's data)."""
+    pick = np.flatnonzero(np.isin(y, classes))
+    if len(pick) == 0:
+        raise CanoeError(f"no_data: this device has no samples of classes {classes}")
+    layers = model.spec.droppable_layers()
+    scores = {name: np.zeros(model.spec.layer(name).out, np.float64) for name in layers}
+    for _ in range(batches):
+        idx = rng.choice(pick, size=model.batch, replace=len(pick) < model.batch)
+        _, grads = model.gradients(x[idx], y[idx])
+        for name in layers:
+            for part in ("weight", "bias"):
+                key = f"{name}.{part}"
+                taylor = np.abs(model.base[key] * grads[key])
+                scores[name] += taylor.reshape(taylor.shape[0], -1).sum(axis=1)
+    return {name: s.astype(np.float32) for name, s in scores.items()}
+
+
+def top_filters(importance: dict[str, np.ndarray], widths: dict[str, int]) -> KeptSets:
+    """The `widths[layer]` most important filters of each layer, sorted (ties by lower index)."""
+    kept: KeptSets = {}
+    for name, width in widths.items():
+        order = np.argsort(-importance[name], kind="stable")[:width]
+        kept[name] = np.sort(order).astype(np.int64)
+    return kept
+
+
+def slice_variant(variants: list[Variant], spec_full_widths: dict[str, int], wanted: str = "") -> Variant:
+    """The requested variant, else the smallest one that is not the full model."""
+    if wanted:
+        for v in variants:
+            if v.id == wanted:
+                return v
+        raise CanoeError(f"bad_request: variant {wanted!r} is not in the bundle ({[v.id for v in variants]})")
+    small = [v for v in variants if any(v.keep.get(n, 1.0) < 1.0 for n in spec_full_widths)]
+    if not small:
+        raise CanoeError("bad_request: the bundle has no sliced variant to ship")
+    return min(small, key=lambda v: sum(v.keep.get(n, 1.0) * w for n, w in spec_full_widths.items()))
+
+
+def recover_slice(model: TailoredModel, base: dict[str, np.ndarray], variant: Variant, x: np.ndarray,
+                  y: np.ndarray, classes: list[int], steps: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A few full-weight steps of the sliced network itself (`train_full_<variant>`, lite runtime) on the
+    helper's data, half of each batch from the requested classes: dropping half the filters shifts the
+    head's logits, and these steps recover most of that accuracy before anything is shipped."""
+    base = {k: v.copy() for k, v in base.items()}
+    pick, rest = np.flatnonzero(np.isin(y, classes)), np.arange(len(y))
+    half = model.batch // 2
+    for _ in range(steps):
+        idx = np.concatenate([rng.choice(pick, size=half), rng.choice(rest, size=model.batch - half)])
+        loss, grads = model.program.train_full(variant.id, x[idx], y[idx].astype(np.int32), base)
+        if not np.isfinite(loss):
+            raise CanoeError(f"helper_failed: recovering the slice diverged (loss {loss})")
+        for name, grad in grads.items():
+            base[name] = (base[name] - model.lr * grad).astype(np.float32)
+    return base
+
+
+def extract_slice(model: TailoredModel, x: np.ndarray, y: np.ndarray, classes: list[int], variant: Variant, *,
+                  base_version: str, helper: str, request_id: str, rng: np.random.Generator,
+                  batches: int = 8, recover_steps: int = 40) -> CanoeSlice:
+    """The significant sub-network of `model` for `classes`, with `variant`'s widths."""
+    classes = check_classes(classes, model.spec.num_classes)
+    importance = filter_importance(model, x, y, classes, rng, batches)
+    kept = top_filters(importance, variant.widths(model.spec))
+    infos = param_infos(model.spec, None)
+    base = slice_params(model.base, infos, kept)
+    if recover_steps:
+        base = recover_slice(model, base, variant, x, y, classes, recover_steps, rng)
+    return CanoeSlice(base_version, variant.id, helper, request_id, classes, kept, base,
+                      np.asarray(model.phi, np.float32), variant.spec(model.spec),
+                      {k: v.tolist() for k, v in importance.items()})
+
+
+def full_model_bytes(model: TailoredModel) -> int:
+    """Bytes of the helper's whole tailored model in the same file format (the comparison point)."""
+    kept = {n: np.arange(model.spec.layer(n).out, dtype=np.int64) for n in model.spec.droppable_layers()}
+    whole = CanoeSlice("-", "full", "-", "-", [], kept, model.base, model.phi, model.spec)
+    return len(encode_slice(whole))
+
+
+@dataclass
+class CanoeHelper:
+    """A peer that answers Canoe tasks from its own model and data."""
+
+    device_id: str
+    model: TailoredModel
+    x: np.ndarray
+    y: np.ndarray
+    variants: list[Variant]
+    base_version: str
+    share_dir: Path | None = None  # where by-reference slices go (a directory the target can read)
+    inline_limit: int = INLINE_LIMIT_BYTES
+    batches: int = 8
+    recover_steps: int = 40
+    seed: int = 0
+    served: list[dict[str, object]] = field(default_factory=list)
+
+    def answer(self, task: CanoeTask) -> CanoeOffer:
+        """An offer carrying the slice (inline or by reference), or an offer with a clear error."""
+        rng = np.random.default_rng([self.seed, len(self.served)])
+        try:
+            classes = check_classes(task.classes, self.model.spec.num_classes)
+        except CanoeError as exc:
+            return self._error(task, f"unknown_classes: {exc}")
+        try:
+            widths = {n: self.model.spec.layer(n).out for n in self.model.spec.droppable_layers()}
+            variant = slice_variant(self.variants, widths, task.variant_id)
+            s = extract_slice(self.model, self.x, self.y, classes, variant, base_version=self.base_version,
+                              helper=self.device_id, request_id=task.request_id, rng=rng, batches=self.batches,
+                              recover_steps=self.recover_steps)
+        except CanoeError as exc:
+            code = str(exc).split(":", 1)[0]
+            return self._error(task, str(exc) if code in ("no_data", "bad_request") else f"helper_failed: {exc}")
+        blob = encode_slice(s)
+        digest = sha256_hex(blob)
+        self.served.append({"request_id": task.request_id, "classes": classes, "bytes": len(blob),
+                            "variant": variant.id, "kept": {k: v.tolist() for k, v in s.kept.items()}})
+        log.info("canoe helper %s: slice for %s classes %s: %d bytes (%s)", self.device_id, task.target, classes,
+                 len(blob), variant.id)
+        if len(blob) <= self.inline_limit:
+            return CanoeOffer(task.request_id, task.target, self.device_id, digest, len(blob),
+                              inline_b64=base64.b64encode(blob).decode())
+        if self.share_dir is None:
+            return self._error(task, f"helper_failed: slice of {len(blob)} bytes exceeds the inline limit "
+                                     f"{self.inline_limit} and no share directory is set")
+        path = Path(self.share_dir) / f"{task.request_id}-{digest[:16]}.canoe.npz"
+        write_atomic(path, blob)
+        return CanoeOffer(task.request_id, task.target, self.device_id, digest, len(blob),
+                          reference=path.resolve().as_uri())
+
+    def _error(self, task: CanoeTask, error: str) -> CanoeOffer:
+        log.warning("canoe helper %s: cannot serve %s: %s", self.device_id, task.request_id, error)
+        return CanoeOffer(task.request_id, task.target, self.device_id, error=error[:512])
+
+    def serve(self, link: CanoeLink) -> None:
+        """Answer tasks relayed to this device on `link`, and tell the cloud what data it holds. The
+        answer runs on the link's thread: give the helper its own LiteRTProgram (interpreters are not
+        shared across threads)."""
+        def on_task(msg: CanoeMessage) -> None:
+            if isinstance(msg.payload, CanoeTask):
+                link.publish("offer", self.answer(msg.payload))
+
+        link.subscribe(canoe_topic(link.fleet, self.device_id, "task"), on_task)
+        link.publish("meta", self.meta(), retain=True)
+
+    def meta(self) -> CanoeMeta:
+        hist = np.bincount(self.y.astype(np.int64), minlength=self.model.spec.num_classes)
+        return CanoeMeta(hist.tolist())

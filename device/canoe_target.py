@@ -1,0 +1,380 @@
+"""Canoe target: drift detection on a sliding window, metadata-only help requests, taking in helper slices.
+
+`DriftDetector` scores every labelled sample prequentially (predict first, then learn). The first
+`reference` samples form the reference window; afterwards drift is declared when the last `window`
+samples are at least `drop` less accurate than the reference, or when labels never seen in the reference
+period show up (`min_new` samples of one of them; the request then names all of them). The request names the under-performing classes (new labels and
+classes whose window accuracy is below `class_floor`) and the window's label histogram — never samples.
+
+`CanoeTarget` keeps learning alone all the time (full-weight SGD steps on a replay of its recent data);
+a helper slice that arrives (inline or by reference) is checked — sha256, base version, widths equal to a
+bundle variant's, shapes — and joins the SAMME ensemble; anything wrong is logged, counted in `events`
+and the target simply goes on alone.
+
+`CanoeLink` is a small paho client for the Canoe topics (publish to one's own canoe channels, subscribe to
+topic filters with a handler); it keeps Canoe off `DeviceLink`, whose only subscription is the bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import queue
+import socket
+import threading
+import urllib.parse
+import urllib.request
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from edgepatch.protocol.canoe import (
+    MAX_SLICE_BYTES,
+    CanoeError,
+    CanoeMessage,
+    CanoeMeta,
+    CanoeOffer,
+    CanoePayload,
+    CanoeReply,
+    CanoeRequest,
+    canoe_topic,
+    check_slice_fits,
+    decode_message,
+    decode_slice,
+    encode_message,
+)
+from edgepatch.protocol.variants import Variant
+
+from .canoe_boost import CanoeEnsemble, SliceModel, TailoredModel
+
+log = logging.getLogger("edgepatch.device.canoe")
+
+Handler = Callable[[CanoeMessage], None]
+
+
+# ------------------------------------------------------------------------------------------------ link
+
+class CanoeLink:
+    """paho client for Canoe topics: QoS 1, TCP_NODELAY, handlers run on paho's thread and never raise."""
+
+    def __init__(self, fleet: str, device_id: str, host: str, port: int, client_id: str | None = None) -> None:
+        self.fleet, self.device_id = fleet, device_id
+        self.rejects = 0
+        self._handlers: dict[str, Handler] = {}
+        self._connected = threading.Event()
+        self._client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                   client_id=client_id or f"edgepatch-canoe-{fleet}-{device_id}",
+                                   protocol=mqtt.MQTTv5)
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        self._client.on_socket_open = _nodelay
+        self._host, self._port = host, port
+
+    def start(self, timeout: float = 10.0) -> None:
+        self._client.connect_async(self._host, self._port, keepalive=30)
+        self._client.loop_start()
+        if not self._connected.wait(timeout):
+            raise ConnectionError(f"canoe link {self.device_id}: no broker at {self._host}:{self._port}")
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def subscribe(self, topic_filter: str, handler: Handler) -> None:
+        self._handlers[topic_filter] = handler
+        if self._connected.is_set():
+            self._client.subscribe(topic_filter, qos=1)
+
+    def publish_to(self, topic: str, payload: CanoePayload, retain: bool = False) -> int:
+        data = encode_message(payload, fleet=self.fleet, device_id=self.device_id)
+        info = self._client.publish(topic, data, qos=1, retain=retain)
+        return len(data) if info.rc == mqtt.MQTT_ERR_SUCCESS else 0
+
+    def publish(self, channel: str, payload: CanoePayload, retain: bool = False) -> int:
+        """Publish on this device's own canoe channel; returns the bytes sent (0 if not queued)."""
+        return self.publish_to(canoe_topic(self.fleet, self.device_id, channel), payload, retain)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("canoe link %s refused: %s", self.device_id, reason)
+            return
+        for topic_filter in self._handlers:
+            client.subscribe(topic_filter, qos=1)
+        self._connected.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            if not message.payload:
+                return
+            try:
+                msg = decode_message(message.topic, message.payload)
+            except CanoeError as exc:
+                self.rejects += 1
+                log.warning("canoe link %s dropped a message on %s: %s", self.device_id, message.topic, exc)
+                return
+            for topic_filter, handler in list(self._handlers.items()):
+                if mqtt.topic_matches_sub(topic_filter, message.topic):
+                    handler(msg)
+        except Exception:
+            log.exception("canoe link %s: error handling %s", self.device_id, getattr(message, "topic", "?"))
+
+
+def _nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    with contextlib.suppress(OSError, AttributeError):  # e.g. a websocket wrapper: not fatal
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# ------------------------------------------------------------------------------------------- drift
+
+@dataclass(frozen=True)
+class DriftReport:
+    classes: list[int]
+    new_labels: list[int]
+    label_histogram: list[int]
+    window_accuracy: float
+    reference_accuracy: float
+    reason: str
+
+
+@dataclass
+class DriftDetector:
+    num_classes: int
+    reference: int = 128
+    window: int = 96
+    drop: float = 0.15
+    min_new: int = 3
+    class_floor: float = 0.5
+    _ref_correct: list[bool] = field(default_factory=list)
+    _ref_labels: set[int] = field(default_factory=set)
+    _recent: deque[tuple[int, bool]] = field(default_factory=deque)
+
+    def observe(self, pred: np.ndarray, y: np.ndarray) -> None:
+        for p, t in zip(pred.tolist(), y.tolist(), strict=True):
+            if len(self._ref_correct) < self.reference:
+                self._ref_correct.append(p == t)
+                self._ref_labels.add(int(t))
+            self._recent.append((int(t), p == t))
+            while len(self._recent) > self.window:
+                self._recent.popleft()
+
+    def acknowledge(self, classes: list[int]) -> None:
+        """Help arrived for `classes`: they no longer count as never-seen labels."""
+        self._ref_labels.update(int(c) for c in classes)
+
+    @property
+    def reference_accuracy(self) -> float:
+        return float(np.mean(self._ref_correct)) if self._ref_correct else float("nan")
+
+    def check(self) -> DriftReport | None:
+        if len(self._ref_correct) < self.reference or len(self._recent) < self.window // 2:
+            return None
+        labels = np.array([t for t, _ in self._recent])
+        correct = np.array([c for _, c in self._recent])
+        hist = np.bincount(labels, minlength=self.num_classes)
+        acc = float(correct.mean())
+        # Trigger once one never-seen label has `min_new` samples, but ask for every never-seen label so far.
+        new = sorted(c for c in range(self.num_classes) if hist[c] and c not in self._ref_labels)
+        if not any(hist[c] >= self.min_new for c in new):
+            new = []
+        weak = [c for c in range(self.num_classes)
+                if hist[c] >= self.min_new and correct[labels == c].mean() < self.class_floor]
+        dropped = acc <= self.reference_accuracy - self.drop
+        if not new and not dropped:
+            return None
+        classes = sorted(set(new) | set(weak))
+        if not classes:
+            return None
+        reason = "new labels" if new else "accuracy drop"
+        return DriftReport(classes, new, hist.tolist(), acc, self.reference_accuracy, reason)
+
+
+# -------------------------------------------------------------------------------------------- target
+
+def fetch_slice(offer: CanoeOffer, max_bytes: int = MAX_SLICE_BYTES) -> bytes:
+    """The offer's slice bytes: inline, or read from its reference (file path, file:// or http(s))."""
+    if offer.inline_b64:
+        return offer.slice_bytes()
+    parsed = urllib.parse.urlparse(offer.reference)
+    limit = min(max_bytes, offer.size)
+    if parsed.scheme in ("http", "https"):
+        with urllib.request.urlopen(offer.reference, timeout=30) as resp:  # noqa: S310 - scheme checked above
+            data = bytes(resp.read(limit + 1))
+    elif parsed.scheme in ("file", ""):
+        path = Path(urllib.parse.unquote(parsed.path) if parsed.scheme else offer.reference)
+        if not path.is_file():
+            raise CanoeError(f"slice reference {offer.reference} does not exist")
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    else:
+        raise CanoeError(f"slice reference scheme {parsed.scheme!r} is not supported")
+    if len(data) > limit:
+        raise CanoeError(f"slice at {offer.reference} is larger than the announced {offer.size} bytes")
+    return data
+
+
+_request_counter = itertools.count()
+
+
+@dataclass
+class CanoeTarget:
+    """A device that learns on its own stream and takes in helper slices when it drifts."""
+
+    device_id: str
+    model: TailoredModel
+    variants: list[Variant]
+    base_version: str
+    detector: DriftDetector
+    replay: int = 256
+    cooldown: int = 64  # samples to wait after a request before the next one
+    boost_window: int = 128  # recent labelled samples the SAMME weights are fit on (≤ replay)
+    seed: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)
+    ensemble: CanoeEnsemble = field(init=False)
+    slice_bytes_received: int = 0
+    _x: deque[np.ndarray] = field(default_factory=deque)
+    _y: deque[int] = field(default_factory=deque)
+    _seen: int = 0
+    _last_request_at: int | None = None
+    _pending: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.inbox: queue.Queue[CanoeReply] = queue.Queue()
+        self.ensemble = CanoeEnsemble(self.model, self.model.spec.num_classes)
+        self.rng = np.random.default_rng(self.seed)
+
+    # -- data and learning -------------------------------------------------------------------------
+    def observe(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Predict (ensemble) the new labelled samples first, then keep them; returns the predictions."""
+        with self._lock:
+            pred = self.ensemble.predict(x)
+        self.detector.observe(pred, y)
+        for xi, yi in zip(x, y.tolist(), strict=True):
+            self._x.append(np.asarray(xi, np.float32))
+            self._y.append(int(yi))
+            while len(self._x) > self.replay:
+                self._x.popleft()
+                self._y.popleft()
+        self._seen += len(y)
+        return pred
+
+    def window(self) -> tuple[np.ndarray, np.ndarray]:
+        n = min(len(self._y), self.boost_window)
+        return np.stack(list(self._x)[-n:]), np.asarray(list(self._y)[-n:], np.int32)
+
+    def learn(self, steps: int) -> list[float]:
+        """Full-weight steps on the replay buffer (alone), then refit the ensemble weights."""
+        xs, ys = np.stack(list(self._x)), np.asarray(list(self._y), np.int32)
+        losses = []
+        for _ in range(steps):
+            idx = self.rng.choice(len(ys), size=self.model.batch, replace=len(ys) < self.model.batch)
+            losses.append(self.model.train_step(xs[idx], ys[idx]))
+        self.refit()
+        return losses
+
+    def refit(self) -> dict[str, float]:
+        with self._lock:
+            if not self.ensemble.helpers:
+                return self.ensemble.weights()
+            wx, wy = self.window()
+            weights = self.ensemble.refit(wx, wy)
+        return weights
+
+    def accuracy(self, x: np.ndarray, y: np.ndarray, own_only: bool = False) -> float:
+        if own_only:
+            pred = self.model.logits(x).argmax(axis=1)
+        else:
+            with self._lock:
+                pred = self.ensemble.predict(x)
+        return float((pred == y).mean())
+
+    # -- requests ----------------------------------------------------------------------------------
+    def meta(self) -> CanoeMeta:
+        hist = np.bincount(np.asarray(list(self._y), np.int64), minlength=self.model.spec.num_classes)
+        return CanoeMeta(hist.tolist())
+
+    def maybe_request(self) -> CanoeRequest | None:
+        """A help request when drift is detected (none while one is pending or in the cooldown)."""
+        if self._pending is not None:
+            return None
+        if self._last_request_at is not None and self._seen - self._last_request_at < self.cooldown:
+            return None
+        report = self.detector.check()
+        if report is None:
+            return None
+        request_id = f"{self.device_id}-r{next(_request_counter)}-{self._seen}"
+        self._pending, self._last_request_at = request_id, self._seen
+        self.events.append({"event": "request", "request_id": request_id, "classes": report.classes,
+                            "reason": report.reason, "at_sample": self._seen,
+                            "window_accuracy": report.window_accuracy})
+        log.info("canoe target %s: drift (%s), asking for classes %s", self.device_id, report.reason, report.classes)
+        return CanoeRequest(request_id, report.classes, report.label_histogram, report.window_accuracy,
+                            report.reference_accuracy if np.isfinite(report.reference_accuracy) else 0.0,
+                            report.reason)
+
+    def on_reply(self, reply: CanoeReply) -> bool:
+        """Take a relayed offer into the ensemble. False (logged, counted) when it cannot be used."""
+        if reply.request_id == self._pending:
+            self._pending = None
+        if reply.offer is None or not reply.offer.ok:
+            error = reply.error or (reply.offer.error if reply.offer else "empty reply")
+            self.events.append({"event": "error", "request_id": reply.request_id, "error": error})
+            log.warning("canoe target %s: no help for %s: %s; learning alone", self.device_id, reply.request_id,
+                        error)
+            return False
+        return self.accept_offer(reply.offer)
+
+    def accept_offer(self, offer: CanoeOffer) -> bool:
+        spec, patch = self.model.spec, self.model.patch
+        try:
+            blob = fetch_slice(offer)
+            s = decode_slice(blob, expected_sha256=offer.sha256)
+            variant = next((v for v in self.variants if v.id == s.variant_id), None)
+            if variant is None:
+                raise CanoeError(f"slice variant {s.variant_id!r} is not in this device's bundle")
+            check_slice_fits(s, spec, patch, variant, self.base_version)
+        except (CanoeError, OSError) as exc:
+            self.events.append({"event": "rejected", "request_id": offer.request_id, "helper": offer.helper,
+                                "error": str(exc)})
+            log.warning("canoe target %s: rejected slice from %s: %s; learning alone", self.device_id,
+                        offer.helper, exc)
+            return False
+        member = SliceModel.from_slice(s, self.model.program, spec, patch, self.model.shared, self.model.batch,
+                                       nbytes=len(blob))
+        with self._lock:
+            self.ensemble.add(member)
+        self.slice_bytes_received += len(blob)
+        self.detector.acknowledge(s.classes)
+        self.events.append({"event": "slice", "request_id": offer.request_id, "helper": offer.helper,
+                            "bytes": len(blob), "variant": s.variant_id})
+        self.refit()
+        return True
+
+    def adopt_full_model(self, base: dict[str, np.ndarray], helper: str, classes: list[int], nbytes: int) -> None:
+        """The full-transfer baseline: replace the own weights by a helper's whole model, then fine-tune."""
+        self.model.base = {k: np.array(v, np.float32) for k, v in base.items()}
+        self._pending = None
+        self.detector.acknowledge(classes)
+        self.events.append({"event": "full_model", "helper": helper, "bytes": nbytes})
+
+    def on_message(self, msg: CanoeMessage) -> None:
+        """Link handler for `<self>/canoe/reply`: only queued here (paho's thread); the learning loop
+        takes replies in with `poll_replies`, so the interpreter is never used from two threads."""
+        if isinstance(msg.payload, CanoeReply):
+            self.inbox.put(msg.payload)
+
+    def poll_replies(self) -> int:
+        """Handle every queued reply; returns how many slices joined the ensemble."""
+        joined = 0
+        while True:
+            try:
+                reply = self.inbox.get_nowait()
+            except queue.Empty:
+                return joined
+            joined += int(self.on_reply(reply))
