@@ -162,6 +162,23 @@ def demo_cmd(
                          variants=variants, seed=seed))
 
 
+@app.command("simulate")
+def simulate_cmd(
+    config: Path = typer.Argument(..., help="simulation config (TOML or JSON; see docs/simulation.md)"),
+    broker: str | None = typer.Option(None, help="mqtt://host:port; default: a Mosquitto (or amqtt) it starts"),
+    out: Path = typer.Option(Path("results/simulate"), "--out", "-o"),
+    ray: str | None = typer.Option(None, help="Ray address to run device workers on (needs ray installed)"),
+) -> None:
+    """A fleet of device processes under time-varying load, federated rounds by strategy, over a broker."""
+    from edgepatch.cloud.fl.simulate import simulate_main
+
+    try:
+        results = simulate_main(config, broker, out, ray)
+    except (ValueError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"results: {results}")
+
+
 def main() -> None:
     app()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,14 +92,15 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         companion = Companion(CompanionConfig(bundle=bundle0, work_dir=out / "cloud", broker_host=host,
                                               broker_port=port, protocol=protocol, fleet="demo",
                                               distill_after=opts.devices, runtimes=opts.runtimes))
-        companion.start()
-        loop = threading.Thread(target=companion.run_forever, name="companion", daemon=True)
-        loop.start()
+        companion.start_background()
         console.print(f"[bold]4/5[/bold] companion up: fleet page {companion.web.url}/fleet, "
                       f"metrics {companion.web.url}/metrics")
 
-        procs = _start_devices(opts, fleet, bundle0, out, f"mqtt://{host}:{port}")
+        procs = _start_devices(opts, fleet, bundle0, out, f"mqtt://{host}:{port}",
+                               "5" if protocol == "mqttv5" else "3.1.1")
         _follow(opts, companion, procs)
+        if not companion.wait_distillations(opts.rounds, 600):
+            console.print(f"[yellow]only {len(companion.history)} of {opts.rounds} distillations finished[/yellow]")
         bytes_in = sum(d.get("bytes_in", 0) for d in companion.store.devices("demo"))
         report = _report(opts, out, fleet, companion, spec, base0, bundle0, load_local_data, _cloud_accuracy,
                          bytes_in)
@@ -115,8 +115,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     return report
 
 
-def _start_devices(opts: DemoOptions, fleet: list[Any], bundle0: Path, out: Path, broker_url: str
-                   ) -> dict[str, subprocess.Popen[bytes]]:
+def _start_devices(opts: DemoOptions, fleet: list[Any], bundle0: Path, out: Path, broker_url: str,
+                   mqtt_protocol: str) -> dict[str, subprocess.Popen[bytes]]:
     procs = {}
     profiles = _profiles()
     for i, device in enumerate(fleet):
@@ -124,7 +124,7 @@ def _start_devices(opts: DemoOptions, fleet: list[Any], bundle0: Path, out: Path
         cmd = [sys.executable, "-m", "edgepatch.cli", "device", "run", "--profile", profiles[i % len(profiles)],
                "--runtime", "litert", "--bundle", str(bundle0), "--data", str(ddir / "data"),
                "--state-dir", str(ddir / "state"), "--device-id", device.device_id, "--fleet", "demo",
-               "--broker", broker_url, "--rounds", str(opts.rounds), "--steps", str(opts.steps),
+               "--broker", broker_url, "--mqtt-protocol", mqtt_protocol, "--rounds", str(opts.rounds), "--steps", str(opts.steps),
                "--deadline", "60", "--await-bundle", "600", "--log-level", "WARNING"]
         log = open(ddir / "device.log", "wb")  # noqa: SIM115 - closed when the process ends
         procs[device.device_id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

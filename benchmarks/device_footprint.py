@@ -84,7 +84,7 @@ def main() -> None:
               {n: round(s, 1) for n, s in packages}, **run, "goal_peak_rss_mb": GOAL_MB,
               "meets_goal": run["peak_rss_mb"] <= GOAL_MB}
     table = Table("measure", "value", title=f"device footprint ({model_id}, LiteRT)")
-    table.add_row("pip install .[device] size", f"{installed:.1f} MB")
+    table.add_row("pip install .\\[device] size", f"{installed:.1f} MB")
     for name, size in packages:
         table.add_row(f"  {name}", f"{size:.1f} MB")
     table.add_row("peak RSS while training", f"{run['peak_rss_mb']:.1f} MB (goal ≤ {GOAL_MB:.0f})")

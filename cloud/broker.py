@@ -66,8 +66,8 @@ class EmbeddedBroker:
             ready.set()
             loop.run_forever()
 
-        for name in ("amqtt", "transitions"):  # amqtt logs every packet at INFO
-            logging.getLogger(name).setLevel(logging.WARNING)
+        for name in ("amqtt", "transitions"):  # amqtt logs every packet, and config notes, as warnings
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         self._loop = loop
         self._thread = threading.Thread(target=run, name="amqtt-broker", daemon=True)
         self._thread.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -29,6 +30,9 @@ def serve_cmd(
                                       "(0 = only on request)"),
     aggregator: str = typer.Option("momodistill", help="momodistill, model_over_data or fedavg_patches"),
     mode: str = typer.Option("proxy", help="MoMoDistill data mode: proxy, teacher_outputs or samples"),
+    canoe: bool = typer.Option(False, "--canoe/--no-canoe", help="also match Canoe help requests to helper "
+                               "devices (counters on /metrics, requests and ensemble weights on /fleet)"),
+    canoe_timeout: float = typer.Option(5.0, help="seconds to wait for a Canoe helper before trying the next"),
 ) -> None:
     """Run the companion until SIGINT/SIGTERM."""
     from edgepatch.device.runtime import parse_broker
@@ -48,17 +52,14 @@ def serve_cmd(
     companion = Companion(CompanionConfig(bundle=bundle, work_dir=work_dir, broker_host=host, broker_port=port,
                                           protocol=proto, fleet=fleet, db_url=db, http_port=http_port,
                                           distill_after=distill_after, aggregator=aggregator,
-                                          distill={"mode": mode}))
-    companion.start()
-    console.print(f"companion serving fleet {fleet!r}: {companion.web.url}/fleet  {companion.web.url}/metrics")
+                                          distill={"mode": mode}, canoe=canoe, canoe_timeout_s=canoe_timeout))
+    companion.start_background()
+    console.print(f"companion serving fleet {fleet!r}: {companion.web.url}/fleet  {companion.web.url}/metrics"
+                  + ("  (canoe matching on)" if canoe else ""))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    worker = threading.Thread(target=companion.run_forever, daemon=True)
-    worker.start()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         stop.wait()
-    except KeyboardInterrupt:
-        pass
     companion.stop()
     if embedded is not None:
         embedded.stop()

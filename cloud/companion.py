@@ -5,6 +5,9 @@ and the companion's own loop, which runs a distillation when enough devices have
 current base version (or when asked), then republishes. Bundles travel by reference: the retained
 announcement on `edgepatch/v1/<fleet>/bundle` names a URL of a `.tar.gz` the web server serves, with the
 manifest's sha256 so devices verify before switching.
+
+With `canoe=True` a `CanoeCompanion` (cloud/canoe.py) runs beside it on the same broker: its counters go to
+the same /metrics registry and its requests and ensemble weights to the fleet page.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -29,6 +32,9 @@ from .ingest import IngestService, IngestSettings
 from .metrics import CloudMetrics
 from .store import PatchStore, sqlite_url
 from .web import FleetWeb
+
+if TYPE_CHECKING:  # imported when Canoe is switched on: it pulls in the device-side Canoe code
+    from .canoe import CanoeCompanion
 
 log = logging.getLogger("edgepatch.cloud.companion")
 CLOUD_ID = "cloud"
@@ -49,6 +55,8 @@ class CompanionConfig:
     aggregator: str = "momodistill"
     distill: dict[str, Any] = field(default_factory=dict)  # DistillConfig overrides
     runtimes: tuple[str, ...] | None = None  # republished runtimes (default: those of the first bundle)
+    canoe: bool = False  # also match Canoe help requests (helpers, slices, ensemble weights)
+    canoe_timeout_s: float = 5.0  # wait this long for a helper's offer before trying the next
 
 
 class Companion:
@@ -71,7 +79,9 @@ class Companion:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._seq = 0
+        self._loop: threading.Thread | None = None
         self.current: Bundle | None = None
+        self.canoe: CanoeCompanion | None = None  # started with cfg.canoe
         self.history: list[dict[str, Any]] = []  # one entry per distillation (for reports)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -83,10 +93,46 @@ class Companion:
         if not self.ingest.wait_subscribed(30):
             raise RuntimeError(f"ingest could not subscribe at {self.cfg.broker_host}:{self.cfg.broker_port}")
         self.publish(self.cfg.bundle)
+        if self.cfg.canoe:
+            self._start_canoe()
+
+    def _start_canoe(self) -> None:
+        from .canoe import CanoeCompanion
+
+        assert self.current is not None
+        if self.cfg.fleet == "+":
+            raise ValueError("Canoe matches within one fleet: give a fleet name, not '+'")
+        canoe = CanoeCompanion(self.cfg.fleet, self.cfg.broker_host, self.cfg.broker_port,
+                               self.current.model_spec.num_classes, cloud_id=CLOUD_ID,
+                               timeout_s=self.cfg.canoe_timeout_s, metrics=self.metrics,
+                               protocol="mqttv5" if self.cfg.protocol == "mqttv5" else "mqttv311")
+        canoe.start(30)
+        canoe.attach(self.web)
+        self.canoe = canoe
+        log.info("canoe matching on for fleet %s (%d classes, helper timeout %.1f s)", self.cfg.fleet,
+                 self.current.model_spec.num_classes, self.cfg.canoe_timeout_s)
+
+    def start_background(self) -> None:
+        """`start()`, then the distillation loop on a thread of its own (joined by `stop()`)."""
+        self.start()
+        self._loop = threading.Thread(target=self.run_forever, name="companion-distill", daemon=True)
+        self._loop.start()
+
+    def wait_distillations(self, count: int, timeout: float) -> bool:
+        """Wait until `count` distillation rounds have been published (True) or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while len(self.history) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return len(self.history) >= count
 
     def stop(self) -> None:
+        """Stop after the distillation in progress, if any, has been published."""
         self._stop.set()
         self._wake.set()
+        if self._loop is not None:
+            self._loop.join()
+        if self.canoe is not None:
+            self.canoe.stop()
         self.ingest.stop()
         self._publisher.loop_stop()
         self._publisher.disconnect()
@@ -162,8 +208,11 @@ class Companion:
         x, y = training_data(spec)
         cloud = CloudData(x=x, y=y, proxy_x=x)
         t0 = time.perf_counter()
+        # Devices upload φ only (no profile features), so step 2 uses each device's own φ (phi_source
+        # "device"); the encoder for cold-start devices needs profiles and is not trained here.
+        settings = {"phi_source": "device", **self.cfg.distill}
         result = run_aggregator(self.cfg.aggregator, spec, patch, bundle.all_params(), devices, cloud,
-                                DistillConfig(**self.cfg.distill))
+                                DistillConfig(**settings))
         seconds = time.perf_counter() - t0
         self.metrics.distill_runs.inc()
         out = self.cfg.work_dir / "bundles" / f"round-{len(self.history) + 1}"

@@ -16,7 +16,35 @@ from prometheus_client import (
     start_http_server,
 )
 
-__all__ = ["CONTENT_TYPE_LATEST", "CloudMetrics", "start_metrics_server"]
+__all__ = ["CONTENT_TYPE_LATEST", "CanoeMetrics", "CloudMetrics", "start_metrics_server"]
+
+
+class CanoeMetrics:
+    """Counters of Canoe matching (cloud/canoe.py), registered only when a CanoeCompanion runs, so a plain
+    companion's /metrics carries no always-zero Canoe series."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.requests = Counter("edgepatch_canoe_requests", "Help requests received from targets", registry=r)
+        self.bad_requests = Counter("edgepatch_canoe_bad_requests", "Help requests refused (unknown classes)",
+                                    registry=r)
+        self.matched = Counter("edgepatch_canoe_matched", "Help requests with at least one candidate helper",
+                               registry=r)
+        self.no_helper = Counter("edgepatch_canoe_no_helper", "Help requests answered 'no_helper' (no candidate, "
+                                 "or every candidate failed)", registry=r)
+        self.helpers_tried = Counter("edgepatch_canoe_helpers_tried", "Tasks relayed to helpers", registry=r)
+        self.timeouts = Counter("edgepatch_canoe_timeouts", "Helpers that did not answer in time", registry=r)
+        self.helper_errors = Counter("edgepatch_canoe_helper_errors", "Helpers that answered with an error",
+                                     registry=r)
+        self.offers_relayed = Counter("edgepatch_canoe_offers_relayed", "Helper slices relayed to targets",
+                                      registry=r)
+        self.slice_bytes = Counter("edgepatch_canoe_slice_bytes", "Bytes of the slices relayed (as announced "
+                                   "by the helpers' offers)", registry=r)
+        self.helpers_retired = Counter("edgepatch_canoe_helpers_retired", "Helper slices the targets reported "
+                                       "retired from their ensembles", registry=r)
+        self.weight_reports = Counter("edgepatch_canoe_weight_reports", "Ensemble-weight reports received",
+                                      registry=r)
+        self.pending = Gauge("edgepatch_canoe_pending", "Help requests waiting for a helper", registry=r)
 
 
 class CloudMetrics:
@@ -41,6 +69,15 @@ class CloudMetrics:
                                        registry=r)
         self.batch_size = Histogram("edgepatch_ingest_batch_size", "Messages per committed batch",
                                     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r)
+        self._canoe: CanoeMetrics | None = None
+        self._canoe_lock = threading.Lock()
+
+    def canoe(self) -> CanoeMetrics:
+        """The Canoe counters, registered on first use (idempotent: one set per registry)."""
+        with self._canoe_lock:
+            if self._canoe is None:
+                self._canoe = CanoeMetrics(self.registry)
+            return self._canoe
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

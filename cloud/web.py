@@ -4,6 +4,9 @@
     GET /fleet                      HTML table of the fleet: device, state, bundle, variant, last seen,
                                     holdout accuracy, patches, bytes in
     GET /api/fleet                  the same as JSON (plus the current bundle and table counts)
+
+Other services add their own part of both views with `add_section(key, data, html)` (e.g. Canoe's recent
+help requests and ensemble weights), so this module imports none of them.
     GET /bundles/<version>/<path>   files of a published bundle directory (claim check: the retained
                                     bundle announcement carries this URL, devices fetch and verify hashes)
 
@@ -20,6 +23,7 @@ import html
 import json
 import logging
 import threading
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +36,9 @@ from .metrics import CONTENT_TYPE_LATEST, CloudMetrics
 from .store import PatchStore
 
 log = logging.getLogger(__name__)
+
+SectionData = Callable[[], dict[str, Any]]
+SectionHtml = Callable[[dict[str, Any]], str]  # gets the section's data; returns escaped HTML
 
 _CONTENT_TYPES = {".json": "application/json", ".tflite": "application/octet-stream",
                   ".pte": "application/octet-stream", ".npz": "application/octet-stream",
@@ -58,6 +65,7 @@ class FleetWeb:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._sections: dict[str, tuple[SectionData, SectionHtml | None]] = {}
 
     # ----------------------------------------------------------------------------------------- control
 
@@ -70,6 +78,27 @@ class FleetWeb:
         with self._lock:
             self._bundles[version] = d
         return f"{self.url}/bundles/{version}/"
+
+    def add_section(self, key: str, data: SectionData, html_view: SectionHtml | None = None) -> None:
+        """Show another service's state: `data()` goes under `key` in /api/fleet, and `html_view(data)` (which
+        must escape what it shows) is appended to /fleet. A failing provider is logged and shown as an error,
+        never breaking the page."""
+        if key in ("bundle", "devices", "counts", "bytes_in", "bytes_out"):
+            raise ValueError(f"fleet section key {key!r} collides with a built-in field")
+        with self._lock:
+            self._sections[key] = (data, html_view)
+
+    def _section_data(self) -> dict[str, Any]:
+        with self._lock:
+            sections = dict(self._sections)
+        out: dict[str, Any] = {}
+        for key, (data, _) in sections.items():
+            try:
+                out[key] = data()
+            except Exception as exc:  # noqa: BLE001 - one broken section must not take the page down
+                log.exception("fleet section %r failed", key)
+                out[key] = {"error": f"{type(exc).__name__}: {exc}"}
+        return out
 
     def start(self) -> None:
         if self._server is not None:
@@ -104,7 +133,7 @@ class FleetWeb:
         return {"bundle": self.store.latest_bundle(), "devices": self.store.devices(),
                 "counts": self.store.counts(),
                 "bytes_in": sum(int(d["bytes_in"]) for d in self.store.devices()),
-                "bytes_out": self.metrics.value("edgepatch_bytes_out_total")}
+                "bytes_out": self.metrics.value("edgepatch_bytes_out_total"), **self._section_data()}
 
     def fleet_html(self) -> str:
         data = self.fleet_json()
@@ -121,6 +150,20 @@ class FleetWeb:
                 d["patches"], d["bytes_in"])) + "</tr>"
             for d in data["devices"])
         current = (f"{e(bundle['version'])} (manifest {e(bundle['manifest_sha256'][:12])}…)" if bundle else "none")
+        with self._lock:
+            sections = dict(self._sections)
+        extra = []
+        for key, (_, view) in sections.items():
+            part = data.get(key, {})
+            if isinstance(part, dict) and "error" in part and len(part) == 1:
+                extra.append(f"<h2>{e(key)}</h2><p>unavailable: {e(str(part['error']))}</p>")
+            elif view is not None:
+                try:
+                    extra.append(view(part))
+                except Exception as exc:  # noqa: BLE001 - as above
+                    log.exception("fleet section %r failed to render", key)
+                    extra.append(f"<h2>{e(key)}</h2><p>unavailable: {e(type(exc).__name__)}</p>")
+        sections_html = "\n".join(extra)
         return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>edgepatch fleet</title>
 <style>body{{font-family:sans-serif}} td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}</style></head>
@@ -131,7 +174,9 @@ Bytes in: {data['bytes_in']}. Bytes out: {int(data['bytes_out'])}. Rejected mess
 <th>holdout acc</th><th>patches</th><th>bytes in</th></tr></thead>
 <tbody>
 {rows}
-</tbody></table></body></html>
+</tbody></table>
+{sections_html}
+</body></html>
 """
 
     def resolve_bundle_file(self, version: str, rel: str) -> Path | None:

@@ -12,17 +12,28 @@ bundle variant's, shapes — and joins the SAMME ensemble; anything wrong is log
 and the target simply goes on alone.
 
 `CanoeLink` is a small paho client for the Canoe topics (publish to one's own canoe channels, subscribe to
-topic filters with a handler); it keeps Canoe off `DeviceLink`, whose only subscription is the bundle.
+topic filters with a handler); it keeps Canoe off `DeviceLink`, whose only subscription is the bundle. It
+also carries the generic `metrics` message (protocol/messages.py) by which a target reports its ensemble.
+
+Observability: every Canoe step of a target (request, slice taken in or refused, no help, weights, helper
+retired) is logged on `edgepatch.device.canoe` as `canoe target=<id> event=<event> key=value ...` with the
+same fields as a dict in the record's `canoe` attribute (for JSON log handlers), and `weights_report()` /
+`publish_weights()` send the current SAMME weights as metrics named `canoe.alpha.own` and
+`canoe.alpha.<member>` (see `weight_metric_name`) plus `canoe.members`, `canoe.retired`,
+`canoe.requests`, `canoe.slice_bytes_received`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import logging
 import queue
+import re
 import socket
 import threading
+import time
 import urllib.parse
 import urllib.request
 from collections import deque
@@ -49,6 +60,8 @@ from edgepatch.protocol.canoe import (
     decode_slice,
     encode_message,
 )
+from edgepatch.protocol.messages import Message, MessageError, Metrics, decode, encode, make_message
+from edgepatch.protocol.topics import Channel, device_topic
 from edgepatch.protocol.variants import Variant
 
 from .canoe_boost import CanoeEnsemble, SliceModel, TailoredModel
@@ -56,6 +69,29 @@ from .canoe_boost import CanoeEnsemble, SliceModel, TailoredModel
 log = logging.getLogger("edgepatch.device.canoe")
 
 Handler = Callable[[CanoeMessage], None]
+MessageHandler = Callable[[Message], None]
+
+WEIGHT_PREFIX = "canoe.alpha."
+_METRIC_UNSAFE = re.compile(r"[^a-z0-9_]+")
+
+
+def weight_metric_name(member: str) -> str:
+    """The metric name of an ensemble member's α: `canoe.alpha.own`, or for a helper slice named
+    `<helper>/<request_id>` e.g. `canoe.alpha.dev_h.dev_t_r0_208` (metric names allow only [a-z0-9_.], 64
+    characters; longer ones end in 8 hex of the name's sha256). Deterministic, so the companion maps a
+    reported name back to the relay it made."""
+    token = ".".join(_METRIC_UNSAFE.sub("_", part.lower()) for part in member.split("/"))
+    name = WEIGHT_PREFIX + token
+    if len(name) > 64:
+        name = name[:55] + "." + hashlib.sha256(member.encode()).hexdigest()[:8]
+    return name
+
+
+def _log_event(device_id: str, event: str, level: int = logging.INFO, **fields: Any) -> None:
+    """One structured log line: readable key=value text, and the fields as a dict in `record.canoe`."""
+    text = " ".join(f"{k}={v}" for k, v in fields.items())
+    log.log(level, "canoe target=%s event=%s %s", device_id, event, text,
+            extra={"canoe": {"device_id": device_id, "event": event, **fields}})
 
 
 # ------------------------------------------------------------------------------------------------ link
@@ -63,14 +99,19 @@ Handler = Callable[[CanoeMessage], None]
 class CanoeLink:
     """paho client for Canoe topics: QoS 1, TCP_NODELAY, handlers run on paho's thread and never raise."""
 
-    def __init__(self, fleet: str, device_id: str, host: str, port: int, client_id: str | None = None) -> None:
+    def __init__(self, fleet: str, device_id: str, host: str, port: int, client_id: str | None = None,
+                 protocol: str = "mqttv5") -> None:
+        if protocol not in ("mqttv5", "mqttv311"):
+            raise ValueError(f"MQTT protocol must be 'mqttv5' or 'mqttv311', got {protocol!r}")
         self.fleet, self.device_id = fleet, device_id
         self.rejects = 0
         self._handlers: dict[str, Handler] = {}
+        self._message_handlers: dict[str, MessageHandler] = {}
+        self._seq = itertools.count(int(time.time() * 1000))  # monotonic per sender, also across restarts
         self._connected = threading.Event()
         self._client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                                    client_id=client_id or f"edgepatch-canoe-{fleet}-{device_id}",
-                                   protocol=mqtt.MQTTv5)
+                                   protocol=mqtt.MQTTv5 if protocol == "mqttv5" else mqtt.MQTTv311)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_socket_open = _nodelay
@@ -91,6 +132,20 @@ class CanoeLink:
         if self._connected.is_set():
             self._client.subscribe(topic_filter, qos=1)
 
+    def subscribe_messages(self, topic_filter: str, handler: MessageHandler) -> None:
+        """Subscribe to generic edgepatch messages (e.g. `fleet_filter(fleet, "metrics")`), decoded strictly."""
+        self._message_handlers[topic_filter] = handler
+        if self._connected.is_set():
+            self._client.subscribe(topic_filter, qos=1)
+
+    def publish_metrics(self, values: dict[str, float], *, base_version: str, variant_id: str) -> int:
+        """A generic `metrics` message on this device's metrics topic; returns the bytes sent (0 if not queued)."""
+        msg = make_message(Metrics(values), device_id=self.device_id, fleet=self.fleet, base_version=base_version,
+                           variant_id=variant_id, seq=next(self._seq))
+        data = encode(msg)
+        info = self._client.publish(device_topic(self.fleet, self.device_id, Channel.METRICS), data, qos=1)
+        return len(data) if info.rc == mqtt.MQTT_ERR_SUCCESS else 0
+
     def publish_to(self, topic: str, payload: CanoePayload, retain: bool = False) -> int:
         data = encode_message(payload, fleet=self.fleet, device_id=self.device_id)
         info = self._client.publish(topic, data, qos=1, retain=retain)
@@ -104,13 +159,18 @@ class CanoeLink:
         if getattr(reason, "is_failure", False):
             log.error("canoe link %s refused: %s", self.device_id, reason)
             return
-        for topic_filter in self._handlers:
+        for topic_filter in [*self._handlers, *self._message_handlers]:
             client.subscribe(topic_filter, qos=1)
         self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
             if not message.payload:
+                return
+            generic = [h for f, h in list(self._message_handlers.items())
+                       if mqtt.topic_matches_sub(f, message.topic)]
+            if generic:
+                self._on_generic(message, generic)
                 return
             try:
                 msg = decode_message(message.topic, message.payload)
@@ -123,6 +183,17 @@ class CanoeLink:
                     handler(msg)
         except Exception:
             log.exception("canoe link %s: error handling %s", self.device_id, getattr(message, "topic", "?"))
+
+
+    def _on_generic(self, message: mqtt.MQTTMessage, handlers: list[MessageHandler]) -> None:
+        try:
+            generic = decode(message.topic, message.payload)
+        except MessageError as exc:
+            self.rejects += 1
+            log.warning("canoe link %s dropped a message on %s: %s", self.device_id, message.topic, exc)
+            return
+        for handler in handlers:
+            handler(generic)
 
 
 def _nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -243,6 +314,8 @@ class CanoeTarget:
     _last_request_at: int | None = None
     _pending: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _logged_weights: dict[str, float] = field(default_factory=dict)
+    requests_sent: int = 0
 
     def __post_init__(self) -> None:
         self.inbox: queue.Queue[CanoeReply] = queue.Queue()
@@ -283,8 +356,41 @@ class CanoeTarget:
             if not self.ensemble.helpers:
                 return self.ensemble.weights()
             wx, wy = self.window()
+            retired_before = len(self.ensemble.retired)
             weights = self.ensemble.refit(wx, wy)
+            retired = self.ensemble.retired[retired_before:]
+        for name in retired:
+            self.events.append({"event": "retired", "member": name, "at_sample": self._seen})
+            _log_event(self.device_id, "retired", member=name, at_sample=self._seen, members=len(weights))
+        self._log_weights(weights)
         return weights
+
+    def _log_weights(self, weights: dict[str, float], min_change: float = 0.05) -> None:
+        """INFO when the members change or an α moves by `min_change` since the last INFO line (refit runs
+        after every learning round: logging each one at INFO would drown the log), DEBUG otherwise."""
+        last = self._logged_weights
+        moved = weights.keys() != last.keys() or any(abs(a - last[n]) >= min_change for n, a in weights.items())
+        level = logging.INFO if moved else logging.DEBUG
+        if moved:
+            self._logged_weights = dict(weights)
+        if log.isEnabledFor(level):
+            _log_event(self.device_id, "weights", level, weights=weights, at_sample=self._seen)
+
+    def weights_report(self) -> dict[str, float]:
+        """The ensemble's state as metric values (names: see the module docstring)."""
+        with self._lock:
+            weights = self.ensemble.weights()
+            retired = len(self.ensemble.retired)
+        values = {weight_metric_name(name): float(a) for name, a in weights.items()}
+        values.update({"canoe.members": float(len(weights)), "canoe.retired": float(retired),
+                       "canoe.requests": float(self.requests_sent),
+                       "canoe.slice_bytes_received": float(self.slice_bytes_received)})
+        return values
+
+    def publish_weights(self, link: CanoeLink) -> int:
+        """Send `weights_report()` as a metrics message (the companion records it); returns the bytes sent."""
+        return link.publish_metrics(self.weights_report(), base_version=self.base_version,
+                                    variant_id=self.model.full_vid)
 
     def accuracy(self, x: np.ndarray, y: np.ndarray, own_only: bool = False) -> float:
         if own_only:
@@ -313,7 +419,10 @@ class CanoeTarget:
         self.events.append({"event": "request", "request_id": request_id, "classes": report.classes,
                             "reason": report.reason, "at_sample": self._seen,
                             "window_accuracy": report.window_accuracy})
-        log.info("canoe target %s: drift (%s), asking for classes %s", self.device_id, report.reason, report.classes)
+        self.requests_sent += 1
+        _log_event(self.device_id, "request", request_id=request_id, classes=report.classes, reason=report.reason,
+                   window_accuracy=round(report.window_accuracy, 4),
+                   reference_accuracy=round(report.reference_accuracy, 4), at_sample=self._seen)
         return CanoeRequest(request_id, report.classes, report.label_histogram, report.window_accuracy,
                             report.reference_accuracy if np.isfinite(report.reference_accuracy) else 0.0,
                             report.reason)
@@ -325,8 +434,8 @@ class CanoeTarget:
         if reply.offer is None or not reply.offer.ok:
             error = reply.error or (reply.offer.error if reply.offer else "empty reply")
             self.events.append({"event": "error", "request_id": reply.request_id, "error": error})
-            log.warning("canoe target %s: no help for %s: %s; learning alone", self.device_id, reply.request_id,
-                        error)
+            _log_event(self.device_id, "no_help", logging.WARNING, request_id=reply.request_id, error=repr(error),
+                       next="learning alone")
             return False
         return self.accept_offer(reply.offer)
 
@@ -342,8 +451,8 @@ class CanoeTarget:
         except (CanoeError, OSError) as exc:
             self.events.append({"event": "rejected", "request_id": offer.request_id, "helper": offer.helper,
                                 "error": str(exc)})
-            log.warning("canoe target %s: rejected slice from %s: %s; learning alone", self.device_id,
-                        offer.helper, exc)
+            _log_event(self.device_id, "rejected", logging.WARNING, request_id=offer.request_id,
+                       helper=offer.helper, error=repr(str(exc)), next="learning alone")
             return False
         member = SliceModel.from_slice(s, self.model.program, spec, patch, self.model.shared, self.model.batch,
                                        nbytes=len(blob))
@@ -353,6 +462,9 @@ class CanoeTarget:
         self.detector.acknowledge(s.classes)
         self.events.append({"event": "slice", "request_id": offer.request_id, "helper": offer.helper,
                             "bytes": len(blob), "variant": s.variant_id})
+        _log_event(self.device_id, "slice", request_id=offer.request_id, helper=offer.helper, bytes=len(blob),
+                   variant=s.variant_id, classes=s.classes, member=member.name,
+                   by="inline" if offer.inline_b64 else "reference")
         self.refit()
         return True
 

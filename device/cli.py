@@ -29,7 +29,9 @@ def run_cmd(
     state_dir: Path = typer.Option(Path("edgepatch-device"), help="where φ, bundles and the outbox live"),
     device_id: str = typer.Option("dev-0"),
     fleet: str = typer.Option("default"),
-    broker: str | None = typer.Option(None, help="mqtt://host:port; omit to train offline"),
+    broker: str | None = typer.Option(None, help="mqtt://host:port (mqtts:// uses the profile's TLS files); "
+                                      "omit to train offline"),
+    mqtt_protocol: str | None = typer.Option(None, help="5 or 3.1.1 (default: the profile's)"),
     runtime: str | None = typer.Option(None, help="litert or executorch (default: the profile's)"),
     rounds: int = typer.Option(1, help="training rounds (0 = run until interrupted)"),
     steps: int | None = typer.Option(None, help="steps per round (default: the profile's budget)"),
@@ -50,7 +52,8 @@ def run_cmd(
     try:
         prof = load_profile(profile)
         cfg = DeviceConfig(device_id=device_id, profile=prof, state_dir=state_dir, data_dir=data, fleet=fleet,
-                           runtime=runtime, broker=broker, adaptive=not fixed_variant)
+                           runtime=runtime, broker=broker, adaptive=not fixed_variant,
+                           mqtt_protocol=mqtt_protocol)
         device = DeviceRuntime(cfg, bundle)
     except (ProfileError, BundleError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from exc

@@ -45,6 +45,7 @@ class DeviceConfig:
     fleet: str = "default"
     runtime: str | None = None  # default: the profile's runtime
     broker: str | None = None  # mqtt://host:port; None = offline (no link)
+    mqtt_protocol: str | None = None  # "5" or "3.1.1"; default: the profile's
     holdout_fraction: float = 0.25
     seed: int = 0
     adaptive: bool = True  # DISTREAL variant selection; False = always the full variant
@@ -157,7 +158,7 @@ class DeviceRuntime:
         tls = mqtt_cfg.tls if broker_uses_tls(self.cfg.broker or "") else None
         settings = LinkSettings(
             fleet=self.cfg.fleet, device_id=self.cfg.device_id, host=host, port=port,
-            protocol="mqttv5" if mqtt_cfg.protocol == "5" else "mqttv311",
+            protocol="mqttv5" if (self.cfg.mqtt_protocol or mqtt_cfg.protocol) == "5" else "mqttv311",
             client_id=mqtt_cfg.client_id(self.cfg.fleet, self.cfg.device_id), keepalive=mqtt_cfg.keepalive_s,
             tls_ca=tls.ca_file if tls else None, tls_cert=tls.cert_file if tls else None,
             tls_key=tls.key_file if tls else None,

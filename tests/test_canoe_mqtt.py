@@ -3,7 +3,10 @@ that is offline), a helper extracts and ships a slice, the target boosts with it
 
 from __future__ import annotations
 
+import json
+import logging
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +15,7 @@ import numpy as np
 import pytest
 
 from edgepatch.cloud.canoe import CanoeCompanion
+from edgepatch.cloud.companion import Companion, CompanionConfig
 from edgepatch.device.backends.litert import LiteRTProgram
 from edgepatch.device.canoe_boost import TailoredModel, bundle_variants, tailored_from_bundle
 from edgepatch.device.canoe_helper import CanoeHelper
@@ -194,3 +198,96 @@ def test_unknown_classes_and_no_helper_get_error_replies(world: World, mosquitto
         assert np.all(np.isfinite(target.learn(3))) and target.ensemble.helpers == []
     finally:
         comp.stop()
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - our own loopback server
+        return bytes(resp.read())
+
+
+def _sample(metrics_text: str, name: str) -> float:
+    """The value of an unlabelled sample in a Prometheus text exposition (AssertionError if absent)."""
+    for line in metrics_text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_canoe_is_visible_in_metrics_fleet_page_and_device_logs(world: World, mosquitto: object, tmp_path: Path,
+                                                                 digits_bundle: Path,
+                                                                 links: Callable[[str], CanoeLink],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """The full companion with Canoe on (what `edgepatch cloud serve --canoe` runs): after one exchange whose
+    first candidate is offline, /metrics, /api/fleet, /fleet and the target's log all show it."""
+    caplog.set_level(logging.INFO, logger="edgepatch.device.canoe")
+    companion = Companion(CompanionConfig(bundle=digits_bundle, work_dir=tmp_path / "cloud",
+                                          broker_host=mosquitto.host, broker_port=mosquitto.port,  # type: ignore[attr-defined]
+                                          fleet=FLEET, canoe=True, canoe_timeout_s=1.0))
+    companion.start()
+    try:
+        comp = companion.canoe
+        assert comp is not None
+        ghost = links("dev-ghost")
+        ghost.start()
+        ghost.publish("meta", CanoeMeta([0] * 7 + [500, 500, 500]), retain=True)
+        helper = CanoeHelper("dev-h", world.helper, world.helper_x, world.helper_y, bundle_variants(world.bundle),
+                             world.bundle.base_version)
+        helper_link = links("dev-h")
+        helper.serve(helper_link)
+        helper_link.start()
+        helper_link.publish("meta", helper.meta(), retain=True)
+        target = _target(world)
+        target_link = links("dev-t")
+        target_link.subscribe(canoe_topic(FLEET, "dev-t", "reply"), target.on_message)
+        target_link.start()
+        _wait(lambda: {"dev-ghost", "dev-h"} <= set(comp.metas), 10, "device metadata at the companion")
+
+        request = None
+        for start in range(0, len(world.stream_y), 16):
+            target.observe(world.stream_x[start:start + 16], world.stream_y[start:start + 16])
+            target.learn(2)
+            if (request := target.maybe_request()) is not None:
+                target_link.publish("request", request)
+                _wait(lambda: not target.inbox.empty(), 30, "the companion's reply")
+                assert target.poll_replies() == 1
+                break
+        assert request is not None, "the target never detected the drift"
+        weights = target.ensemble.weights()
+        assert target.publish_weights(target_link) > 0
+        _wait(lambda: "dev-t" in comp.ensembles, 10, "the target's weight report at the companion")
+
+        # /metrics: the Canoe counters on the companion's one registry, beside the ingest ones.
+        text = _get(f"{companion.web.url}/metrics").decode()
+        assert _sample(text, "edgepatch_canoe_requests_total") == 1
+        assert _sample(text, "edgepatch_canoe_helpers_tried_total") == 2
+        assert _sample(text, "edgepatch_canoe_timeouts_total") == 1
+        assert _sample(text, "edgepatch_canoe_offers_relayed_total") == 1
+        assert _sample(text, "edgepatch_canoe_slice_bytes_total") == target.slice_bytes_received > 0
+        assert _sample(text, "edgepatch_canoe_weight_reports_total") == 1
+        assert _sample(text, "edgepatch_canoe_pending") == 0
+        assert "edgepatch_ingest_messages_total" in text
+
+        # /api/fleet: the request with the helpers tried, the chosen one and the slice bytes; the weights.
+        fleet = json.loads(_get(f"{companion.web.url}/api/fleet"))
+        [entry] = fleet["canoe"]["requests"]
+        assert entry["request_id"] == request.request_id and entry["target"] == "dev-t"
+        assert entry["classes"] == request.classes and entry["outcome"] == "relayed"
+        assert entry["helpers_tried"] == ["dev-ghost", "dev-h"] and entry["helper"] == "dev-h"
+        assert entry["slice_bytes"] == target.slice_bytes_received and entry["timeouts"] == 1
+        members = fleet["canoe"]["ensembles"]["dev-t"]["members"]
+        assert [m["member"] for m in members] == list(weights), members
+        assert [m["alpha"] for m in members] == pytest.approx(list(weights.values()))
+        assert members[1]["helper"] == "dev-h" and members[1]["request_id"] == request.request_id
+        assert members[1]["slice_bytes"] == target.slice_bytes_received
+
+        page = _get(f"{companion.web.url}/fleet").decode()
+        assert "<h2>Canoe</h2>" in page and request.request_id in page
+        assert f"{weights['own']:.4f}" in page and "dev-ghost → dev-h" in page
+
+        # Device logs: one structured record per step (request, slice, weights).
+        events = {r.canoe["event"]: r.canoe for r in caplog.records if hasattr(r, "canoe")}
+        assert events["request"]["request_id"] == request.request_id
+        assert events["slice"]["helper"] == "dev-h" and events["slice"]["bytes"] == target.slice_bytes_received
+        assert events["weights"]["weights"] == weights
+    finally:
+        companion.stop()

@@ -89,7 +89,7 @@ def cloud_data(world: dict) -> CloudData:
     return CloudData(world["cloud"].x, world["cloud"].y, proxy_x=world["cloud"].x)
 
 
-CFG = DistillConfig(mode="samples", step1_epochs=4, step2_epochs=4, temperature=T, seed=0)
+CFG = DistillConfig(mode="samples", beta=1.0, step1_epochs=4, step2_epochs=4, temperature=T, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +241,25 @@ def test_bad_config_params_and_names_are_refused() -> None:
     with pytest.raises(DistillError, match="logits have shape"):
         _run([DeviceContribution("a", PHI, X, logits=np.zeros((6, 3), np.float32))],
              cfg=DistillConfig(mode="teacher_outputs"))
+
+
+def test_device_kd_weighting_gives_every_device_the_same_total_weight() -> None:
+    from edgepatch.cloud.distill.rounds import device_teachers, prepare_round, step1_teachers
+
+    sizes = (2, 6, 40)  # a tail device with 2 rows must weigh as much as a head device with 40
+    rng = np.random.default_rng(1)
+    devs = [DeviceContribution(f"d{i}", PHI, rng.random((n, 1, 8, 8), dtype=np.float32), np.arange(n) % 10)
+            for i, n in enumerate(sizes)]
+    per_device = {}
+    for weighting in ("device", "sample"):
+        cfg = DistillConfig(mode="samples", kd_weighting=weighting)
+        rnd = prepare_round(SPEC, PATCH, FRESH, devs, CloudData(X, Y, X), cfg, need_profile=False)
+        teachers = step1_teachers(rnd, device_teachers(rnd))
+        weights = teachers.weights if teachers.weights is not None else torch.ones(len(teachers.x))
+        bounds = np.cumsum((0, *sizes))
+        per_device[weighting] = [float(weights[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        assert float(weights.mean()) == pytest.approx(1.0)
+    np.testing.assert_allclose(per_device["device"], [sum(sizes) / 3] * 3, rtol=1e-5)
+    np.testing.assert_allclose(per_device["sample"], sizes)
+    with pytest.raises(DistillError, match="unknown kd_weighting"):
+        _run([DeviceContribution("a", PHI, X, Y)], cfg=DistillConfig(mode="samples", kd_weighting="user"))

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from edgepatch.cloud.fl.simulate import SimConfigError, load_config, parse_config, run_simulation
+from edgepatch.cloud.fl.simulate import SimConfigError, _Workers, load_config, parse_config, run_simulation
 
 
 def _config(bundle: Path, strategies: list[str]) -> dict:
@@ -68,12 +77,84 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         load_config(bad)
 
 
+RAY_TEST_RESOURCE = "edgepatch_test_head"  # only the fixture's cluster has it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def ray_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real single-node Ray cluster (`ray start --head --block`: 2 CPUs, 200 MB object store) in its own
+    process group, so teardown stops exactly this cluster (never `ray stop`, which stops every Ray on the
+    machine). Token auth with a token of our own. Yields the cluster's address."""
+    token = tmp_path / "ray_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    port = _free_port()
+    log = open(tmp_path / "ray_head.log", "wb")  # noqa: SIM115 - closed at teardown
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+         "--num-cpus=2", f"--object-store-memory={200 * 2**20}", "--include-dashboard=false",
+         "--disable-usage-stats", f"--ray-client-server-port={_free_port()}",
+         f"--dashboard-agent-listen-port={_free_port()}", f"--resources={json.dumps({RAY_TEST_RESOURCE: 1})}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
+    try:
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            assert head.poll() is None, (tmp_path / "ray_head.log").read_text(errors="replace")[-3000:]
+            if "Ray runtime started" in (tmp_path / "ray_head.log").read_text(errors="replace"):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the Ray head did not start within 60 s")
+        yield f"127.0.0.1:{port}"
+    finally:
+        # SIGTERM makes Ray drain for up to 30 s; give it a few seconds, then kill our group outright.
+        os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait(10)
+        log.close()
+
+
 @pytest.mark.slow
 @pytest.mark.broker
-@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (optional extra)")
-def test_simulation_on_a_local_ray_cluster(mosquitto, digits_bundle: Path, tmp_path: Path) -> None:
+def test_simulation_runs_its_device_hosts_on_a_ray_cluster(mosquitto, digits_bundle: Path, tmp_path: Path,
+                                                          ray_head: str) -> None:
+    import ray  # a hard requirement here: ray is in the `sim` extra, which `all` includes
+
     cfg = parse_config(_config(digits_bundle, ["fedavg-drop"]))
-    results = run_simulation(cfg, tmp_path, broker_url=f"mqtt://{mosquitto.host}:{mosquitto.port}",
-                             ray_address="local", quiet=True)
+    results = run_simulation(cfg, tmp_path / "out", broker_url=f"mqtt://{mosquitto.host}:{mosquitto.port}",
+                             ray_address=ray_head, quiet=True)
     assert results["broker"]["workers"] == "ray"
+    # The driver joined the fixture's cluster (its custom resource), not a fresh local one.
+    assert results["ray"]["resources"].get(RAY_TEST_RESOURCE) == 1.0, results["ray"]
     _check_every_device_accounted(results, 6)
+    hosts = results["strategies"]["fedavg-drop"]["worker_hosts"]
+    assert len(hosts) == 3, hosts  # processes = 3 groups of 2 devices, one Ray task each
+    driver_pid = results["driver"]["pid"]
+    for host in hosts:
+        # Each host ran inside a Ray worker process of the cluster's node, not in the driver.
+        assert host["pid"] != driver_pid and host["worker_id"], host
+        assert host["node_id"] == results["ray"]["driver_node_id"], host
+    assert len({h["pid"] for h in hosts}) == 3, "the three hosts should run concurrently in three Ray workers"
+    ran = {dev: n for h in hosts for dev, n in h["rounds"].items()}
+    assert sorted(ran) == [f"dev-{i:03d}" for i in range(6)]
+    assert sum(ran.values()) > 0
+    assert not ray.is_initialized(), "run_simulation must disconnect from a cluster it connected to"
+
+
+def test_ray_is_a_required_extra_not_an_optional_skip() -> None:
+    # CI installs `.[all,dev]`, which includes the `sim` extra: the Ray test above must never be skipped.
+    assert importlib.util.find_spec("ray") is not None
+    with pytest.raises(SimConfigError, match="not connected"):
+        _Workers([], 1, "local")

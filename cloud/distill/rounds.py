@@ -78,9 +78,20 @@ def device_teachers(rnd: Round) -> list[TeacherRows]:
 
 
 def step1_teachers(rnd: Round, rows: list[TeacherRows]) -> TeacherRows:
+    """The KD rows of step 1, weighted per `cfg.kd_weighting`.
+
+    "device": every device's rows together weigh the same (row weight ∝ 1/n_d, mean row weight 1), so a
+    tail device with 6 samples speaks as loudly as a head device with 400 — the "voice" the paper's
+    long-tail gain relies on. "sample": every row weighs 1 (head devices dominate, as in the CE term).
+    In mode "proxy" every device is queried on the same rows, so both weightings are the mean teacher.
+    """
     if rnd.cfg.mode == "proxy":  # one row per proxy sample, teacher = mean of the devices' probabilities
         return TeacherRows(rows[0].x, torch.stack([r.probs for r in rows]).mean(dim=0))
-    return TeacherRows(torch.cat([r.x for r in rows]), torch.cat([r.probs for r in rows]))
+    weights = None
+    if rnd.cfg.kd_weighting == "device":
+        total = sum(len(r.x) for r in rows)
+        weights = torch.cat([torch.full((len(r.x),), total / (len(rows) * len(r.x))) for r in rows])
+    return TeacherRows(torch.cat([r.x for r in rows]), torch.cat([r.probs for r in rows]), weights=weights)
 
 
 def to_numpy(params: Mapping[str, torch.Tensor]) -> Params:

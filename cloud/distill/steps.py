@@ -31,6 +31,7 @@ class TeacherRows:
     x: Tensor
     probs: Tensor
     device: int = -1
+    weights: Tensor | None = None  # per-row weight of the KD term (None: every row weighs 1)
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,13 @@ def tempered_probs(logits: Tensor, temperature: float) -> Tensor:
     return F.softmax(logits / temperature, dim=1)
 
 
-def kd_loss(teacher_probs: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
-    """Mean over rows of KL(teacher ‖ student) at temperature T (without the T² gradient factor)."""
+def kd_loss(teacher_probs: Tensor, student_logits: Tensor, temperature: float,
+            weights: Tensor | None = None) -> Tensor:
+    """Mean over rows of (weight ×) KL(teacher ‖ student) at temperature T (without the T² factor)."""
     log_q = F.log_softmax(student_logits / temperature, dim=1)
     log_p = torch.log(teacher_probs.clamp_min(1e-12))
-    return (teacher_probs * (log_p - log_q)).sum(dim=1).mean()
+    per_row = (teacher_probs * (log_p - log_q)).sum(dim=1)
+    return (per_row * weights).mean() if weights is not None else per_row.mean()
 
 
 def patched_logits(spec: ModelSpec, patch: PatchSpec, params: Mapping[str, Tensor], x: Tensor,
@@ -61,11 +64,12 @@ def base_logits(spec: ModelSpec, params: Mapping[str, Tensor], x: Tensor, batch:
 
 def mean_kd_base(spec: ModelSpec, params: Mapping[str, Tensor], rows: Sequence[TeacherRows],
                  temperature: float) -> float:
-    """Row-weighted KL of the unpatched model to the teachers (what step 1 lowers)."""
+    """Row-weighted KL of the unpatched model to the teachers (what step 1 lowers, with its weights)."""
     if not rows:
         return float("nan")
     with torch.no_grad():
-        total = sum(float(kd_loss(r.probs, base_logits(spec, params, r.x), temperature)) * len(r.x) for r in rows)
+        total = sum(float(kd_loss(r.probs, base_logits(spec, params, r.x), temperature, r.weights)) * len(r.x)
+                    for r in rows)
     return total / sum(len(r.x) for r in rows)
 
 
@@ -116,11 +120,13 @@ def train_base(spec: ModelSpec, params: dict[str, Tensor], base_names: Sequence[
                 loss = loss + F.cross_entropy(forward(spec, None, params, labelled.x[ce_idx]), labelled.y[ce_idx])
             if kd_idx is not None and teachers is not None:
                 student = forward(spec, None, params, teachers.x[kd_idx])
-                loss = loss + beta * temperature**2 * kd_loss(teachers.probs[kd_idx], student, temperature)
+                row_weights = teachers.weights[kd_idx] if teachers.weights is not None else None
+                loss = loss + beta * temperature**2 * kd_loss(teachers.probs[kd_idx], student, temperature,
+                                                               row_weights)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss)
+            total += float(loss.detach())
         history.append(total / max(1, steps))
         if progress is not None:
             progress(stage, epoch + 1, history[-1])
@@ -190,7 +196,7 @@ def distill_patches(spec: ModelSpec, patch: PatchSpec, state: PatchDistillState,
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss)
+            total += float(loss.detach())
         history.append(total / max(1, len(chunks)))
         if progress is not None:
             progress("step2", epoch + 1, history[-1])

@@ -362,6 +362,20 @@ def _chunks(items: list[str], n: int) -> list[list[str]]:
     return [items[i::n] for i in range(n) if items[i::n]]
 
 
+# Only small things cross Ray's object store (spec JSON in, a host record out): MQTT carries the weights.
+LOCAL_RAY_OBJECT_STORE_BYTES = 200 * 2**20
+
+
+def _ray_device_host(spec_jsons: list[str]) -> dict[str, Any]:
+    """A Ray task: run_device_host, plus where it ran (so a caller can tell the hosts really ran on Ray)."""
+    import ray
+
+    rounds = run_device_host(spec_jsons)
+    ctx = ray.get_runtime_context()
+    return {"pid": os.getpid(), "hostname": socket.gethostname(), "node_id": ctx.get_node_id(),
+            "worker_id": ctx.get_worker_id(), "rounds": rounds}
+
+
 class _Workers:
     """Device hosts as local processes (spawned: no inherited broker sockets) or Ray tasks."""
 
@@ -371,12 +385,15 @@ class _Workers:
         self.groups = _chunks(jsons, max(1, min(n, len(specs))))
         self.ray_refs: list[Any] = []
         self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.hosts: list[dict[str, Any]] = []  # where each host ran: pid, and on Ray its node and worker
         if ray_address:
             ray = require_ray()
             if not ray.is_initialized():
-                ray.init(address=None if ray_address == "local" else ray_address, ignore_reinit_error=True,
-                         include_dashboard=False, log_to_driver=False)
-            remote = ray.remote(num_cpus=0)(run_device_host)
+                raise SimConfigError("Ray is not connected: run the fleet inside ray_cluster(address)")
+            # num_cpus=0: hosts mostly wait on MQTT and sleep their throttle, and every device must be live
+            # at once (a host queued behind a CPU slot would miss every round). max_retries=0: a retried
+            # host would rejoin mid-round as a device that already ran; a crash is reported instead.
+            remote = ray.remote(num_cpus=0, max_retries=0)(_ray_device_host)
             self.ray_refs = [remote.remote(group) for group in self.groups]
         else:
             ctx = multiprocessing.get_context("spawn")
@@ -393,7 +410,7 @@ class _Workers:
             ready, pending = ray.wait(self.ray_refs, num_returns=len(self.ray_refs), timeout=timeout)
             for ref in ready:
                 try:
-                    ray.get(ref)
+                    self.hosts.append(ray.get(ref))
                 except Exception as exc:
                     problems.append(f"ray device host failed: {exc}")
             for ref in pending:
@@ -408,6 +425,7 @@ class _Workers:
                 problems.append(f"device host pid {p.pid} did not stop in time (terminated)")
             elif p.exitcode:
                 problems.append(f"device host pid {p.pid} exited with code {p.exitcode}")
+            self.hosts.append({"pid": p.pid, "exitcode": p.exitcode})
         return problems
 
 
@@ -415,9 +433,34 @@ def require_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise SimConfigError("a Ray address was given but Ray is not installed: pip install 'ray[default]' "
-                             "(it is not part of the default install)") from None
+        raise SimConfigError("a Ray address was given but Ray is not installed: pip install 'edgepatch[sim]' "
+                             "(or pip install ray)") from None
     return ray
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str) -> Iterator[dict[str, Any]]:
+    """Connect this process to Ray: `"local"` starts a small local cluster (this machine's CPUs, a 200 MB
+    object store), anything else is the address of a running cluster (`ray start --head`). Disconnects
+    (and stops a local cluster) on exit, unless Ray was already connected by the caller. Yields the
+    driver's pid, node id and the cluster's resources."""
+    ray = require_ray()
+    owned = not ray.is_initialized()
+    if owned:
+        try:
+            if address == "local":
+                ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=LOCAL_RAY_OBJECT_STORE_BYTES,
+                         include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise SimConfigError(f"cannot connect to Ray at {address!r}: {exc}") from exc
+    try:
+        yield {"address": address, "driver_pid": os.getpid(), "driver_node_id": ray.get_runtime_context().get_node_id(),
+               "resources": {k: float(v) for k, v in ray.cluster_resources().items()}}
+    finally:
+        if owned:
+            ray.shutdown()
 
 
 # ------------------------------------------------------------------------------------------------- runs
@@ -447,7 +490,11 @@ def run_strategy(cfg: SimConfig, strategy_name: str, out_dir: Path, broker: tupl
                       mqtt_protocol=broker[2])
     server.start()
     started = time.time()
-    workers = _Workers(setup.specs, s.processes, ray_address)
+    try:
+        workers = _Workers(setup.specs, s.processes, ray_address)
+    except BaseException:
+        server.stop("the device hosts did not start")
+        raise
     task = progress.add_task(f"{strategy_name}: joining", total=s.rounds) if progress is not None else None
     problems: list[str] = []
     try:
@@ -471,7 +518,8 @@ def run_strategy(cfg: SimConfig, strategy_name: str, out_dir: Path, broker: tupl
             "bytes_down": sum(r["bytes_down"] for r in rounds), "bytes_up": sum(r["bytes_up"] for r in rounds),
             "rounds": rounds, "device_classes": setup.classes,
             "device_speeds": {p.device_id: p.relative_speed for p in setup.specs},
-            "reference_speed": setup.specs[0].reference_speed, "rejects": server.rejects, "worker_problems": problems}
+            "reference_speed": setup.specs[0].reference_speed, "rejects": server.rejects, "worker_problems": problems,
+            "worker_hosts": workers.hosts}
 
 
 def run_simulation(cfg: SimConfig, out_dir: str | Path, broker_url: str | None = None, ray_address: str = "",
@@ -492,6 +540,9 @@ def run_simulation(cfg: SimConfig, out_dir: str | Path, broker_url: str | None =
             broker = stack.enter_context(local_broker(out / "broker"))
         results["broker"] = {"host": broker[0], "port": broker[1], "protocol": broker[2],
                              "workers": "ray" if ray_address else "processes"}
+        results["driver"] = {"pid": os.getpid(), "hostname": socket.gethostname()}
+        if ray_address:
+            results["ray"] = stack.enter_context(ray_cluster(ray_address))
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, disable=quiet) as progress:
             for name in cfg.simulation.strategies:
