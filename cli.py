@@ -19,9 +19,8 @@ console = Console(stderr=True)
 
 
 def _mount_subapps() -> None:
-    from edgepatch.device.cli import app as device_app
-
     from edgepatch.cloud.cli import app as cloud_app
+    from edgepatch.device.cli import app as device_app
 
     app.add_typer(device_app, name="device")
     app.add_typer(cloud_app, name="cloud")

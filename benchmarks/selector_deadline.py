@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from edgepatch.device.backends.litert import LiteRTProgram
 from edgepatch.device.profile import load_profile
 from edgepatch.device.resources import RealClock, ResourceMonitor

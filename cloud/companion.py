@@ -166,20 +166,23 @@ class Companion:
 
     # -- publishing ------------------------------------------------------------------------------
     def publish(self, bundle_dir: Path) -> BundleAnnouncement:
-        """Verify, pack, serve over HTTP and announce (retained) a bundle directory."""
-        from edgepatch.export.bundle_writer import pack_bundle
+        """Verify, serve over HTTP and announce (retained) a bundle directory.
 
+        The announcement names the directory URL: a device fetches the manifest, checks its sha256,
+        and downloads only the artifacts it does not already have (device/fetch.py).
+        """
         with load_bundle(bundle_dir) as bundle:
             version = bundle.version
             artifacts = {e.path: e.sha256 for e in bundle.manifest.artifacts.values()}
+            size = sum(e.bytes for e in bundle.manifest.artifacts.values())
         serve_dir = self.cfg.work_dir / "published" / version[:16]
         if serve_dir.exists():
             shutil.rmtree(serve_dir)
-        serve_dir.mkdir(parents=True)
-        archive = pack_bundle(bundle_dir, serve_dir / "bundle.tar.gz")
+        shutil.copytree(bundle_dir, serve_dir)
         base_url = self.web.serve_bundle(version[:16], serve_dir)
-        ann = BundleAnnouncement(version=version[:16], reference=f"{base_url}bundle.tar.gz",
-                                 manifest_sha256=version, size=archive.stat().st_size, artifacts=artifacts)
+        size += (serve_dir / "manifest.json").stat().st_size
+        ann = BundleAnnouncement(version=version[:16], reference=base_url, manifest_sha256=version, size=size,
+                                 artifacts=artifacts)
         self.current = load_bundle(bundle_dir)
         with self._lock:
             self._seq += 1

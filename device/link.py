@@ -30,6 +30,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
 from edgepatch.protocol.messages import (
     CHANNEL_KINDS,
     SCHEMA_VERSION,
@@ -44,9 +48,6 @@ from edgepatch.protocol.messages import (
     make_message,
 )
 from edgepatch.protocol.topics import Channel, TopicError, bundle_topic, check_name, device_topic, parse_topic
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from .outbox import Outbox, OutboxEntry
 

@@ -13,7 +13,6 @@ import shutil
 import tempfile
 import time
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from edgepatch.protocol.messages import BundleAnnouncement, Message, PatchUpdate
 from edgepatch.protocol.shards import read_shards
 
 from .engine import open_engine
+from .fetch import fetch_bundle
 from .profile import DeviceProfile
 from .resources import ResourceMonitor
 from .selector import VariantSelector
@@ -81,6 +81,7 @@ class DeviceRuntime:
         if bundle is None:
             raise BundleError(f"no bundle installed in {cfg.state_dir}; pass --bundle")
         self.announcements: queue.Queue[Message] = queue.Queue()
+        self.bytes_downloaded = 0
         self.link: Any = None
         self._activate(bundle)
         if cfg.broker:
@@ -117,7 +118,9 @@ class DeviceRuntime:
             return False
         tmp = Path(tempfile.mkdtemp(prefix="edgepatch-fetch-"))
         try:
-            candidate = fetch_reference(ann.reference, tmp, min(MAX_BUNDLE_BYTES, ann.size + 1024))
+            candidate, stats = fetch_bundle(ann.reference, ann.manifest_sha256, tmp, self.bundle,
+                                            min(MAX_BUNDLE_BYTES, ann.size + 1024))
+            self.bytes_downloaded += stats.downloaded_bytes
             installed = self.bundles.install(candidate, expected_version=ann.manifest_sha256)
         except (BundleError, OSError, ValueError) as exc:
             log.error("bundle %s refused, keeping %s: %s", ann.version, self.bundle.version[:12], exc)
@@ -190,22 +193,3 @@ class DeviceRuntime:
                                        "holdout_acc_base": 0.0 if np.isnan(base_acc) else base_acc,
                                        "round_seconds": report.seconds, "steps": float(report.steps)})
         return report
-
-
-def fetch_reference(reference: str, dest: Path, max_bytes: int) -> Path:
-    """Download (http/https) or copy (file:// or a path) a bundle archive or directory into `dest`."""
-    parsed = urllib.parse.urlparse(reference)
-    if parsed.scheme in ("http", "https"):
-        target = dest / (Path(parsed.path).name or "bundle.tar.gz")
-        with urllib.request.urlopen(reference, timeout=30) as resp, open(target, "wb") as out:  # noqa: S310
-            total = 0
-            while chunk := resp.read(1 << 16):
-                total += len(chunk)
-                if total > max_bytes:
-                    raise ValueError(f"bundle at {reference} exceeds {max_bytes} bytes")
-                out.write(chunk)
-        return target
-    path = Path(urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else reference)
-    if not path.exists():
-        raise FileNotFoundError(f"bundle reference {reference} does not exist")
-    return path

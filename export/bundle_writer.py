@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgepatch.protocol.bundle import load_bundle
 from edgepatch.protocol.manifest import (
     MANIFEST_NAME,

@@ -7,8 +7,8 @@ tests can run any part of it; `export_bundle` runs them all.
 from __future__ import annotations
 
 import json
-import tempfile
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -111,7 +111,7 @@ def choose_variants(spec: ModelSpec, base: Params, opts: ExportOptions, out: Pat
             spec, base, x, y, pop_size=opts.dse_population, generations=opts.dse_generations,
             seeds=opts.dse_seeds, step_budget=opts.dse_steps, batch=opts.batch, search_seed=opts.seed,
             progress=lambda rep: log(f"  {rep}"))
-        png = out.with_name(out.name + ".dse-front.png")
+        png = Path(tempfile.mkdtemp(prefix="edgepatch-dse-")) / "dse-front.png"  # copied into the bundle
         dse.plot_front(result, png)
         rows = [VariantRow(**row) for row in result.pareto_rows()]
         return rows, {"dse": result.to_dict(), "dse_png": str(png)}

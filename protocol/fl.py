@@ -36,6 +36,7 @@ from .messages import (
     _str,
     canonical_bytes,
     content_hash_of,
+    loads_strict,
 )
 from .topics import PREFIX, TopicError, check_name
 
@@ -342,19 +343,6 @@ def encode_fl(msg: FlMessage, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
     return data
 
 
-def _reject_constant(name: str) -> Any:
-    raise MessageError("non_finite", f"JSON constant {name} is not allowed")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise MessageError("bad_json", f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 def decode_fl(topic: str, data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> FlMessage:
     """Validate a received fl (topic, payload) pair, or raise MessageError."""
     if len(data) > max_bytes:
@@ -365,11 +353,7 @@ def decode_fl(topic: str, data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Fl
         fleet, device, leaf = parse_fl_topic(topic)
     except TopicError as exc:
         raise MessageError("bad_topic", str(exc)) from None
-    try:
-        env = json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_no_duplicates,
-                         parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise MessageError("bad_json", f"not UTF-8 JSON: {exc}") from None
+    env = loads_strict(data)
     if not isinstance(env, dict):
         raise MessageError("bad_json", "top level must be a JSON object")
     if env.get("schema") != SCHEMA_VERSION or isinstance(env.get("schema"), bool):

@@ -422,6 +422,19 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def loads_strict(data: bytes) -> Any:
+    """UTF-8 JSON with no duplicate keys and no NaN/Infinity literals, or MessageError('bad_json'/…)."""
+    try:
+        return json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
+                          parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        raise MessageError("bad_json", f"not UTF-8: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise MessageError("bad_json", f"not JSON: {exc}") from None
+    except RecursionError:
+        raise MessageError("bad_json", "JSON nested too deeply") from None
+
+
 def _reject_constant(name: str) -> Any:
     raise MessageError("non_finite", f"JSON constant {name} is not allowed")
 
@@ -438,15 +451,7 @@ def decode(topic: str, data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Messa
         raise MessageError("oversize", f"{len(data)} bytes > limit {max_bytes}")
     if len(data) == 0:
         raise MessageError("empty", "zero-length payload (retained message cleared)")
-    try:
-        env = json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
-                         parse_constant=_reject_constant)
-    except UnicodeDecodeError as exc:
-        raise MessageError("bad_json", f"not UTF-8: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise MessageError("bad_json", f"not JSON: {exc}") from None
-    except RecursionError:
-        raise MessageError("bad_json", "JSON nested too deeply") from None
+    env = loads_strict(data)
     if not isinstance(env, dict):
         raise MessageError("bad_json", f"top level must be a JSON object, got {type(env).__name__}")
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from edgepatch.export.bundle_writer import BundleWriter, pack_bundle
 from edgepatch.export.reference_models import default_patch, digits_cnn
 from edgepatch.protocol.bundle import ActiveBundleStore, load_bundle

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from edgepatch.data.datasets import (
     Dataset,
     DatasetError,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from edgepatch.device.profile import ProfileError, list_profiles, load_profile, parse_profile
 from edgepatch.device.resources import (
     FakeClock,

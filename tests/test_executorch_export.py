@@ -217,10 +217,11 @@ def test_trainable_forward_matches_reference() -> None:
     for model in MODELS:
         spec, patch, params = _setup(model, "lowrank")
         x, _ = _batch(spec)
-        phi = torch.randn(patch.k)
+        phi = torch.randn(patch.k, generator=torch.Generator().manual_seed(0))
         ref = tm.forward(spec, patch, tm.to_tensors(params), torch.tensor(x), phi)
         got = eb.trainable_forward(spec, patch, tm.to_tensors(params), torch.tensor(x), phi)
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        # Same maths in another summation order (slices + matmul vs conv): float32 round-off only.
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_runner_rejects_bad_input(cache: _Cache) -> None:

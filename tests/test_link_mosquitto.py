@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+
 from edgepatch.device.link import DeviceLink, LinkSettings
 from edgepatch.device.outbox import Outbox
 from edgepatch.protocol.messages import (

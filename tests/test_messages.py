@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+
 from edgepatch.protocol.messages import (
     MAX_MESSAGE_BYTES,
     REASONS,
