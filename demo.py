@@ -56,9 +56,10 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     from edgepatch.cloud.companion import Companion, CompanionConfig
     from edgepatch.data.datasets import dataset_for_model
     from edgepatch.data.fleet import base_split, make_fleet, write_device_timeline
-    from edgepatch.device.runtime import load_local_data, parse_broker
+    from edgepatch.device.runtime import load_local_data
     from edgepatch.export.pipeline import ExportOptions, export_bundle
     from edgepatch.protocol.bundle import load_bundle
+    from edgepatch.protocol.transport import parse_broker
 
     started = time.perf_counter()
     out = opts.out.resolve()

@@ -35,7 +35,7 @@ def serve_cmd(
     canoe_timeout: float = typer.Option(5.0, help="seconds to wait for a Canoe helper before trying the next"),
 ) -> None:
     """Run the companion until SIGINT/SIGTERM."""
-    from edgepatch.device.runtime import parse_broker
+    from edgepatch.protocol.transport import parse_broker
 
     from .broker import EmbeddedBroker
     from .companion import Companion, CompanionConfig

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import paho.mqtt.client as mqtt
 from edgepatch.protocol.bundle import Bundle, load_bundle
 from edgepatch.protocol.messages import BundleAnnouncement, Message, encode, make_message
 from edgepatch.protocol.topics import bundle_topic
+from edgepatch.protocol.transport import set_tcp_nodelay
 
 from .ingest import IngestService, IngestSettings
 from .metrics import CloudMetrics
@@ -73,8 +73,7 @@ class Companion:
         self._publisher = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                                       client_id=f"edgepatch-companion-{cfg.fleet}",
                                       protocol=mqtt.MQTTv5 if cfg.protocol == "mqttv5" else mqtt.MQTTv311)
-        self._publisher.on_socket_open = lambda c, u, sock: sock.setsockopt(
-            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._publisher.on_socket_open = set_tcp_nodelay
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()

@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -53,6 +52,7 @@ from paho.mqtt.properties import Properties
 from edgepatch.protocol.messages import MAX_MESSAGE_BYTES, Message, MessageError, decode
 from edgepatch.protocol.params import write_atomic
 from edgepatch.protocol.topics import PREFIX, Channel, check_name, shared_filter
+from edgepatch.protocol.transport import set_tcp_nodelay
 
 from .metrics import CloudMetrics
 from .store import BatchResult, PatchStore, Received, Reject
@@ -140,14 +140,6 @@ class _Pending:
     item: Received | Reject | None  # None: acknowledged and ignored (a cleared retained will)
 
 
-def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    # PUBACKs are tiny; without TCP_NODELAY Nagle + delayed ACK stall each round trip by ~40 ms.
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError) as exc:
-        log.warning("could not set TCP_NODELAY: %s", exc)
-
-
 class IngestService:
     def __init__(self, store: PatchStore, settings: IngestSettings | None = None, *,
                  metrics: CloudMetrics | None = None) -> None:
@@ -182,7 +174,7 @@ class IngestService:
             client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key)
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
-        client.on_socket_open = _set_nodelay
+        client.on_socket_open = set_tcp_nodelay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe

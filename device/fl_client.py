@@ -94,7 +94,7 @@ def fetch_blob(ref: BlobRef, timeout_s: float = 30.0) -> bytes:
 
 def encode_update(delta: Mapping[str, np.ndarray], touched: Mapping[str, np.ndarray]) -> bytes:
     """An .npz of the touched entries only: `<p>.values` (float32) and `<p>.mask` (packed bits)."""
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}
     for name, mask in touched.items():
         mask = np.asarray(mask, dtype=bool)
         arrays[f"{name}.values"] = np.asarray(delta[name], dtype=np.float32)[mask]
@@ -321,7 +321,7 @@ class _ScaledTrace(TracedResources):
         super().__init__(trace, WallClock(), start=start, loop=True, period_tail_s=1.0)
         self.static_share = static_share
 
-    def snapshot(self):  # type: ignore[no-untyped-def]
+    def snapshot(self):
         snap = super().snapshot()
         share = min(1.0, max(1e-3, snap.cpu_share * self.static_share))
         return type(snap)(share, snap.free_memory_mb, snap.battery_pct, snap.temp_c, 1.0 - share, snap.time)

@@ -48,6 +48,7 @@ from edgepatch.protocol.messages import (
     make_message,
 )
 from edgepatch.protocol.topics import Channel, TopicError, bundle_topic, check_name, device_topic, parse_topic
+from edgepatch.protocol.transport import set_tcp_nodelay
 
 from .outbox import Outbox, OutboxEntry
 
@@ -97,14 +98,6 @@ class LinkSettings:
 BundleCallback = Callable[[Message], None]
 
 
-def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    # QoS-1 round trips stall ~44 ms on Nagle + delayed ACK without this (RUNTIME_FACTS).
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError) as exc:  # e.g. a websocket wrapper: not fatal
-        log.warning("could not set TCP_NODELAY: %s", exc)
-
-
 class DeviceLink:
     def __init__(self, settings: LinkSettings, outbox: Outbox, *, base_version: str, variant_id: str,
                  on_bundle: BundleCallback | None = None) -> None:
@@ -142,7 +135,7 @@ class DeviceLink:
         if s.username is not None:
             client.username_pw_set(s.username, s.password)
         client.reconnect_delay_set(min_delay=s.reconnect_min_delay, max_delay=s.reconnect_max_delay)
-        client.on_socket_open = _set_nodelay
+        client.on_socket_open = set_tcp_nodelay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish

@@ -12,7 +12,6 @@ import queue
 import shutil
 import tempfile
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from edgepatch.protocol.bundle import ActiveBundleStore, Bundle
 from edgepatch.protocol.manifest import BundleError
 from edgepatch.protocol.messages import BundleAnnouncement, Message, PatchUpdate
 from edgepatch.protocol.shards import read_shards
+from edgepatch.protocol.transport import broker_uses_tls, parse_broker
 
 from .engine import open_engine
 from .fetch import fetch_bundle
@@ -49,18 +49,6 @@ class DeviceConfig:
     holdout_fraction: float = 0.25
     seed: int = 0
     adaptive: bool = True  # DISTREAL variant selection; False = always the full variant
-
-
-def parse_broker(url: str) -> tuple[str, int]:
-    parsed = urllib.parse.urlparse(url if "://" in url else f"mqtt://{url}")
-    if parsed.scheme not in ("mqtt", "mqtts", "tcp") or not parsed.hostname:
-        raise ValueError(f"broker {url!r}: expected mqtt://host:port or mqtts://host:port")
-    return parsed.hostname, parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
-
-
-def broker_uses_tls(url: str) -> bool:
-    """mqtts:// uses the profile's TLS files; mqtt:// is plain TCP (a local or test broker)."""
-    return url.startswith("mqtts://")
 
 
 def load_local_data(data_dir: Path, bundle: Bundle, holdout_fraction: float) -> LocalData:

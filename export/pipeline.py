@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -175,10 +176,8 @@ def measure_programs(spec: ModelSpec, patch: PatchSpec, params: Params, artifact
         for row in rows:
             kept = sample_kept(spec, row.variant, rng)
             sliced, sliced_base = slice_params(params, infos_all, kept), slice_params(params, infos_base, kept)
-            timers[row.id]["litert_train"] = (
-                lambda vid=row.id, s=sliced_base: program.train_full(vid, x, y, s))
-            timers[row.id]["litert_infer"] = (
-                lambda vid=row.id, s=sliced: program.infer_variant(vid, x, phi, s))
+            timers[row.id]["litert_train"] = partial(program.train_full, row.id, x, y, sliced_base)
+            timers[row.id]["litert_infer"] = partial(program.infer_variant, row.id, x, phi, sliced)
     samples: dict[tuple[str, str], list[float]] = {}
     for _ in range(repeats):  # interleaved, so machine noise hits every variant alike
         for vid, fns in timers.items():

@@ -330,7 +330,7 @@ def make_fl_message(payload: FlPayload, *, fleet: str, sender: str, seq: int,
     header = {"kind": payload.KIND, "fleet": _name(fleet, "fleet"), "sender": _name(sender, "sender"),
               "seq": _int(seq, "seq"), "sent_at": _float(time.time() if sent_at is None else sent_at, "sent_at")}
     env = {"schema": SCHEMA_VERSION, **header, "payload": payload.to_json()}
-    checked = type(payload).from_json(json.loads(canonical_bytes(env["payload"])))  # never emit what we reject
+    checked = type(payload).from_json(json.loads(canonical_bytes(payload.to_json())))  # never emit what we reject
     return FlMessage(payload=checked, content_hash=content_hash_of(env), **header)  # type: ignore[arg-type]
 
 

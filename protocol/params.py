@@ -10,6 +10,7 @@ import io
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,8 @@ def check_params(params: Mapping[str, np.ndarray], spec: ModelSpec, patch: Patch
 
 def params_to_bytes(params: Mapping[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in params.items()})
+    arrays: dict[str, Any] = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 

@@ -120,8 +120,11 @@ def scatter_add(full: np.ndarray, small: np.ndarray, info: ParamInfo, kept: Kept
 def touched_mask(info: ParamInfo, kept: KeptSets, shape: tuple[int, ...]) -> np.ndarray:
     """1 where a sliced training step touched the parameter (for count-normalized averaging)."""
     mask = np.zeros(shape, dtype=np.float32)
-    ones = np.ones(tuple(len(axis_index(s, kept)) if axis_index(s, kept) is not None else shape[a]
-                         for a, s in enumerate(info.axis_sources)), dtype=np.float32)
+    sizes = []
+    for axis, source in enumerate(info.axis_sources):
+        idx = axis_index(source, kept)
+        sizes.append(shape[axis] if idx is None else len(idx))
+    ones = np.ones(tuple(sizes), dtype=np.float32)
     scatter_add(mask, ones, info, kept)
     return mask
 

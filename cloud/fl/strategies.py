@@ -67,9 +67,10 @@ class Strategy:
         self.spec = spec
         self.rows = list(rows)
         self.rng = np.random.default_rng([seed, 0xF1])
-        self.full_id = next((r.id for r in rows if r.variant.is_full(spec)), None)
-        if self.full_id is None:
+        full_id = next((r.id for r in rows if r.variant.is_full(spec)), None)
+        if full_id is None:
             raise StrategyError("the bundle has no full-width variant (keep ratio 1 everywhere)")
+        self.full_id: str = full_id
         self.uniform_keep = {r.id: min(r.keep.values()) if r.keep else 1.0 for r in rows}
         self.small_keep = small_keep
         self.dropout_keep = dropout_keep
