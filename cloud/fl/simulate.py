@@ -660,10 +660,10 @@ def write_plots(results: Mapping[str, Any], out: Path) -> list[Path]:
     names = list(strategies)
     up = [strategies[n]["bytes_up"] / 1e6 for n in names]
     down = [strategies[n]["bytes_down"] / 1e6 for n in names]
-    xs = np.arange(len(names))
-    ax.bar(xs - 0.2, down, 0.4, label="down (global weights + round messages)")
-    ax.bar(xs + 0.2, up, 0.4, label="up (touched entries + masks + messages)")
-    ax.set_xticks(xs, names, rotation=20, fontsize=8)
+    bar_x = np.arange(len(names))
+    ax.bar(bar_x - 0.2, down, 0.4, label="down (global weights + round messages)")
+    ax.bar(bar_x + 0.2, up, 0.4, label="up (touched entries + masks + messages)")
+    ax.set_xticks(bar_x, names, rotation=20, fontsize=8)
     ax.set_ylabel("MB moved, all devices, all rounds")
     ax.legend(fontsize=8)
     fig.tight_layout()
