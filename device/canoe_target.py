@@ -116,6 +116,8 @@ class CanoeLink:
         self._client.on_message = self._on_message
         self._client.on_socket_open = _nodelay
         self._host, self._port = host, port
+        self._in_flight: list[mqtt.MQTTMessageInfo] = []  # QoS 1 publishes not yet acknowledged (see flush)
+        self._in_flight_lock = threading.Lock()
 
     def start(self, timeout: float = 10.0) -> None:
         self._client.connect_async(self._host, self._port, keepalive=30)
@@ -126,6 +128,28 @@ class CanoeLink:
     def stop(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait up to `timeout` s until the broker acknowledged every message published so far (call it
+        before `stop`, which would otherwise drop what is still queued); True when none is left."""
+        deadline = time.monotonic() + timeout
+        with self._in_flight_lock:
+            waiting = list(self._in_flight)
+        for info in waiting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(RuntimeError, ValueError):  # not queued (no connection): nothing to wait for
+                info.wait_for_publish(remaining)
+        with self._in_flight_lock:
+            self._in_flight = [i for i in self._in_flight if not i.is_published()]
+            return not self._in_flight
+
+    def _track(self, info: mqtt.MQTTMessageInfo) -> None:
+        with self._in_flight_lock:
+            self._in_flight = [i for i in self._in_flight if not i.is_published()]
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                self._in_flight.append(info)
 
     def subscribe(self, topic_filter: str, handler: Handler) -> None:
         self._handlers[topic_filter] = handler
@@ -144,11 +168,13 @@ class CanoeLink:
                            variant_id=variant_id, seq=next(self._seq))
         data = encode(msg)
         info = self._client.publish(device_topic(self.fleet, self.device_id, Channel.METRICS), data, qos=1)
+        self._track(info)
         return len(data) if info.rc == mqtt.MQTT_ERR_SUCCESS else 0
 
     def publish_to(self, topic: str, payload: CanoePayload, retain: bool = False) -> int:
         data = encode_message(payload, fleet=self.fleet, device_id=self.device_id)
         info = self._client.publish(topic, data, qos=1, retain=retain)
+        self._track(info)
         return len(data) if info.rc == mqtt.MQTT_ERR_SUCCESS else 0
 
     def publish(self, channel: str, payload: CanoePayload, retain: bool = False) -> int:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from edgepatch.device.fl_client import DeviceSpec, run_device_host
+from edgepatch.protocol.transport import parse_broker
 
 from .strategies import STRATEGIES
 
@@ -252,14 +253,6 @@ def local_broker(workdir: Path) -> Iterator[tuple[str, int, str]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def parse_broker_url(url: str) -> tuple[str, int]:
-    raw = url.split("://", 1)[-1].rstrip("/")
-    host, _, port = raw.rpartition(":")
-    if not host or not port.isdigit():
-        raise SimConfigError(f"broker URL {url!r} must look like mqtt://host:port")
-    return host, int(port)
 
 
 # --------------------------------------------------------------------------------------------- the fleet
@@ -534,7 +527,10 @@ def run_simulation(cfg: SimConfig, out_dir: str | Path, broker_url: str | None =
     results: dict[str, Any] = {"config": asdict(cfg), "strategies": {}}
     with contextlib.ExitStack() as stack:
         if broker_url:
-            host, port = parse_broker_url(broker_url)
+            try:
+                host, port = parse_broker(broker_url)
+            except ValueError as exc:
+                raise SimConfigError(str(exc)) from exc
             broker = (host, port, cfg.broker_protocol)
         else:
             broker = stack.enter_context(local_broker(out / "broker"))
