@@ -310,9 +310,7 @@ def drifted_accuracy(curve: list[dict[str, Any]], classes: list[int]) -> dict[st
     if helped is not None:
         after = [p for p in curve if p["tick"] > helped]
         out["after_help"], out["after_help_samples"] = _accuracy_on(after, classes)
-        own_total = sum(p["class_total"][c] for p in after for c in classes)
         out["after_help_ticks"] = len(after)
-        out["after_help_samples"] = own_total
     return out
 
 
