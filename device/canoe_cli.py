@@ -175,6 +175,7 @@ def helper_cmd(
     data: Path = typer.Option(..., help="directory of .npz shards (x, y, t): the helper's own data"),
     broker: str = typer.Option(..., help="mqtt://host:port"),
     mqtt_protocol: str = typer.Option("5", help="5 or 3.1.1"),
+    connect_timeout: float = typer.Option(10.0, help="seconds to wait for the broker at start"),
     fleet: str = typer.Option("default"),
     device_id: str = typer.Option(..., help="this device's id"),
     state_dir: Path | None = typer.Option(None, help="own model (canoe-model.npz) and by-reference slices"),
@@ -190,10 +191,10 @@ def helper_cmd(
     try:
         if warmup_steps < 0 or run_for < 0:
             raise CanoeCliError("--warmup-steps and --run-for must be >= 0")
+        link = open_link(broker, mqtt_protocol, fleet, device_id)  # not connected yet: checks the arguments
         b = load_bundle(bundle)
         x, y, _ = load_data(b, data)
         own = load_own_model(b, model_path(model, state_dir))
-        link = open_link(broker, mqtt_protocol, fleet, device_id)
     except (CanoeCliError, BundleError, ShardError, ParamsError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from exc
     stop = stop_on_signals()
@@ -204,7 +205,7 @@ def helper_cmd(
                          share_dir=state_dir / "slices" if state_dir is not None else None, seed=seed)
     answers = serve_helper(helper, link)
     try:
-        link.start()
+        link.start(connect_timeout)
     except ConnectionError as exc:
         raise _fail(str(exc)) from exc
     try:
@@ -353,6 +354,7 @@ def target_cmd(
     data: Path = typer.Option(..., help="directory of .npz shards (x, y, t), replayed in time order"),
     broker: str = typer.Option(..., help="mqtt://host:port"),
     mqtt_protocol: str = typer.Option("5", help="5 or 3.1.1"),
+    connect_timeout: float = typer.Option(10.0, help="seconds to wait for the broker at start"),
     fleet: str = typer.Option("default"),
     device_id: str = typer.Option(..., help="this device's id"),
     steps_per_tick: int = typer.Option(2, help="full-weight SGD steps per tick"),
@@ -378,10 +380,10 @@ def target_cmd(
         settings = StreamSettings(steps_per_tick, ticks, samples_per_tick, wait_for_help, report_every)
         if reference < 1 or window < 2 or not 0 < drop < 1 or cooldown < 0:
             raise CanoeCliError("need --reference >= 1, --window >= 2, 0 < --drop < 1, --cooldown >= 0")
+        link = open_link(broker, mqtt_protocol, fleet, device_id)  # not connected yet: checks the arguments
         b = load_bundle(bundle)
         x, y, t = load_data(b, data)
         own = load_own_model(b, model_path(model, state_dir))
-        link = open_link(broker, mqtt_protocol, fleet, device_id)
     except (CanoeCliError, BundleError, ShardError, ParamsError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from exc
     spec = b.manifest.model
@@ -391,7 +393,7 @@ def target_cmd(
     link.subscribe(canoe_topic(fleet, device_id, "reply"), target.on_message)
     stop = stop_on_signals()
     try:
-        link.start()
+        link.start(connect_timeout)
     except ConnectionError as exc:
         raise _fail(str(exc)) from exc
     console.print(f"canoe target {device_id}: {len(y)} samples, {ticks} ticks of {samples_per_tick} samples, "

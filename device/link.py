@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -137,9 +138,11 @@ class DeviceLink:
         client.reconnect_delay_set(min_delay=s.reconnect_min_delay, max_delay=s.reconnect_max_delay)
         client.on_socket_open = set_tcp_nodelay
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_log = self._on_paho_log
         return client
 
     def start(self) -> None:
@@ -310,6 +313,18 @@ class DeviceLink:
             self.publish_state("online", "connected")  # flushes everything pending, oldest first
         except Exception:
             log.exception("error in on_connect")
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # paho calls this from inside its `except OSError`, so the exception in flight is the reason
+        # (connection refused, TLS handshake or certificate verification failure, ...).
+        log.warning("cannot connect to broker %s:%s: %s (retrying)", self.settings.host, self.settings.port,
+                    sys.exc_info()[1] or "unknown error")
+
+    def _on_paho_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        # paho reports socket/TLS errors after the handshake (e.g. the broker's TLS 1.3 alert that a client
+        # certificate is required) only through its log; on_disconnect just says "Unspecified error".
+        if level == mqtt.MQTT_LOG_ERR:
+            log.error("MQTT client error with broker %s:%s: %s", self.settings.host, self.settings.port, buf)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Any) -> None:
