@@ -16,6 +16,15 @@ app = typer.Typer(help="Device runtime: train patches in the lite runtime, predi
 console = Console(stderr=True)
 
 
+def _mount_canoe() -> None:
+    from .canoe_cli import app as canoe_app
+
+    app.add_typer(canoe_app, name="canoe", help="Canoe peer transfer: run a helper or a drifting target.")
+
+
+_mount_canoe()
+
+
 def _fail(message: str) -> typer.Exit:
     console.print(f"[red]error:[/red] {message}")
     return typer.Exit(code=2)

@@ -16,10 +16,13 @@ Programs (see docs/CONTRACTS.md "ExecuTorch programs"):
 Training programs are not delegated: every weight is a runtime input there, which XNNPACK cannot take
 as a convolution filter (measured: delegation gave no speed-up and a 5–10× slower export), and the
 partitioner would bake a trainable matmul weight as a constant (RUNTIME_FACTS). Convolutions in training
-programs are written as im2col (shifted slices) + bmm because the portable `convolution_backward`
-kernel was ≈ 3× slower (mnist_cnn, batch 32: ≈ 1.2 s vs ≈ 0.35 s per φ step). Average pooling is a
-reshape + mean because the portable runtime has no `avg_pool2d_backward` kernel. Both rewrites are
-checked against `export/torch_model.py::forward` in the tests.
+programs are written as shifted slices + one 2-D matmul on channel-major activations (C, N, …)
+because the portable `convolution_backward` kernel was ≈ 3× slower (mnist_cnn, batch 32: ≈ 1.2 s vs
+≈ 0.35 s per φ step) and the batch-first form spent ≈ 45 % of a step in transposes and broadcasts that
+do not shrink with the kept filters. Average pooling is a sum of strided slices because the portable
+runtime has no `avg_pool2d_backward` kernel. The frozen inference export keeps `norm` and `dense` in
+forms XNNPACK delegates (`inference_forward`), so no portable op sits between delegate islands. All
+rewrites are checked against `export/torch_model.py::forward` in the tests.
 """
 
 from __future__ import annotations
@@ -119,16 +122,20 @@ def _patch_channel_major(h: Tensor, patch: PatchSpec, params: Mapping[str, Tenso
     return h + (up @ z).reshape(h.shape)
 
 
-def _avgpool_reshape(layer: LayerSpec, h: Tensor) -> Tensor:
-    """Non-overlapping average pooling (kernel == stride, floor) as crop + reshape + mean."""
+def _avgpool_slices(layer: LayerSpec, h: Tensor) -> Tensor:
+    """Non-overlapping average pooling (kernel == stride, floor) over every dim after the first two, as a
+    sum of strided slices. The portable runtime has no `avg_pool2d_backward`; a reshape + mean form
+    works but its backward is a 6-D `expand_copy`, the slowest portable copy (≈ 14 ns per element,
+    profiled), while a slice's backward is a cheap `slice_scatter`. Layout-agnostic in dims 0 and 1."""
     k = layer.kernel
-    if h.dim() == 4:
-        n, c, height, width = h.shape
-        h2, w2 = height // k, width // k
-        return h[:, :, :h2 * k, :w2 * k].reshape(n, c, h2, k, w2, k).mean(dim=(3, 5))
-    n, c, length = h.shape
-    l2 = length // k
-    return h[:, :, :l2 * k].reshape(n, c, l2, k).mean(dim=3)
+    for dim in range(2, h.dim()):
+        size = h.shape[dim] // k
+        lead = (slice(None),) * dim
+        taps = [h[(*lead, slice(i, i + k * (size - 1) + 1, k))] for i in range(k)]
+        h = taps[0]
+        for tap in taps[1:]:
+            h = h + tap
+    return h * (1.0 / k ** (h.dim() - 2))
 
 
 def trainable_forward(spec: ModelSpec, patch: PatchSpec | None, params: Mapping[str, Tensor], x: Tensor,
@@ -136,8 +143,7 @@ def trainable_forward(spec: ModelSpec, patch: PatchSpec | None, params: Mapping[
     """`torch_model.forward` rewritten for the portable training kernels, same maths.
 
     Activations stay channel-major (C, N, …) from the input up to `flatten` (see `_conv_channel_major`);
-    convs are slices + matmul, average pooling is reshape + mean (the portable runtime has no
-    `avg_pool2d_backward`). Layers without a channel-major form (dwconv2d) run the reference code in
+    convs are slices + matmul, average pooling a sum of strided slices (`_avgpool_slices`). Layers without a channel-major form (dwconv2d) run the reference code in
     batch-first layout; after `flatten` every layer and patch is the reference code itself.
     """
     h = x.transpose(0, 1)
@@ -149,7 +155,7 @@ def trainable_forward(spec: ModelSpec, patch: PatchSpec | None, params: Mapping[
         elif channel_major and layer.kind in ("conv2d", "conv1d"):
             h = _conv_channel_major(layer, h, params)
         elif channel_major and layer.kind == "avgpool":
-            h = _avgpool_reshape(layer, h)  # positional over the spatial dims: layout-agnostic
+            h = _avgpool_slices(layer, h)
         elif channel_major and layer.kind == "norm":
             h = _norm_channel_major(layer, h, params)
         elif channel_major and layer.kind != "relu":
