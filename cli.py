@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="edgepatch: on-device learning across a fleet.", no_args_is_help=True,
@@ -30,8 +31,17 @@ _mount_subapps()
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    # escape: paths and reprs in messages may hold '[…]', which rich would eat as markup; soft_wrap: one
+    # line per error even when piped (rich hard-wraps at 80 columns off a terminal).
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code=2)
+
+
+def _table_console() -> Console:
+    """Console for tables on stdout. Off a terminal (`| less`, `> file`, CI logs) rich assumes 80 columns
+    and cuts cells to '…', which hid artifact names and timings; there, render at the table's own width."""
+    out = Console()
+    return out if out.is_terminal else Console(width=max(out.width, 240))
 
 
 def _log(message: str) -> None:
@@ -104,7 +114,7 @@ def explore_cmd(
         cost_value = next(iter(row["train_ms"].values()), row["flops_ratio"])
         table.add_row(row["id"], f"{cost_value:.3f}", f"{row['convergence']:.4f}", f"{row['flops_ratio']:.2f}",
                       "yes" if row["pareto"] else "")
-    Console().print(table)
+    _table_console().print(table)
     console.print(f"wrote {out / 'variants.json'} and {out / 'front.png'}")
 
 
@@ -124,7 +134,7 @@ def _print_bundle(path: Path) -> None:
             manifest = bundle.manifest
     except BundleError as exc:
         raise _fail(str(exc)) from exc
-    out = Console()
+    out = _table_console()
     out.print(f"[bold]{manifest.model_id}[/bold] base {manifest.base_version[:12]}  schema "
               f"{manifest.schema_version}  created {manifest.created}")
     out.print(f"input {list(manifest.input.shape)} {manifest.input.layout}, {manifest.labels.num_classes} classes; "

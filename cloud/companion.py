@@ -75,6 +75,7 @@ class Companion:
                                       protocol=mqtt.MQTTv5 if cfg.protocol == "mqttv5" else mqtt.MQTTv311)
         self._publisher.on_socket_open = set_tcp_nodelay
         self._wake = threading.Event()
+        self._requested = threading.Event()  # request_distillation() was called
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._seq = 0
@@ -150,6 +151,8 @@ class Companion:
                     log.exception("distillation round failed; the current bundle stays published")
 
     def request_distillation(self) -> None:
+        """Distil on the next loop turn if any device has reported on the current base."""
+        self._requested.set()
         self._wake.set()
 
     # -- ingest hook -----------------------------------------------------------------------------
@@ -161,7 +164,12 @@ class Companion:
         if self.current is None:
             return False
         reported = len(self.store.latest_patches(self.current.base_version, self.cfg.fleet))
-        return reported > 0 and (self.cfg.distill_after == 0 or reported >= self.cfg.distill_after)
+        if reported == 0:
+            return False
+        if self._requested.is_set():
+            self._requested.clear()
+            return True
+        return self.cfg.distill_after > 0 and reported >= self.cfg.distill_after
 
     # -- publishing ------------------------------------------------------------------------------
     def publish(self, bundle_dir: Path) -> BundleAnnouncement:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(help="Device runtime: train patches in the lite runtime, predict, report.",
                   no_args_is_help=True)
@@ -26,7 +27,8 @@ _mount_canoe()
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    # escape: paths in messages may hold '[…]' (rich markup); soft_wrap: one line per error when piped.
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code=2)
 
 

@@ -103,7 +103,10 @@ def test_export_defaults_then_inspect_and_tamper(tmp_path: Path) -> None:
     for vid in variant_ids:
         assert vid in inspected.stdout, f"{vid} missing from `inspect`:\n{inspected.stdout}"
     assert manifest.base_version[:12] in inspected.stdout
-    assert "litert_infer" in inspected.stdout
+    # Piped, the tables are not cut to 80 columns: every artifact name and kind is printed in full.
+    for name, entry in manifest.artifacts.items():
+        assert name in inspected.stdout and entry.kind in inspected.stdout, f"{name} cut from:\n{inspected.stdout}"
+    assert "…" not in inspected.stdout, inspected.stdout
 
     tampered = tmp_path / "tampered"
     shutil.copytree(out, tampered)
@@ -212,10 +215,12 @@ def test_cloud_serve_device_over_mosquitto_then_status(
 
     serve, http_port, log = companion
     data = next(iter(shifted_digits_devices.values()))
+    t0 = time.monotonic()
     _ok(run_cli("device", "run", "--bundle", digits_bundle, "--data", data, "--state-dir", tmp_path / "dev",
                 "--broker", f"mqtt://127.0.0.1:{mosquitto.port}", "--mqtt-protocol", "5", "--fleet", "f1",
                 "--device-id", "d1", "--rounds", "1", "--steps", "10", timeout=300))
 
+    print(f"device run over MQTT: {time.monotonic() - t0:.1f} s")
     url = f"http://127.0.0.1:{http_port}"
     with load_bundle(digits_bundle) as bundle:
         base_version = bundle.base_version
@@ -235,16 +240,42 @@ def test_cloud_serve_device_over_mosquitto_then_status(
     assert d1["bytes_in"] > 0
     assert fleet["bundle"] is not None
 
+    print(f"patch visible in `cloud status`: {time.monotonic() - t0:.1f} s")
+    t1 = time.monotonic()
+    # With --distill-after 0 nothing is distilling, so the stop is prompt (a distillation in progress
+    # would be finished first, by design).
     serve.send_signal(signal.SIGTERM)
     try:
         code = serve.wait(30)
     except subprocess.TimeoutExpired:
         pytest.fail(f"serve ignored SIGTERM for 30 s: {log.read_text()[-3000:]}")
+    print(f"serve stopped {time.monotonic() - t1:.1f} s after SIGTERM")
     assert code == 0, f"serve exited {code} after SIGTERM: {log.read_text()[-3000:]}"
     assert "Traceback" not in log.read_text(errors="replace")
 
     gone = run_cli("cloud", "status", "--url", url, timeout=60)  # nothing listens any more: a clear error
     assert gone.returncode == 2 and "cannot reach the companion" in _flat(gone.stderr), gone.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_cloud_serve_distils_only_on_request_by_default(
+        companion: tuple[subprocess.Popen[bytes], int, Path], mosquitto: Any, digits_bundle: Path,
+        shifted_digits_devices: dict[str, Path], tmp_path: Path) -> None:
+    serve, http_port, log = companion
+    data = next(iter(shifted_digits_devices.values()))
+    _ok(run_cli("device", "run", "--bundle", digits_bundle, "--data", data, "--state-dir", tmp_path / "dev",
+                "--broker", f"mqtt://127.0.0.1:{mosquitto.port}", "--fleet", "f1", "--device-id", "d2",
+                "--rounds", "1", "--steps", "5", timeout=300))
+    time.sleep(3.0)  # three of the distillation loop's 1 s polls
+    serve.send_signal(signal.SIGTERM)
+    try:
+        code = serve.wait(15)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"serve still busy 15 s after SIGTERM (a distillation nobody requested?): "
+                    f"{log.read_text()[-1500:]}")
+    assert code == 0
+    assert "distillation round" not in log.read_text(errors="replace")
 
 
 # -- 5. bad input ---------------------------------------------------------------------------------------
@@ -269,6 +300,14 @@ def test_device_run_missing_data_dir_is_a_clear_error(digits_bundle: Path, tmp_p
     err = _flat(proc.stderr)
     assert _names(proc.stderr, missing) and "does not exist" in err, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_device_predict_without_an_installed_bundle(tmp_path: Path) -> None:
+    np.savez(tmp_path / "x.npz", x=np.zeros((2, 1, 8, 8), np.float32))
+    proc = run_cli("device", "predict", tmp_path / "x.npz", "--state-dir", tmp_path / "empty", timeout=60)
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr}"
+    assert "no bundle installed" in _flat(proc.stderr) and _names(proc.stderr, tmp_path / "empty"), proc.stderr
+    assert proc.stdout == ""
 
 
 def test_cli_without_a_command_shows_help() -> None:
