@@ -262,7 +262,39 @@ def test_benchmark_tasks_cover_every_variant_and_run() -> None:
     variants = [full_variant(spec), uniform_variant(spec, 0.5)]
     tasks = eb.benchmark_tasks(spec, patch, variants, params, BATCH, np.random.default_rng(0))
     assert set(tasks) == {(v.id, kind) for v in variants for kind in ("train_full", "train_phi", "infer")}
-    loss, grads = tasks[(variants[1].id, "train_full")]()  # type: ignore[misc]
+    loss, grads = tasks[(variants[1].id, "train_full")]()
     assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads.values())
     logits = tasks[(variants[0].id, "infer")]()
     assert np.asarray(logits).shape == (BATCH, spec.num_classes)
+
+
+def test_export_forms_match_reference_on_variants() -> None:
+    """The XNNPACK-friendly inference form and the channel-major training form, on full and 50 % specs
+    with both patch kinds (float32 round-off only: same maths, another summation order)."""
+    for model in MODELS:
+        for kind in KINDS:
+            spec, patch, params = _setup(model, kind)
+            for ratio in RATIOS:
+                variant = _variant(spec, ratio)
+                small = variant.spec(spec)
+                sliced = tm.to_tensors(slice_params(params, param_infos(spec, patch),
+                                                    sample_kept(spec, variant, np.random.default_rng(9))))
+                x = torch.tensor(_batch(spec)[0])
+                phi = torch.randn(patch.k, generator=torch.Generator().manual_seed(1))
+                ref = tm.forward(small, patch, sliced, x, phi)
+                for form in (eb.inference_forward, eb.trainable_forward):
+                    got = form(small, patch, sliced, x, phi)
+                    worst = float((got - ref).abs().max())
+                    assert got.shape == ref.shape and worst <= 1e-4, f"{form.__name__} {model} {kind} {ratio}: {worst}"
+
+
+@pytest.mark.parametrize("size", [(7, 9), (8, 8), (13,)])
+def test_avgpool_slices_matches_torch_pooling_with_floor_crop(size: tuple[int, ...]) -> None:
+    from edgepatch.protocol.model_spec import LayerSpec
+
+    h = torch.randn(3, 5, *size, generator=torch.Generator().manual_seed(0))
+    layer = LayerSpec("avgpool", "pool", kernel=2)
+    want = F.avg_pool2d(h, 2, 2) if len(size) == 2 else F.avg_pool1d(h, 2, 2)
+    got = eb._avgpool_slices(layer, h)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
