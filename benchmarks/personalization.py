@@ -1,7 +1,8 @@
 """On-device φ training raises each device's later-in-time holdout accuracy over the base model.
 
 Exports the digits reference bundle (LiteRT), splits the rest of scikit-learn digits into a fleet whose
-devices each see their data through their own sensor gain/offset (a shift a FiLM patch can correct),
+devices each see their data through their own miscalibrated sensor gain/offset (a shift a FiLM patch
+can correct; every device is noticeably off),
 then trains φ on every device in the real LiteRT interpreter and compares holdout accuracy before and
 after (train on older samples, test on the newest 25 %).
 
@@ -25,7 +26,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--shift-strength", type=float, default=3.0)
+    ap.add_argument("--shift", default="miscalibration", help="per-device transform kinds (data/fleet.py)")
+    ap.add_argument("--shift-strength", type=float, default=1.5)
     ap.add_argument("--tail", default="uniform", choices=["uniform", "zipf", "lognormal"])
     ap.add_argument("--samples-per-device", type=int, default=110)
     ap.add_argument("--bundle", type=Path, default=None, help="reuse an exported bundle")
@@ -48,7 +50,7 @@ def main() -> None:
         runtimes = ("litert",) if args.runtime == "litert" else ("litert", "executorch")
         export_bundle(ExportOptions(variants="1", runtimes=runtimes, dse_steps=5, dse_seeds=(0,)), bundle)
     _, device_part = base_split(load_digits(), fraction=0.5, seed=0)
-    fleet = make_fleet(device_part, args.devices, alpha=1.0, shift="gain_offset", tail=args.tail, seed=args.seed,
+    fleet = make_fleet(device_part, args.devices, alpha=1.0, shift=args.shift, tail=args.tail, seed=args.seed,
                        shift_strength=args.shift_strength, samples_per_device=args.samples_per_device)
     rows = []
     for device in fleet:

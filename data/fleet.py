@@ -31,7 +31,7 @@ from edgepatch.protocol.shards import write_shard
 
 from .datasets import Dataset
 
-SHIFT_KINDS = ("none", "gain_offset", "permutation", "noise", "rotation")
+SHIFT_KINDS = ("none", "gain_offset", "miscalibration", "permutation", "noise", "rotation")
 TAIL_LAWS = ("zipf", "lognormal", "uniform")
 WEEK_SECONDS = 7 * 86400.0
 
@@ -146,6 +146,13 @@ def draw_transform(kinds: Sequence[str], input_shape: Sequence[int], rng: np.ran
     if "gain_offset" in kinds:
         fields["gain"] = np.exp(rng.normal(0.0, 0.3 * strength, channels)).astype(np.float32)
         fields["offset"] = rng.normal(0.0, 0.3 * strength, channels).astype(np.float32)
+    if "miscalibration" in kinds:
+        # Like gain_offset but never mild: |log gain| and |offset| each in [0.3, 0.6]·strength, random
+        # sign, so every device really is off (personalization experiments need that).
+        def magnitude() -> np.ndarray:
+            return rng.choice([-1.0, 1.0], channels) * rng.uniform(0.3, 0.6, channels) * strength
+        fields["gain"] = np.exp(magnitude()).astype(np.float32)
+        fields["offset"] = magnitude().astype(np.float32)
     if "noise" in kinds:
         fields["noise_std"] = float(0.1 * strength)
         fields["noise_seed"] = int(rng.integers(2**31))

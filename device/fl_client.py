@@ -196,7 +196,14 @@ class FullWeightTrainer:
         base = {n: np.zeros(info.shape, np.float32) for n, info in self.infos.items()}
         for vid in self.variant_ids:
             kept = first_kept(self.spec, self.bundle.variant(vid))
-            self.program.train_full(vid, x, y, slice_params(base, self.infos, kept))
+            sliced = slice_params(base, self.infos, kept)
+            self.program.train_full(vid, x, y, sliced)
+            if self.selector is not None:
+                # A second, timed call calibrates the selector to this process's real compute speed
+                # (other processes share the cores), so its first decision is not the table's optimism.
+                t0 = time.perf_counter()
+                self.program.train_full(vid, x, y, sliced)
+                self.selector.observe(vid, time.perf_counter() - t0, runtime=TABLE_RUNTIME, cpu_share=1.0)
 
     def _batch(self) -> tuple[np.ndarray, np.ndarray]:
         idx = self.rng.choice(len(self.x), size=self.batch, replace=len(self.x) < self.batch)

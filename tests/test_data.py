@@ -452,3 +452,14 @@ def test_resource_profiles_follow_lognormal_and_markov_load() -> None:
     assert np.allclose(speed[~busy[:50]], device.speed_factor)
     with pytest.raises(FleetError, match="p_become_idle"):
         resource_profiles(2, p_become_idle=0.0)
+
+
+def test_miscalibration_shifts_every_device_noticeably() -> None:
+    from edgepatch.data.fleet import draw_transform
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        t = draw_transform(("miscalibration",), (1, 8, 8), rng, strength=2.0)
+        assert t.gain is not None and t.offset is not None
+        assert np.all(np.abs(np.log(t.gain)) >= 0.6 - 1e-6) and np.all(np.abs(np.log(t.gain)) <= 1.2 + 1e-6)
+        assert np.all(np.abs(t.offset) >= 0.6 - 1e-6) and np.all(np.abs(t.offset) <= 1.2 + 1e-6)
