@@ -51,8 +51,12 @@ def _log(message: str) -> None:
 @app.command("export")
 def export_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="bundle directory to write"),
-    model: str = typer.Option("digits_cnn", help="reference model name or 'module:attr' of a ModelSpec"),
-    weights: Path | None = typer.Option(None, help="base weights .npz; pretrained offline when absent"),
+    model: str = typer.Option("digits_cnn", help="reference model name, 'module:attr' or 'file.py:attr' (a "
+                              "ModelSpec, torch module or Keras model), or a saved .keras file"),
+    weights: Path | None = typer.Option(None, help="base weights (.npz, torch state dict .pt, .safetensors); "
+                                        "default: the model's own, else pretrained on --data"),
+    data: Path | None = typer.Option(None, help="labelled data: a shard directory or an .npz with x, y; for "
+                                     "pretraining and the variant search (reference models have their own)"),
     shared: Path | None = typer.Option(None, help="shared patch parameters θ̄/Θ .npz (e.g. distilled)"),
     patch: str = typer.Option("film", help="patch kind: film or lowrank"),
     patch_layers: str = typer.Option("", help="comma-separated layers to patch (default: every conv)"),
@@ -66,7 +70,7 @@ def export_cmd(
     """Export a model to a verified bundle of LiteRT and ExecuTorch programs with dropout variants."""
     from edgepatch.export.pipeline import ExportOptions, export_bundle
 
-    opts = ExportOptions(model=model, weights=weights, shared=shared, patch_kind=patch,
+    opts = ExportOptions(model=model, weights=weights, data=data, shared=shared, patch_kind=patch,
                          patch_layers=tuple(p for p in patch_layers.split(",") if p) or None, k=k, rank=rank,
                          variants=variants, runtimes=tuple(r for r in runtimes.split(",") if r),
                          batch=batch, seed=seed)
@@ -80,8 +84,11 @@ def export_cmd(
 @app.command("explore")
 def explore_cmd(
     out: Path = typer.Option(Path("dse"), "--out", "-o", help="directory for variants.json and front.png"),
-    model: str = typer.Option("digits_cnn"),
-    weights: Path | None = typer.Option(None, help="base weights .npz; pretrained offline when absent"),
+    model: str = typer.Option("digits_cnn", help="as for `export --model`"),
+    weights: Path | None = typer.Option(None, help="base weights; default: the model's own, else pretrained "
+                                        "on --data"),
+    data: Path | None = typer.Option(None, help="labelled data: a shard directory or an .npz with x, y "
+                                     "(reference models have their own)"),
     rates: str = typer.Option("0.25,0.5,0.75,1", help="discretized keep ratios per layer"),
     population: int = typer.Option(8),
     generations: int = typer.Option(3),
@@ -92,14 +99,16 @@ def explore_cmd(
 ) -> None:
     """DISTREAL design-space exploration: NSGA-II over per-layer keep ratios; writes the Pareto set."""
     from edgepatch.export import dse
-    from edgepatch.export.pipeline import ExportOptions, base_weights, training_data
-    from edgepatch.export.resolve import resolve_model
+    from edgepatch.export.pipeline import ExportOptions, base_weights, export_data, load_source, no_data_error
 
     try:
-        spec = resolve_model(model)
-        base = base_weights(spec, ExportOptions(model=model, weights=weights, seed=seed), _log)
-        x, y = training_data(spec, seed)
-        result = dse.explore(spec, base, x, y, rates=[float(r) for r in rates.split(",")],
+        opts = ExportOptions(model=model, weights=weights, data=data, seed=seed)
+        spec, given = load_source(opts)
+        found = export_data(spec, opts)
+        if found is None:
+            raise no_data_error(spec, "for the variant search")
+        base = base_weights(spec, opts, found, _log, given)
+        result = dse.explore(spec, base, found.x, found.y, rates=[float(r) for r in rates.split(",")],
                              pop_size=population, generations=generations, seeds=tuple(range(seeds)),
                              step_budget=steps, search_seed=seed,
                              cost_fn=dse.flops_cost if cost == "flops" else None,

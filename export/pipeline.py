@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from edgepatch.data.byo import LabelledData
 from edgepatch.protocol.manifest import LabelSpec, Manifest, TrainConfig, VariantRow
 from edgepatch.protocol.model_spec import ModelSpec, PatchSpec, param_infos
 from edgepatch.protocol.optim import AdamConfig
 from edgepatch.protocol.params import Params, ParamsError, check_params, init_params, load_params
 from edgepatch.protocol.variants import Variant, sample_kept, slice_params
 
-from .reference_models import default_patch
+from .reference_models import REFERENCE_MODELS, default_patch
 from .resolve import parse_variants, resolve_model
 
 Log = Callable[[str], None]
@@ -36,7 +37,9 @@ class ExportOptions:
     """Everything `edgepatch export` accepts; the defaults export the default reference model."""
 
     model: str = "digits_cnn"
-    weights: Path | None = None  # base weights (.npz); pretrained on offline data when absent
+    weights: Path | None = None  # base weights file; else the source's own, else pretrained on `data`
+    data: Path | None = None  # --data: shard directory or .npz (x, y); reference models default to theirs
+    holdout: float = 0.2  # fraction of `data` held out to report the pretrained model's accuracy
     shared: Path | None = None  # θ̄/Θ (.npz, e.g. from MoMoDistill); initialized when absent
     patch_kind: str = "film"
     patch_layers: tuple[str, ...] | None = None  # default: every conv layer
@@ -60,31 +63,70 @@ def _quiet(_: str) -> None:
     pass
 
 
-def training_data(spec: ModelSpec, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The cloud's own offline data for a reference model (scikit-learn digits or mnist1d)."""
-    from edgepatch.data.datasets import dataset_for_model
-    from edgepatch.data.fleet import base_split
-
-    cloud, _ = base_split(dataset_for_model(spec.name), fraction=0.5, seed=seed)
-    if tuple(cloud.x.shape[1:]) != spec.input_shape:
-        raise ParamsError(f"no offline dataset fits model {spec.name!r} ({spec.input_shape}); pass --weights")
-    return cloud.x, cloud.y
+class NoDataError(ParamsError):
+    """A model with neither weights nor data: nothing to pretrain on and nothing to measure variants with."""
 
 
-def base_weights(spec: ModelSpec, opts: ExportOptions, log: Log = _quiet) -> Params:
-    """Load `opts.weights`, or pretrain on the offline data that ships with the packages."""
-    if opts.weights is not None:
-        params = load_params(opts.weights)
+def export_data(spec: ModelSpec, opts: ExportOptions) -> LabelledData | None:
+    """The exporter's data: `--data` (checked against the model's input), else a reference model's own
+    offline dataset, else None (a user's model without `--data`)."""
+    from edgepatch.data.byo import load_labelled, reference_data
+
+    if opts.data is not None:
+        return load_labelled(opts.data, spec.input_shape, spec.num_classes)
+    if opts.model in REFERENCE_MODELS:
+        return reference_data(opts.model, opts.seed)
+    return None
+
+
+def no_data_error(spec: ModelSpec, what: str) -> NoDataError:
+    return NoDataError(
+        f"model {spec.name!r} needs data {what}: pass --data PATH (a shard directory or an .npz with x of "
+        f"shape (N, {', '.join(map(str, spec.input_shape))}) and y in [0, {spec.num_classes})), or --weights "
+        "FILE and explicit "
+        "--variants (e.g. 1,0.5) to export it without data")
+
+
+def load_source(opts: ExportOptions) -> tuple[ModelSpec, Params | None]:
+    """The model description and the weights its source carries (`--weights`, or a torch/Keras model's
+    own); None when there are none (a `ModelSpec` without `--weights`)."""
+    from . import resolve
+
+    if hasattr(resolve, "load_model"):  # torch / Keras / .keras sources (export/resolve.py)
+        spec, params = resolve.load_model(opts.model, opts.weights)
+    else:
+        spec = resolve_model(opts.model)
+        params = load_params(opts.weights) if opts.weights is not None else None
+    if params is not None:
         check_params(params, spec, None, roles=("base",))
-        log(f"loaded base weights from {opts.weights}")
-        return {n: params[n] for n, info in param_infos(spec, None).items()}
+        params = {n: params[n] for n in param_infos(spec, None)}
+    return spec, params
+
+
+def base_weights(spec: ModelSpec, opts: ExportOptions, data: LabelledData | None, log: Log = _quiet,
+                 given: Params | None = None) -> Params:
+    """The source's weights (`given`, or `opts.weights`), else pretrained on `data`'s training split;
+    accuracy is reported on data the weights were not trained on."""
     from .pretrain import accuracy, pretrain_base
 
-    x, y = training_data(spec, opts.seed)
-    log(f"pretraining {spec.name} on {len(x)} offline samples ({opts.pretrain_epochs} epochs)")
-    params = pretrain_base(spec, x, y, epochs=opts.pretrain_epochs, seed=opts.seed,
+    if given is None and opts.weights is not None:
+        given = load_params(opts.weights)
+        check_params(given, spec, None, roles=("base",))
+        given = {n: given[n] for n in param_infos(spec, None)}
+    if given is not None:
+        log(f"base weights from {opts.weights or opts.model}")
+        if data is not None:
+            log(f"base accuracy on {data.source}: {accuracy(spec, given, data.x, data.y):.3f}")
+        return given
+    if data is None:
+        raise no_data_error(spec, "to pretrain (it has no weights)")
+    train, held = data.split(opts.holdout, opts.seed)
+    log(f"pretraining {spec.name} on {len(train)} samples of {data.source} ({opts.pretrain_epochs} epochs)")
+    params = pretrain_base(spec, train.x, train.y, epochs=opts.pretrain_epochs, seed=opts.seed,
                            progress=lambda e, loss: log(f"  epoch {e}/{opts.pretrain_epochs}: loss {loss:.3f}"))
-    log(f"base accuracy on its training data: {accuracy(spec, params, x, y):.3f}")
+    opts.meta.setdefault("pretrain_holdout_accuracy", round(accuracy(spec, params, held.x, held.y), 4))
+    log(f"base accuracy on {len(held)} held-out samples (not trained on): "
+        f"{opts.meta['pretrain_holdout_accuracy']:.3f}")
     return params
 
 
@@ -99,39 +141,36 @@ def shared_patch_params(spec: ModelSpec, patch: PatchSpec, opts: ExportOptions) 
     return {n: params[n] for n, info in infos.items() if info.role != "base"}
 
 
-def choose_variants(spec: ModelSpec, base: Params, opts: ExportOptions, out: Path, log: Log = _quiet
-                    ) -> tuple[list[VariantRow], dict[str, Any]]:
-    """The variant table: the DSE's Pareto set (`auto`) or the given variants, each with its convergence."""
+def choose_variants(spec: ModelSpec, base: Params, opts: ExportOptions, data: LabelledData | None,
+                    log: Log = _quiet) -> tuple[list[VariantRow], dict[str, Any]]:
+    """The variant table: the DSE's Pareto set (`auto`, needs data) or the given variants (their
+    convergence measured when there is data, left empty when not)."""
     from . import dse
 
-    x, y = training_data(spec, opts.seed) if opts.weights is None else _dse_data(spec, opts)
     if opts.variants == "auto":
+        if data is None:
+            raise no_data_error(spec, "for the variant search (--variants auto)")
         log(f"DSE: NSGA-II, population {opts.dse_population}, {opts.dse_generations} generations, "
-            f"{opts.dse_steps} steps x {len(opts.dse_seeds)} seeds per point")
+            f"{opts.dse_steps} steps x {len(opts.dse_seeds)} seeds per point, on {data.source}")
         result = dse.explore(
-            spec, base, x, y, pop_size=opts.dse_population, generations=opts.dse_generations,
+            spec, base, data.x, data.y, pop_size=opts.dse_population, generations=opts.dse_generations,
             seeds=opts.dse_seeds, step_budget=opts.dse_steps, batch=opts.batch, search_seed=opts.seed,
             progress=lambda rep: log(f"  {rep}"))
         png = Path(tempfile.mkdtemp(prefix="edgepatch-dse-")) / "dse-front.png"  # copied into the bundle
         dse.plot_front(result, png)
         rows = [VariantRow(**row) for row in result.pareto_rows()]
         return rows, {"dse": result.to_dict(), "dse_png": str(png)}
-    variants = parse_variants(opts.variants, spec)
     rows = []
-    for variant in variants:
-        losses = dse.convergence(spec, base, variant, x, y, seeds=opts.dse_seeds, step_budget=opts.dse_steps,
-                                 batch=opts.batch)
-        rows.append(VariantRow.for_variant(spec, variant, convergence=float(np.mean(losses)), pareto=True,
+    for variant in parse_variants(opts.variants, spec):
+        convergence = None
+        if data is not None:
+            losses = dse.convergence(spec, base, variant, data.x, data.y, seeds=opts.dse_seeds,
+                                     step_budget=opts.dse_steps, batch=opts.batch)
+            convergence = float(np.mean(losses))
+            log(f"  variant {variant.id}: convergence loss {convergence:.3f}")
+        rows.append(VariantRow.for_variant(spec, variant, convergence=convergence, pareto=True,
                                            memory_bytes=dse.param_bytes(spec, variant)))
-        log(f"  variant {variant.id}: convergence loss {np.mean(losses):.3f}")
     return rows, {}
-
-
-def _dse_data(spec: ModelSpec, opts: ExportOptions) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        return training_data(spec, opts.seed)
-    except Exception as exc:  # a user's model with no offline dataset
-        raise ParamsError(f"the DSE needs data shaped like {spec.input_shape}: {exc}") from exc
 
 
 def build_programs(spec: ModelSpec, patch: PatchSpec, params: Params, variants: Sequence[Variant],
@@ -202,7 +241,7 @@ def export_bundle(opts: ExportOptions, out: Path, log: Log = _quiet) -> Manifest
     from .bundle_writer import BundleWriter
 
     started = time.perf_counter()
-    spec = resolve_model(opts.model)
+    spec, given = load_source(opts)
     patch = (PatchSpec(opts.patch_kind, opts.patch_layers, opts.k, opts.rank) if opts.patch_layers
              else default_patch(spec, opts.patch_kind, opts.k, opts.rank))
     patch.validate_against(spec)
@@ -211,9 +250,12 @@ def export_bundle(opts: ExportOptions, out: Path, log: Log = _quiet) -> Manifest
         raise ValueError(f"unknown runtimes {sorted(bad)}; choose from {', '.join(RUNTIMES)}")
     log(f"model {spec.name}: input {spec.input_shape}, {len(spec.layers)} layers; "
         f"{patch.kind} patches on {', '.join(patch.layers)} (k={patch.k})")
-    base = base_weights(spec, opts, log)
+    if given is None and opts.data is None and opts.model not in REFERENCE_MODELS:
+        raise no_data_error(spec, "to pretrain (it has no weights)")  # before any work
+    data = export_data(spec, opts) if (given is None or opts.variants == "auto" or opts.data) else None
+    base = base_weights(spec, opts, data, log, given)
     params = {**base, **shared_patch_params(spec, patch, opts)}
-    rows, dse_info = choose_variants(spec, base, opts, out, log)
+    rows, dse_info = choose_variants(spec, base, opts, data, log)
     variants = [row.variant for row in rows]
     artifacts = build_programs(spec, patch, params, variants, opts, log)
     rows = measure_programs(spec, patch, params, artifacts, rows, opts.batch, opts.infer_batch)
