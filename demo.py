@@ -54,6 +54,7 @@ def _cloud_accuracy(spec: Any, params: dict[str, np.ndarray], x: np.ndarray, y: 
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
     from edgepatch.cloud.broker import EmbeddedBroker
     from edgepatch.cloud.companion import Companion, CompanionConfig
+    from edgepatch.data.byo import reference_data
     from edgepatch.data.datasets import dataset_for_model
     from edgepatch.data.fleet import base_split, make_fleet, write_device_timeline
     from edgepatch.device.runtime import load_local_data
@@ -90,9 +91,13 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         for device in fleet:
             write_device_timeline(device, out / "devices" / device.device_id / "data")
 
+        cloud_data = reference_data(opts.model, opts.seed)  # the half of the dataset the devices do not get
+        assert cloud_data is not None, f"{opts.model} is not a reference model"
+        np.savez(out / "cloud-data.npz", x=cloud_data.x, y=cloud_data.y)
         companion = Companion(CompanionConfig(bundle=bundle0, work_dir=out / "cloud", broker_host=host,
                                               broker_port=port, protocol=protocol, fleet="demo",
-                                              distill_after=opts.devices, runtimes=opts.runtimes))
+                                              distill_after=opts.devices, runtimes=opts.runtimes,
+                                              data=out / "cloud-data.npz"))
         companion.start_background()
         console.print(f"[bold]4/5[/bold] companion up: fleet page {companion.web.url}/fleet, "
                       f"metrics {companion.web.url}/metrics")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(help="Cloud companion: ingest patches, MoMoDistill, republish bundles.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -33,12 +34,17 @@ def serve_cmd(
     canoe: bool = typer.Option(False, "--canoe/--no-canoe", help="also match Canoe help requests to helper "
                                "devices (counters on /metrics, requests and ensemble weights on /fleet)"),
     canoe_timeout: float = typer.Option(5.0, help="seconds to wait for a Canoe helper before trying the next"),
+    data: Path | None = typer.Option(None, help="labelled data for distillation: a shard directory or an .npz "
+                                     "with x, y (checked against the bundle's input at start-up)"),
+    proxy: Path | None = typer.Option(None, help="unlabelled proxy set (shard directory or .npz with x) for "
+                                      "MoMoDistill's proxy mode; default: the inputs of --data"),
 ) -> None:
     """Run the companion until SIGINT/SIGTERM."""
+    from edgepatch.protocol.manifest import BundleError
     from edgepatch.protocol.transport import parse_broker
 
     from .broker import EmbeddedBroker
-    from .companion import Companion, CompanionConfig
+    from .companion import Companion, CompanionConfig, CompanionError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     embedded = None
@@ -49,10 +55,16 @@ def serve_cmd(
     else:
         host, port = parse_broker(broker)
         proto = "mqttv5" if protocol == "5" else "mqttv311"
-    companion = Companion(CompanionConfig(bundle=bundle, work_dir=work_dir, broker_host=host, broker_port=port,
-                                          protocol=proto, fleet=fleet, db_url=db, http_port=http_port,
-                                          distill_after=distill_after, aggregator=aggregator,
-                                          distill={"mode": mode}, canoe=canoe, canoe_timeout_s=canoe_timeout))
+    try:  # data, bundle and aggregator are checked before anything connects
+        companion = Companion(CompanionConfig(
+            bundle=bundle, work_dir=work_dir, broker_host=host, broker_port=port, protocol=proto, fleet=fleet,
+            db_url=db, http_port=http_port, distill_after=distill_after, aggregator=aggregator,
+            distill={"mode": mode}, canoe=canoe, canoe_timeout_s=canoe_timeout, data=data, proxy=proxy))
+    except (CompanionError, BundleError) as exc:
+        if embedded is not None:
+            embedded.stop()
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from exc
     companion.start_background()
     console.print(f"companion serving fleet {fleet!r}: {companion.web.url}/fleet  {companion.web.url}/metrics"
                   + ("  (canoe matching on)" if canoe else ""))

@@ -12,6 +12,7 @@ the same /metrics registry and its requests and ensemble weights to the fleet pa
 
 from __future__ import annotations
 
+import html
 import logging
 import shutil
 import threading
@@ -28,6 +29,7 @@ from edgepatch.protocol.messages import BundleAnnouncement, Message, encode, mak
 from edgepatch.protocol.topics import bundle_topic
 from edgepatch.protocol.transport import set_tcp_nodelay
 
+from .distill.contributions import DEFAULT_MODE, CloudData
 from .ingest import IngestService, IngestSettings
 from .metrics import CloudMetrics
 from .store import PatchStore, sqlite_url
@@ -57,11 +59,24 @@ class CompanionConfig:
     runtimes: tuple[str, ...] | None = None  # republished runtimes (default: those of the first bundle)
     canoe: bool = False  # also match Canoe help requests (helpers, slices, ensemble weights)
     canoe_timeout_s: float = 5.0  # wait this long for a helper's offer before trying the next
+    data: Path | None = None  # labelled data (shard dir or .npz x, y): CE rows and, without `proxy`, proxy set
+    proxy: Path | None = None  # unlabelled proxy set (shard dir or .npz x) for MoMoDistill's mode "proxy"
+    retry_s: float = 2.0  # first wait after a failed round; doubles per failure up to `retry_max_s`
+    retry_max_s: float = 300.0
+
+
+class CompanionError(ValueError):
+    """A configuration the companion cannot serve (bad data, an aggregator that can never run)."""
 
 
 class Companion:
     def __init__(self, cfg: CompanionConfig) -> None:
         self.cfg = cfg
+        # Data and aggregator are checked before anything starts: a wrong shape is an error now, not at
+        # every round; an aggregator that lacks data is said once (and refused if rounds are automatic).
+        self.cloud_data, self.data_summary = load_cloud_data(cfg)
+        self.mode = str(cfg.distill.get("mode", DEFAULT_MODE))
+        self.blocked = distill_blocker(cfg, self.cloud_data, self.mode)
         cfg.work_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = CloudMetrics()
         self.store = PatchStore(cfg.db_url or sqlite_url(cfg.work_dir / "companion.sqlite"))
@@ -83,9 +98,17 @@ class Companion:
         self.current: Bundle | None = None
         self.canoe: CanoeCompanion | None = None  # started with cfg.canoe
         self.history: list[dict[str, Any]] = []  # one entry per distillation (for reports)
+        self.failures = 0  # consecutive failed rounds (reset by a published one)
+        self.last_error: str | None = None
+        self._retry_at = 0.0  # monotonic time before which no round is tried after a failure
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        if self.blocked:
+            log.warning("%s", self.blocked)
+        else:
+            log.info("distillation: %s (mode %s) on %s", self.cfg.aggregator, self.mode, self.data_summary)
+        self.web.add_section("distillation", self.distill_status, _distill_html)
         self.web.start()
         self._publisher.connect(self.cfg.broker_host, self.cfg.broker_port)
         self._publisher.loop_start()
@@ -140,15 +163,42 @@ class Companion:
         self.store.close()
 
     def run_forever(self) -> None:
-        """Distil whenever `distill_after` devices have reported on the current base (or on `request`)."""
+        """Distil whenever `distill_after` devices have reported on the current base (or on `request`).
+
+        A failed round never takes the service down and never spins: it is counted on /metrics
+        (`edgepatch_distillation_failures_total`), shown on the fleet page, logged as one line (the
+        traceback at DEBUG) and retried after `retry_s`, doubling per consecutive failure up to `retry_max_s`.
+        """
         while not self._stop.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
-            if not self._stop.is_set() and self._due():
-                try:
-                    self.distill_and_publish()
-                except Exception:  # a failed round must not take the service down: log, keep serving
-                    log.exception("distillation round failed; the current bundle stays published")
+            if self._stop.is_set() or time.monotonic() < self._retry_at or not self._due():
+                continue
+            try:
+                self.distill_and_publish()
+            except Exception as exc:  # noqa: BLE001 - a failed round must not take the service down
+                self._round_failed(exc)
+            else:
+                self.failures, self.last_error, self._retry_at = 0, None, 0.0
+
+    def _round_failed(self, exc: Exception) -> None:
+        self.failures += 1
+        delay = min(self.cfg.retry_max_s, self.cfg.retry_s * 2 ** (self.failures - 1))
+        self._retry_at = time.monotonic() + delay
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.metrics.distill_failures.inc()
+        self._requested.set()  # a requested round stays requested until one succeeds
+        log.error("distillation round failed (%d in a row): %s; the current bundle stays published, next try "
+                  "in %.0f s", self.failures, self.last_error, delay)
+        log.debug("distillation failure", exc_info=exc)
+
+    def distill_status(self) -> dict[str, Any]:
+        """The distillation part of /api/fleet and the fleet page."""
+        return {"aggregator": self.cfg.aggregator, "mode": self.mode, "data": self.data_summary,
+                "blocked": self.blocked, "rounds": len(self.history), "failures": self.failures,
+                "failures_total": int(self.metrics.value("edgepatch_distillation_failures_total")),
+                "last_error": self.last_error,
+                "retry_in_s": round(max(0.0, self._retry_at - time.monotonic()), 1) if self.failures else None}
 
     def request_distillation(self) -> None:
         """Distil on the next loop turn if any device has reported on the current base."""
@@ -161,7 +211,10 @@ class Companion:
             self._wake.set()
 
     def _due(self) -> bool:
-        if self.current is None:
+        if self.current is None or self.blocked:
+            if self.blocked and self._requested.is_set():
+                self._requested.clear()
+                log.warning("distillation requested but %s", self.blocked)
             return False
         reported = len(self.store.latest_patches(self.current.base_version, self.cfg.fleet))
         if reported == 0:
@@ -206,8 +259,8 @@ class Companion:
 
     def distill_and_publish(self) -> dict[str, Any]:
         """One MoMoDistill round on the stored φ of the current base, then re-export and publish."""
-        from edgepatch.cloud.momodistill import CloudData, DeviceContribution, DistillConfig, run_aggregator
-        from edgepatch.export.pipeline import republish_bundle, training_data
+        from edgepatch.cloud.momodistill import DeviceContribution, DistillConfig, run_aggregator
+        from edgepatch.export.pipeline import republish_bundle
 
         assert self.current is not None
         bundle = self.current
@@ -215,8 +268,7 @@ class Companion:
         patches = self.store.latest_patches(bundle.base_version, self.cfg.fleet)
         devices = [DeviceContribution(device_id, np.asarray(phi, np.float32))
                    for device_id, (phi, _) in sorted(patches.items())]
-        x, y = training_data(spec)
-        cloud = CloudData(x=x, y=y, proxy_x=x)
+        cloud = self.cloud_data
         t0 = time.perf_counter()
         # Devices upload φ only (no profile features), so step 2 uses each device's own φ (phi_source
         # "device"); the encoder for cold-start devices needs profiles and is not trained here.
@@ -238,3 +290,62 @@ class Companion:
         self.history.append(entry)
         log.info("distillation round %d over %d devices in %.1f s", entry["round"], len(devices), seconds)
         return entry
+
+
+def load_cloud_data(cfg: CompanionConfig) -> tuple[CloudData, str]:
+    """`--data` / `--proxy` checked against the first bundle's input spec and labels; a one-line
+    `CompanionError` (naming the file and the expected shape) when they do not fit."""
+    from edgepatch.data.byo import DataError, load_labelled, load_unlabelled
+
+    with load_bundle(cfg.bundle) as bundle:
+        shape, classes = tuple(bundle.manifest.input.shape), bundle.manifest.labels.num_classes
+    try:
+        labelled = load_labelled(cfg.data, shape, classes) if cfg.data is not None else None
+        proxy = load_unlabelled(cfg.proxy, shape) if cfg.proxy is not None else None
+    except DataError as exc:
+        raise CompanionError(f"{exc} (bundle {cfg.bundle})") from exc
+    if proxy is None and labelled is not None:
+        proxy = labelled.x  # the labelled inputs double as the proxy set
+    parts = [f"{len(labelled)} labelled samples from {cfg.data}"] if labelled is not None else []
+    if cfg.proxy is not None and proxy is not None:
+        parts.append(f"{len(proxy)} proxy samples from {cfg.proxy}")
+    return (CloudData(x=labelled.x if labelled else None, y=labelled.y if labelled else None, proxy_x=proxy),
+            "; ".join(parts) or "no data")
+
+
+_NEED_TEXT = {"labelled": "labelled data (--data)", "proxy": "an unlabelled proxy set (--proxy or --data)",
+              "device_samples": "samples uploaded by the devices, which `edgepatch device run` never sends "
+                                "(use --mode proxy)"}
+
+
+def distill_blocker(cfg: CompanionConfig, cloud: CloudData, mode: str) -> str | None:
+    """None when the configured aggregator can run on the data given; else one line saying what it needs
+    and which aggregators can run. Automatic rounds (`distill_after` > 0) that could never run are refused."""
+    from edgepatch.cloud.momodistill import AGGREGATORS, missing_data
+
+    have = {name for name, value in (("labelled", cloud.x), ("proxy", cloud.proxy_x)) if value is not None}
+    try:
+        missing = missing_data(cfg.aggregator, mode, have)
+    except ValueError as exc:
+        raise CompanionError(str(exc)) from exc
+    if not missing:
+        return None
+    runnable = [name for name in AGGREGATORS if not missing_data(name, mode, have)]
+    text = (f"aggregator {cfg.aggregator!r} (mode {mode!r}) needs {' and '.join(_NEED_TEXT[m] for m in missing)}; "
+            f"with {'the data given' if have else 'no data'} these can run: {', '.join(runnable) or 'none'} "
+            "(--aggregator)")
+    if cfg.distill_after > 0:
+        raise CompanionError(f"cannot distil automatically: {text}")
+    return f"no distillation: {text}"
+
+
+def _distill_html(status: dict[str, Any]) -> str:
+    e = html.escape
+    lines = [f"Aggregator {e(status['aggregator'])} (mode {e(status['mode'])}) on {e(status['data'])}.",
+             f"Rounds published: {status['rounds']}. Failed rounds: {status['failures_total']}."]
+    if status["blocked"]:
+        lines.append(f"<strong>{e(status['blocked'])}</strong>")
+    if status["last_error"]:
+        lines.append(f"<strong>Last round failed</strong> ({status['failures']} in a row): "
+                     f"{e(status['last_error'])}; next try in {status['retry_in_s']} s.")
+    return "<h2>distillation</h2><p>" + "<br>".join(lines) + "</p>"

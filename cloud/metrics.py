@@ -59,6 +59,8 @@ class CloudMetrics:
                                ["reason"], registry=r)
         self.devices_seen = Gauge("edgepatch_devices_seen", "Devices known to the store", registry=r)
         self.distill_runs = Counter("edgepatch_distillation_runs", "MoMoDistill runs", registry=r)
+        self.distill_failures = Counter("edgepatch_distillation_failures", "Distillation rounds that failed "
+                                        "(retried with exponential back-off)", registry=r)
         self.bundles_published = Counter("edgepatch_bundles_published", "Bundle versions published",
                                          registry=r)
         self.bytes_in = Counter("edgepatch_bytes_in", "Payload bytes received over MQTT", registry=r)

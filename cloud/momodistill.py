@@ -75,7 +75,7 @@ from edgepatch.protocol.model_spec import ModelSpec, PatchSpec
 __all__ = [
     "AGGREGATORS", "DATA_MODES", "DEFAULT_MODE", "Aggregator", "CloudData", "DeviceContribution",
     "DistillConfig", "DistillError", "DistillResult", "cloud_logits", "device_profile", "encode_phi",
-    "PHI_SOURCES", "momodistill", "personalized_logits", "run_aggregator",
+    "PHI_SOURCES", "missing_data", "momodistill", "personalized_logits", "run_aggregator",
 ]
 
 # -- the aggregators ---------------------------------------------------------------------------------
@@ -83,6 +83,9 @@ __all__ = [
 
 class MoMoDistill:
     name = "momodistill"
+
+    def needs(self, mode: str) -> tuple[str, ...]:
+        return ("proxy",) if mode == "proxy" else ("device_samples",)
 
     def run(self, spec: ModelSpec, patch: PatchSpec, params: Mapping[str, np.ndarray],
             devices: Sequence[DeviceContribution], cloud_data: CloudData, cfg: DistillConfig,
@@ -135,6 +138,15 @@ class MoMoDistill:
 
 
 AGGREGATORS: dict[str, Aggregator] = {a.name: a for a in (MoMoDistill(), ModelOverData(), FedAvgPatches())}
+
+
+def missing_data(name: str, mode: str, have: set[str]) -> list[str]:
+    """What aggregator `name` in data mode `mode` needs and `have` lacks (empty: it can run)."""
+    if name not in AGGREGATORS:
+        raise DistillError(f"unknown aggregator {name!r}; known: {', '.join(sorted(AGGREGATORS))}")
+    if mode not in DATA_MODES:
+        raise DistillError(f"unknown data mode {mode!r}; allowed: {', '.join(DATA_MODES)}")
+    return [need for need in AGGREGATORS[name].needs(mode) if need not in have]
 
 
 def run_aggregator(name: str, spec: ModelSpec, patch: PatchSpec, params: Mapping[str, np.ndarray],

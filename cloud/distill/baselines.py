@@ -20,6 +20,9 @@ class ModelOverData:
 
     name = "model_over_data"
 
+    def needs(self, mode: str) -> tuple[str, ...]:
+        return ("labelled", "proxy") if mode == "proxy" else ("labelled",)
+
     def run(self, spec: ModelSpec, patch: PatchSpec, params: Mapping[str, np.ndarray],
             devices: Sequence[DeviceContribution], cloud_data: CloudData, cfg: DistillConfig,
             progress: Progress | None = None) -> DistillResult:
@@ -44,11 +47,14 @@ class FedAvgPatches:
 
     name = "fedavg_patches"
 
+    def needs(self, mode: str) -> tuple[str, ...]:
+        return ()  # the devices' φ alone
+
     def run(self, spec: ModelSpec, patch: PatchSpec, params: Mapping[str, np.ndarray],
             devices: Sequence[DeviceContribution], cloud_data: CloudData, cfg: DistillConfig,
             progress: Progress | None = None) -> DistillResult:
         start = time.perf_counter()
-        rnd = prepare_round(spec, patch, params, devices, cloud_data, cfg, need_profile=False)
+        rnd = prepare_round(spec, patch, params, devices, cloud_data, cfg, need_profile=False, need_proxy=False)
         with_phi = [d for d in rnd.devices if d.phi is not None]
         if not with_phi:
             raise DistillError("fedavg_patches needs at least one device with a phi")

@@ -93,8 +93,15 @@ class DistillResult:
         return encode_phi(self.encoder, profile)
 
 
+# What an aggregator needs besides the devices' φ (`Aggregator.needs`): "labelled" cloud data (x, y),
+# an unlabelled "proxy" set, or "device_samples" (raw samples or logits uploaded by the devices).
+DATA_NEEDS = ("labelled", "proxy", "device_samples")
+
+
 class Aggregator(Protocol):
     name: str
+
+    def needs(self, mode: str) -> tuple[str, ...]: ...
 
     def run(self, spec: ModelSpec, patch: PatchSpec, params: Mapping[str, np.ndarray],
             devices: Sequence[DeviceContribution], cloud_data: CloudData, cfg: DistillConfig,

@@ -151,7 +151,7 @@ def validate_devices(devices: Sequence[DeviceContribution], spec: ModelSpec, pat
     return [validate_device(d, spec, patch, mode, need_profile) for d in devices]
 
 
-def validate_cloud_data(cloud: CloudData, spec: ModelSpec, mode: str) -> CloudData:
+def validate_cloud_data(cloud: CloudData, spec: ModelSpec, mode: str, need_proxy: bool = True) -> CloudData:
     x = y = proxy = None
     if cloud.x is not None:
         x = check_inputs("cloud_data.x", cloud.x, spec)
@@ -160,6 +160,6 @@ def validate_cloud_data(cloud: CloudData, spec: ModelSpec, mode: str) -> CloudDa
         y = check_labels("cloud_data.y", cloud.y, len(x), spec.num_classes)
     if cloud.proxy_x is not None:
         proxy = check_inputs("cloud_data.proxy_x", cloud.proxy_x, spec)
-    if mode == "proxy" and proxy is None:
+    if mode == "proxy" and proxy is None and need_proxy:
         raise DistillError("mode 'proxy' needs cloud_data.proxy_x (an unlabeled proxy set)")
     return CloudData(x, y, proxy)

@@ -31,13 +31,13 @@ class Round:
 
 def prepare_round(spec: ModelSpec, patch: PatchSpec, params: Mapping[str, np.ndarray],
              devices: Sequence[DeviceContribution], cloud_data: CloudData, cfg: DistillConfig,
-             need_profile: bool) -> Round:
+             need_profile: bool, need_proxy: bool = True) -> Round:
     cfg.validate()
     try:
         check_params(params, spec, patch)
     except ParamsError as exc:
         raise DistillError(f"params: {exc}") from exc
-    cloud = validate_cloud_data(cloud_data, spec, cfg.mode)
+    cloud = validate_cloud_data(cloud_data, spec, cfg.mode, need_proxy)
     devs = validate_devices(devices, spec, patch, cfg.mode, need_profile)
     infos = param_infos(spec, patch)
     tensors = to_tensors({n: params[n] for n in infos})
