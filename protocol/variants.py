@@ -1,8 +1,9 @@
 """DISTREAL dropout variants as physically smaller networks (numpy only: the device slices per step).
 
-A variant is a keep ratio per droppable conv layer. Dropping filter j of layer l removes output
-channel j of l, everything indexed by it (bias, norm and patch parts on those channels) and input
-channel j of the next conv, or its block of columns in the dense layer after a flatten. The kept set is
+A variant is a keep ratio per slicing group (`ModelSpec.slicing_groups`: a conv, or the convs a residual
+add couples, named after the first). Dropping filter j of a group removes output channel j of each of
+its convs, everything indexed by it (bias, depthwise, norm and patch parts on those channels) and input
+channel j of every conv reading it, or its block of columns in the dense layer after a flatten. The kept set is
 drawn anew for each mini-batch: `sample_kept` draws it, `slice_params` gathers the small network's
 weights, `scatter_add` puts its gradients (or updates) back. Never masks: the sliced tensors are smaller.
 """
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .graph import kernel_size
 from .model_spec import ModelSpec, ParamInfo, SpecError
 
-KeptSets = dict[str, np.ndarray]  # droppable layer name -> sorted int indices of kept filters
+KeptSets = dict[str, np.ndarray]  # slicing group name -> sorted int indices of kept filters
 
 
 def kept_count(out: int, ratio: float) -> int:
@@ -37,7 +39,7 @@ class Variant:
     keep: dict[str, float]
 
     def widths(self, spec: ModelSpec) -> dict[str, int]:
-        return {n: kept_count(spec.layer(n).out, self.keep.get(n, 1.0)) for n in spec.droppable_layers()}
+        return {g: kept_count(spec.group_width(g), self.keep.get(g, 1.0)) for g in spec.droppable_layers()}
 
     def spec(self, spec: ModelSpec) -> ModelSpec:
         return spec.with_widths(self.widths(spec))
@@ -65,7 +67,7 @@ def sample_kept(spec: ModelSpec, variant: Variant, rng: np.random.Generator) -> 
     """A fresh random kept set per droppable layer (sorted, so order-preserving slices)."""
     kept: KeptSets = {}
     for name, width in variant.widths(spec).items():
-        out = spec.layer(name).out
+        out = spec.group_width(name)
         idx = np.arange(out) if width == out else np.sort(rng.choice(out, size=width, replace=False))
         kept[name] = idx.astype(np.int64)
     return kept
@@ -132,15 +134,16 @@ def touched_mask(info: ParamInfo, kept: KeptSets, shape: tuple[int, ...]) -> np.
 def filter_flops(spec: ModelSpec, batch: int = 1) -> int:
     """Multiply-accumulates of one forward pass (convs and dense), for cost ratios of variants."""
     shapes = spec.activation_shapes()
-    macs, channels = 0, spec.input_shape[0]
+    macs = 0
     for layer in spec.layers:
         out_shape = shapes[layer.name]
+        channels = spec.shape_of(spec.operands(layer.name)[0])[0]
         spatial = int(np.prod(out_shape[1:])) if len(out_shape) > 1 else 1
+        taps = int(np.prod(kernel_size(layer, spec.dims)))
         if layer.kind in ("conv2d", "conv1d"):
-            macs += spatial * layer.out * channels * layer.kernel ** spec.dims
+            macs += spatial * layer.out * channels * taps
         elif layer.kind == "dwconv2d":
-            macs += spatial * channels * layer.kernel ** 2
+            macs += spatial * channels * taps
         elif layer.kind == "dense":
             macs += layer.out * channels
-        channels = out_shape[0]
     return macs * batch
