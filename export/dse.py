@@ -23,271 +23,40 @@ The full variant (all rates 1.0) is always evaluated and always shipped: it is t
 from __future__ import annotations
 
 import math
-import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from edgepatch.protocol.model_spec import ModelSpec, PatchSpec, SpecError, param_infos
-from edgepatch.protocol.optim import AdamConfig, adam_step
-from edgepatch.protocol.params import Params, check_params
+from edgepatch.protocol.model_spec import ModelSpec, SpecError, param_infos
+from edgepatch.protocol.params import check_params
 from edgepatch.protocol.variants import (
     Variant,
-    filter_flops,
     full_variant,
-    kept_count,
-    sample_kept,
-    scatter_add,
-    slice_params,
     variant_id,
 )
 
-from .torch_model import forward, to_tensors
+from .dse_convergence import (
+    TrainConfig,
+    _check_data,
+    _convergence,
+    _Data,
+    convergence,
+    distreal_train,
+    heldout_loss,
+)
+from .dse_cost import CostFn, LiteRTTrainCost, canonical_variant, flops_cost, flops_ratio
+
+__all__ = [  # the objectives live in dse_cost.py and dse_convergence.py; callers import them from here
+    "DEFAULT_RATES", "CostFn", "DSEPoint", "DSEResult", "GenerationReport", "LiteRTTrainCost", "TrainConfig",
+    "canonical_variant", "convergence", "distreal_train", "explore", "flops_cost", "flops_ratio",
+    "heldout_loss", "non_dominated", "param_bytes", "plot_front", "validate_row",
+]
 
 DEFAULT_RATES = (0.25, 0.5, 0.75, 1.0)
-
-
-class CostFn(Protocol):
-    """Cost of each variant's training step, one call per batch of new variants: {variant id: cost}.
-
-    `runtime` names the runtime whose step time the cost is (e.g. "litert"), or None for a cost model
-    that measures nothing; `unit` labels the axis ("ms", "FLOP ratio").
-    """
-
-    runtime: str | None
-    unit: str
-
-    def __call__(self, spec: ModelSpec, variants: Sequence[Variant], batch: int) -> dict[str, float]: ...
-
-
-class _FlopsCost:
-    """Cost model: forward multiply-accumulates of the variant relative to the full model."""
-
-    runtime: str | None = None
-    unit = "FLOP ratio"
-
-    def __call__(self, spec: ModelSpec, variants: Sequence[Variant], batch: int) -> dict[str, float]:
-        return {v.id: flops_ratio(spec, v) for v in variants}
-
-
-flops_cost: CostFn = _FlopsCost()
-
-
-def canonical_variant(spec: ModelSpec, keep: Mapping[str, float], rates: Sequence[float]) -> Variant:
-    """The variant for `keep`, each ratio raised to the largest of `rates` giving the same width.
-
-    Widths are rounded (to multiples of 8 where possible), so different rates can build the same
-    physical network (16 filters at 75 % -> 12 -> 16). Those are one design point: evaluated once and
-    named by the largest rate, which is the one that tells the truth about the width.
-    """
-    canon: dict[str, float] = {}
-    for name in spec.droppable_layers():
-        out, ratio = spec.layer(name).out, float(keep.get(name, 1.0))
-        width = kept_count(out, ratio)
-        canon[name] = max([r for r in rates if kept_count(out, r) == width] + [ratio])
-    return Variant(variant_id(canon, spec.droppable_layers()), canon)
-
-
-def flops_ratio(spec: ModelSpec, variant: Variant) -> float:
-    return filter_flops(variant.spec(spec)) / filter_flops(spec)
-
-
-class LiteRTTrainCost:
-    """Measured median wall time (ms) of `train_full_<vid>` in the real LiteRT interpreter.
-
-    All variants of one call go into one .tflite (one conversion per generation). Repetitions are
-    interleaved across variants in a shuffled order, so a slow phase of the shared machine hits every
-    variant alike instead of biasing one; the median of `repeats` calls is reported after `warmup`.
-    Calls happen a generation apart and the machine's load may change in between, so `remeasure()`
-    re-times every variant seen so far in one interleaved session (the interpreters are kept; no
-    conversion): `explore` reports those consistent times.
-    """
-
-    runtime: str | None = "litert"
-    unit = "ms"
-
-    def __init__(self, base_params: Mapping[str, np.ndarray], *, patch: PatchSpec | None = None,
-                 repeats: int = 15, warmup: int = 3, seed: int = 0, num_threads: int | None = None) -> None:
-        if repeats < 1 or warmup < 0:
-            raise ValueError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
-        self.base_params = {k: np.asarray(v, np.float32) for k, v in base_params.items()}
-        self.patch, self.repeats, self.warmup, self.seed = patch, repeats, warmup, seed
-        self.num_threads = num_threads
-        self.build_seconds = 0.0  # conversion time, summed over calls
-        self._jobs: dict[str, tuple[Any, dict[str, np.ndarray]]] = {}  # vid -> (program, sliced params)
-        self._xy: tuple[np.ndarray, np.ndarray] | None = None
-
-    def __call__(self, spec: ModelSpec, variants: Sequence[Variant], batch: int) -> dict[str, float]:
-        # Imported here: TensorFlow takes seconds to import and only this cost function needs it.
-        from edgepatch.device.backends.litert import LiteRTProgram
-        from edgepatch.export.reference_models import default_patch
-        from edgepatch.export.tflite_builder import build_trainable_tflite
-
-        if not variants:
-            return {}
-        patch = self.patch or default_patch(spec)
-        started = time.perf_counter()
-        model = build_trainable_tflite(spec, patch, list(variants), batch)
-        self.build_seconds += time.perf_counter() - started
-        program = LiteRTProgram(model, num_threads=self.num_threads)
-        rng = np.random.default_rng(self.seed)
-        if self._xy is None or self._xy[0].shape[0] != batch:
-            self._xy = (rng.normal(size=(batch, *spec.input_shape)).astype(np.float32),
-                        rng.integers(0, spec.num_classes, size=batch).astype(np.int32))
-        infos = param_infos(spec, None)
-        for v in variants:
-            self._jobs[v.id] = (program, slice_params(self.base_params, infos, sample_kept(spec, v, rng)))
-        return self._time([v.id for v in variants])
-
-    def remeasure(self) -> dict[str, float]:
-        """Every variant timed so far, again, in one interleaved session."""
-        return self._time(list(self._jobs))
-
-    def _time(self, vids: list[str]) -> dict[str, float]:
-        assert self._xy is not None
-        x, y = self._xy
-        rng = np.random.default_rng(self.seed + 1)
-        times: dict[str, list[float]] = {vid: [] for vid in vids}
-        for rep in range(self.warmup + self.repeats):
-            for i in rng.permutation(len(vids)):
-                vid = vids[int(i)]
-                program, sliced = self._jobs[vid]
-                t0 = time.perf_counter()
-                program.train_full(vid, x, y, sliced)  # exactly the device's call, input checks included
-                elapsed = (time.perf_counter() - t0) * 1e3
-                if rep >= self.warmup:
-                    times[vid].append(elapsed)
-        return {vid: float(statistics.median(ts)) for vid, ts in times.items()}
-
-
-# -- convergence ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The DISTREAL training run behind the convergence objective."""
-
-    optimizer: str = "sgd"  # "sgd" or "adam" (numpy Adam of protocol/optim.py, slots sliced like weights)
-    lr: float = 0.05
-    holdout: float = 0.25  # fraction of the data held out for the loss after the budget
-    split_seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0.0 < self.holdout < 1.0:
-            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
-
-
-@dataclass(frozen=True)
-class _Data:
-    train_x: np.ndarray
-    train_y: np.ndarray
-    hold_x: torch.Tensor
-    hold_y: torch.Tensor
-
-
-def _check_data(spec: ModelSpec, x: np.ndarray, y: np.ndarray, batch: int, cfg: TrainConfig) -> _Data:
-    x, y = np.asarray(x), np.asarray(y)
-    if x.ndim != len(spec.input_shape) + 1 or tuple(x.shape[1:]) != spec.input_shape:
-        raise ValueError(f"data_x has shape {x.shape}; model {spec.name!r} needs (N, {', '.join(map(str, spec.input_shape))})")
-    if y.shape != (len(x),):
-        raise ValueError(f"data_y has shape {y.shape}; expected ({len(x)},) labels matching data_x")
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= spec.num_classes:
-        raise ValueError(f"data_y must hold integer labels in [0, {spec.num_classes})")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("data_x holds NaN or inf")
-    n_hold = max(1, int(round(cfg.holdout * len(x))))
-    if len(x) - n_hold < batch:
-        raise ValueError(f"{len(x)} samples leave {len(x) - n_hold} for training after the hold-out; "
-                         f"batch {batch} needs at least that many")
-    order = np.random.default_rng(cfg.split_seed).permutation(len(x))
-    hold, train = order[:n_hold], order[n_hold:]
-    return _Data(x[train].astype(np.float32), y[train].astype(np.int64),
-                 torch.tensor(x[hold], dtype=torch.float32), torch.tensor(y[hold], dtype=torch.long))
-
-
-def distreal_train(spec: ModelSpec, base_params: Mapping[str, np.ndarray], variant: Variant,
-                   x: np.ndarray, y: np.ndarray, *, steps: int, batch: int, seed: int,
-                   cfg: TrainConfig = TrainConfig()) -> Params:
-    """`steps` DISTREAL steps on the full weights; returns the trained full-size parameters.
-
-    Per step: a fresh kept set (sample_kept), gather (slice_params), forward/backward of the small
-    network, optimizer update of the small tensors, scatter of the change back (scatter_add). Batches
-    come from `seed` and kept sets from an independent stream, so variants see the same batches.
-    Torch computes the gradients: it is the reference forward that the LiteRT `train_full_<vid>`
-    programs are parity-tested against, so the maths is the device's.
-    """
-    infos = param_infos(spec, None)
-    vspec = variant.spec(spec)
-    params = {n: np.array(base_params[n], dtype=np.float32) for n in infos}
-    slots = {n: (np.zeros_like(p), np.zeros_like(p)) for n, p in params.items()} if cfg.optimizer == "adam" else {}
-    adam = AdamConfig(lr=cfg.lr)
-    batch_rng = np.random.default_rng([seed, 0])
-    kept_rng = np.random.default_rng([seed, 1])
-    for step in range(steps):
-        idx = batch_rng.choice(len(x), size=batch, replace=False)
-        kept = sample_kept(spec, variant, kept_rng)
-        small = to_tensors(slice_params(params, infos, kept), requires_grad=True)
-        loss = F.cross_entropy(forward(vspec, None, small, torch.from_numpy(x[idx])), torch.from_numpy(y[idx]))
-        grads = torch.autograd.grad(loss, list(small.values()))
-        for (name, tensor), grad_t in zip(small.items(), grads, strict=True):
-            grad = grad_t.numpy()
-            if cfg.optimizer == "sgd":
-                scatter_add(params[name], grad, infos[name], kept, alpha=-cfg.lr)
-                continue
-            m_full, v_full = slots[name]
-            m, v = slice_params({"m": m_full, "v": v_full}, {"m": infos[name], "v": infos[name]}, kept).values()
-            old = tensor.detach().numpy()
-            new, m_new, v_new = adam_step(old, grad, m, v, float(step), adam)
-            scatter_add(params[name], new - old, infos[name], kept)
-            scatter_add(m_full, m_new - m, infos[name], kept)
-            scatter_add(v_full, v_new - v, infos[name], kept)
-    return params
-
-
-def heldout_loss(spec: ModelSpec, params: Mapping[str, np.ndarray], x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float(F.cross_entropy(forward(spec, None, to_tensors(params), x), y))
-
-
-def convergence(spec: ModelSpec, base_params: Mapping[str, np.ndarray], variant: Variant, data_x: np.ndarray,
-                data_y: np.ndarray, *, seeds: Sequence[int] = (0, 1, 2), step_budget: int = 30, batch: int = 32,
-                train: TrainConfig = TrainConfig()) -> list[float]:
-    """Objective 2 for one variant: held-out loss after the DISTREAL budget, one value per seed."""
-    check_params(base_params, spec, None, roles=("base",))
-    data = _check_data(spec, data_x, data_y, batch, train)
-    return _convergence(spec, base_params, variant, data, seeds=seeds, steps=step_budget, batch=batch, cfg=train)
-
-
-def _convergence(spec: ModelSpec, base_params: Mapping[str, np.ndarray], variant: Variant, data: _Data, *,
-                 seeds: Sequence[int], steps: int, batch: int, cfg: TrainConfig) -> list[float]:
-    with _single_thread():
-        return [heldout_loss(spec, distreal_train(spec, base_params, variant, data.train_x, data.train_y,
-                                                  steps=steps, batch=batch, seed=s, cfg=cfg),
-                             data.hold_x, data.hold_y)
-                for s in seeds]
-
-
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    """One torch thread for tiny steps: on a busy 2-core machine a thread pool was ~20x slower (measured
-    3 ms vs 58 ms per digits_cnn step), and the results do not depend on the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # -- results ----------------------------------------------------------------------------------------
