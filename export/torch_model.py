@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edgepatch.protocol import graph
+from edgepatch.protocol.graph import MODEL_INPUT
 from edgepatch.protocol.model_spec import LayerSpec, ModelSpec, PatchSpec, param_infos, patch_parts
 
 NORM_EPS = 1e-5
@@ -35,21 +37,40 @@ def apply_patch(h: Tensor, patch: PatchSpec, params: Mapping[str, Tensor], layer
     return h + (z @ up.t()).movedim(-1, 1)
 
 
-def layer_forward(layer: LayerSpec, h: Tensor, params: Mapping[str, Tensor]) -> Tensor:
-    n, pad = layer.name, layer.kernel // 2
-    if layer.kind == "conv2d":
-        return F.conv2d(h, params[f"{n}.weight"], params[f"{n}.bias"], stride=layer.stride, padding=pad)
-    if layer.kind == "conv1d":
-        return F.conv1d(h, params[f"{n}.weight"], params[f"{n}.bias"], stride=layer.stride, padding=pad)
-    if layer.kind == "dwconv2d":
-        return F.conv2d(h, params[f"{n}.weight"], params[f"{n}.bias"], padding=pad, groups=h.shape[1])
+def pad_spatial(h: Tensor, pads: tuple[int, ...]) -> Tensor:
+    """Zero padding with pads (before, after) per spatial dim in spec order (rows first)."""
+    if not any(pads):
+        return h
+    pairs = [pads[i:i + 2] for i in range(0, len(pads), 2)]
+    return F.pad(h, [p for pair in reversed(pairs) for p in pair])  # F.pad lists the last dim first
+
+
+def layer_forward(layer: LayerSpec, h: Tensor, params: Mapping[str, Tensor], other: Tensor | None = None) -> Tensor:
+    """One layer on a batch-first activation; `other` is an add's second operand."""
+    n = layer.name
+    if layer.kind in ("conv2d", "conv1d", "dwconv2d"):
+        pad = graph.conv_padding(layer, h.dim() - 2)
+        conv = F.conv1d if layer.kind == "conv1d" else F.conv2d
+        groups = h.shape[1] if layer.kind == "dwconv2d" else 1
+        return conv(h, params[f"{n}.weight"], params[f"{n}.bias"], stride=layer.stride, padding=pad,
+                    groups=groups)
     if layer.kind == "dense":
         return h @ params[f"{n}.weight"].t() + params[f"{n}.bias"]
     if layer.kind == "relu":
         return torch.clamp_min(h, 0.0)
+    if layer.kind == "relu6":
+        return torch.clamp(h, 0.0, 6.0)
     if layer.kind == "avgpool":
+        kernel = graph.kernel_size(layer, h.dim() - 2)
         pool = F.avg_pool2d if h.dim() == 4 else F.avg_pool1d
-        return pool(h, layer.kernel, layer.kernel)
+        return pool(h, kernel, kernel)
+    if layer.kind == "gap":
+        return h.mean(dim=tuple(range(2, h.dim())))
+    if layer.kind == "pad":
+        return pad_spatial(h, layer.pads)
+    if layer.kind == "add":
+        assert other is not None
+        return h + other
     if layer.kind == "flatten":
         return h.reshape(h.shape[0], -1)
     if layer.kind == "norm":  # per-sample normalization over (C, spatial), per-channel affine
@@ -65,13 +86,17 @@ def layer_forward(layer: LayerSpec, h: Tensor, params: Mapping[str, Tensor]) -> 
 
 def forward(spec: ModelSpec, patch: PatchSpec | None, params: Mapping[str, Tensor], x: Tensor,
             phi: Tensor | None = None) -> Tensor:
-    """Logits of the (patched) model. `spec` may be a variant's smaller spec with sliced params."""
-    h = x
+    """Logits of the (patched) model. `spec` may be a variant's smaller spec with sliced params.
+
+    Walks the layer DAG in order; a patched layer's consumers read its patched output."""
+    acts: dict[str, Tensor] = {MODEL_INPUT: x}
     for layer in spec.layers:
-        h = layer_forward(layer, h, params)
+        ins = [acts[name] for name in spec.operands(layer.name)]
+        h = layer_forward(layer, ins[0], params, ins[1] if len(ins) > 1 else None)
         if patch is not None and phi is not None and layer.name in patch.layers:
             h = apply_patch(h, patch, params, layer.name, phi)
-    return h
+        acts[layer.name] = h
+    return acts[spec.layers[-1].name]
 
 
 def to_tensors(params: Mapping[str, np.ndarray], requires_grad: bool = False) -> dict[str, Tensor]:

@@ -182,3 +182,66 @@ def test_flatten_after_gap_is_a_no_op() -> None:
                                          L("flatten", "f"), L("dense", "head", out=3)))
     assert spec.activation_shapes()["f"] == (8,)
     assert param_infos(spec)["head.weight"].axis_sources == (None, "c")
+
+
+# -- the torch reference forward over the DAG ------------------------------------------------------
+
+
+def _torch_params(spec: ModelSpec, patch: PatchSpec | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: (0.3 * rng.normal(size=i.shape)).astype(np.float32) for n, i in param_infos(spec, patch).items()}
+
+
+def test_torch_forward_follows_the_wiring() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from edgepatch.export import torch_model as tm
+
+    spec = residual_net()
+    params = _torch_params(spec)
+    p = tm.to_tensors(params)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def conv(name: str, h: torch.Tensor, stride: int = 1, pad: int = 1) -> torch.Tensor:
+        return F.conv2d(h, p[f"{name}.weight"], p[f"{name}.bias"], stride=stride, padding=pad)
+
+    stem = F.relu(conv("stem", x))
+    b1 = F.relu(conv("b1c2", F.relu(conv("b1c1", stem))) + stem)
+    b2 = conv("b2c2", F.relu(conv("b2c1", F.pad(b1, [0, 1, 0, 1]), stride=2, pad=0)))
+    out = torch.clamp(b2 + conv("b2sc", b1, stride=2, pad=0), 0, 6).mean(dim=(2, 3))
+    want = out @ p["head.weight"].t() + p["head.bias"]
+    torch.testing.assert_close(tm.forward(spec, None, p, x), want)
+
+
+@pytest.mark.parametrize("kind", ["film", "lowrank"])
+def test_sliced_residual_network_equals_the_full_one_with_dropped_filters_zeroed(kind: str) -> None:
+    """The physically smaller network computes exactly what the full one computes when the dropped filters
+    (and every patch part on their channels) are zero: slicing a group drops the same channels everywhere."""
+    import torch
+
+    from edgepatch.export import torch_model as tm
+    from edgepatch.protocol.variants import axis_index
+
+    spec = residual_net()
+    patch = PatchSpec(kind, ("stem", "b1c2", "b2c1", "b2sc"), 3, 2)
+    params = _torch_params(spec, patch, seed=3)
+    half = uniform_variant(spec, 0.5)
+    kept = sample_kept(spec, half, np.random.default_rng(4))
+    infos = param_infos(spec, patch)
+    zeroed = {}
+    for name, info in infos.items():
+        value = params[name].copy()
+        for axis, source in enumerate(info.axis_sources):
+            # zero the dropped filters' outputs: output-channel axes of convs and every patch part on them
+            is_output = name.endswith(".bias") or axis == 0 and name.endswith(".weight") and "head" not in name
+            if source is not None and (is_output or ".patch." in name):
+                keep = np.zeros(value.shape[axis], bool)
+                keep[axis_index(source, kept)] = True
+                value = np.moveaxis(np.moveaxis(value, axis, 0) * keep.reshape(-1, *(1,) * (value.ndim - 1)), 0, axis)
+        zeroed[name] = value
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    phi = torch.randn(patch.k, generator=torch.Generator().manual_seed(2))
+    full = tm.forward(spec, patch, tm.to_tensors(zeroed), x, phi)
+    small = tm.forward(half.spec(spec), patch, tm.to_tensors(slice_params(params, infos, kept)), x, phi)
+    torch.testing.assert_close(small, full, atol=1e-4, rtol=1e-4)
