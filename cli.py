@@ -188,7 +188,7 @@ def simulate_cmd(
     ray: str | None = typer.Option(None, help="Ray address to run device workers on (needs ray installed)"),
 ) -> None:
     """A fleet of device processes under time-varying load, federated rounds by strategy, over a broker."""
-    from edgepatch.cloud.fl.simulate import simulate_main
+    from edgepatch.sim import simulate_main
 
     try:
         results = simulate_main(config, broker, out, ray)

@@ -12,8 +12,10 @@ import json
 import time
 from pathlib import Path
 
-from edgepatch.cloud.fl.simulate import parse_config, run_simulation, summary_rows
 from edgepatch.cloud.fl.strategies import STRATEGIES
+from edgepatch.sim.config import parse_config
+from edgepatch.sim.results import summary_rows
+from edgepatch.sim.runner import run_simulation
 
 
 def main() -> None:

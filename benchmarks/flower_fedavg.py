@@ -116,11 +116,11 @@ def run_flower(root: Path, bundle: Path, device_paths: list[str], rounds: int, l
     if py is None:
         print(f"SKIPPING Flower: {why}")
         return {"skipped": why}
-    from edgepatch.cloud.fl.simulate import _free_port
+    from edgepatch.protocol.ports import free_port
 
     cfg = {"bundle": str(bundle), "init": str(root / "init.npz"), "eval": str(root / "eval.npz"),
            "devices": device_paths, "rounds": rounds, "local_steps": local_steps, "lr": lr, "batch": batch,
-           "port": _free_port(), "out": str(root / "flower_log.json")}
+           "port": free_port(), "out": str(root / "flower_log.json")}
     (root / "flower_cfg.json").write_text(json.dumps(cfg))
     (root / "flower_run.py").write_text(FLOWER_SCRIPT)
     env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
@@ -201,9 +201,11 @@ def main() -> None:
     ap.add_argument("--local-steps", type=int, default=10)
     ap.add_argument("--bundle", default="")
     args = ap.parse_args()
-    from edgepatch.cloud.fl.simulate import parse_config, prepare_fleet, run_simulation
     from edgepatch.protocol.bundle import load_bundle
     from edgepatch.protocol.params import init_params, save_params
+    from edgepatch.sim.config import parse_config
+    from edgepatch.sim.runner import run_simulation
+    from edgepatch.sim.setup import prepare_fleet
 
     root = Path(args.out).resolve()
     lr = 0.1

@@ -18,8 +18,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,35 +30,7 @@ import paho.mqtt.client as mqtt
 
 from edgepatch.cloud.store import PatchStore
 from edgepatch.protocol.messages import PatchUpdate, encode, make_message
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_mosquitto(workdir: Path, max_inflight: int) -> tuple[subprocess.Popen[bytes], int]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    (workdir / "data").mkdir(parents=True, exist_ok=True)
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence true",
-             f"persistence_location {workdir / 'data'}/", f"log_dest file {workdir / 'mosquitto.log'}",
-             "max_queued_messages 1000000", f"max_inflight_messages {max_inflight}"]
-    if os.geteuid() == 0:
-        lines.append("user root")
-    conf = workdir / "mosquitto.conf"
-    conf.write_text("\n".join(lines) + "\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"mosquitto did not start on port {port}")
+from edgepatch.sim.brokers import MosquittoBroker
 
 
 def publisher(port: int, index: int, count: int, k: int, start_at: float, out: Any) -> None:
@@ -94,7 +64,9 @@ def run(protocol: str, publishers: int, messages: int, k: int, workers: int, max
         max_batch: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="edgepatch-ingest-bench-") as tmp:
         work = Path(tmp)
-        broker, port = start_mosquitto(work, max_inflight)
+        broker = MosquittoBroker(work / "mosquitto", settings={"max_queued_messages": "1000000",
+                                                               "max_inflight_messages": str(max_inflight)}).start()
+        port = broker.port
         db = work / "store.db"
         store = PatchStore(db)
         ingests = []
@@ -153,7 +125,6 @@ def run(protocol: str, publishers: int, messages: int, k: int, workers: int, max
                 if proc.poll() is None:
                     proc.kill()
             broker.kill()
-            broker.wait()
             store.close()
 
 

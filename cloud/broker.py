@@ -1,37 +1,16 @@
-"""Brokers the companion can start for itself: the embedded amqtt broker (zero install, MQTT 3.1.1 only,
-in-memory queues) for demos, and a Mosquitto subprocess when the binary is installed."""
+"""The broker the companion can start for itself: embedded amqtt (zero install, MQTT 3.1.1 only, in-memory
+queues) for demos and `cloud serve --broker embedded`. The Mosquitto launcher is edgepatch.sim.brokers."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import socket
-import subprocess
-import tempfile
 import threading
-import time
-from pathlib import Path
 from typing import Any
 
+from edgepatch.protocol.ports import free_port, wait_listening
+
 log = logging.getLogger("edgepatch.cloud.broker")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_listening(host: str, port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
 
 
 class EmbeddedBroker:
@@ -87,50 +66,6 @@ class EmbeddedBroker:
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
-
-class MosquittoProcess:
-    """`mosquitto -c conf` on a free loopback port (MQTT 5), for demos and simulations."""
-
-    protocol = "mqttv5"
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        binary = shutil.which("mosquitto") or next(
-            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None)
-        if binary is None:
-            raise FileNotFoundError("mosquitto is not installed (apt-get install -y mosquitto)")
-        self.binary, self.host, self.port = binary, host, port or free_port(host)
-        self._dir = Path(tempfile.mkdtemp(prefix="edgepatch-mosquitto-"))
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 10.0) -> MosquittoProcess:
-        conf = self._dir / "mosquitto.conf"
-        lines = [f"listener {self.port} {self.host}", "allow_anonymous true", "persistence false",
-                 "max_queued_messages 100000"]
-        import os
-
-        if os.geteuid() == 0:
-            lines.append("user root")  # else mosquitto drops to a user that cannot read our temp dir
-        conf.write_text("\n".join(lines) + "\n")
-        self._proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL)
-        if not wait_listening(self.host, self.port, timeout):
-            self.stop()
-            raise RuntimeError(f"mosquitto did not start on {self.host}:{self.port}")
-        return self
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
     @property
     def url(self) -> str:

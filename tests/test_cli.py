@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from edgepatch.protocol.ports import free_port
 
 CLI = (sys.executable, "-m", "edgepatch.cli")
 
@@ -52,12 +53,6 @@ def _ok(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[s
     assert proc.returncode == 0, (f"`{' '.join(proc.args[2:])}` exited {proc.returncode}\n"
                                   f"stdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-5000:]}")
     return proc
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def first_shard_x(data_dir: Path) -> np.ndarray:

@@ -9,9 +9,6 @@ A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certif
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -30,7 +27,9 @@ from edgepatch.cloud.store import PatchStore
 from edgepatch.device.link import DeviceLink, LinkSettings
 from edgepatch.device.outbox import Outbox
 from edgepatch.protocol.messages import Message, PatchUpdate, decode
+from edgepatch.protocol.ports import free_port
 from edgepatch.protocol.topics import Channel, device_topic
+from edgepatch.sim.brokers import MosquittoBroker, find_binary
 
 pytestmark = pytest.mark.broker
 
@@ -57,8 +56,7 @@ def _run(*args: str | Path, cwd: Path) -> None:
 
 
 def _need(binary: str) -> str:
-    found = shutil.which(binary) or next(
-        (p for p in (f"/usr/sbin/{binary}", f"/usr/local/sbin/{binary}") if os.access(p, os.X_OK)), None)
+    found = find_binary(binary)
     if found is None:
         pytest.fail(f"the `{binary}` binary is missing (apt-get install -y mosquitto mosquitto-clients openssl)",
                     pytrace=False)
@@ -84,29 +82,15 @@ def make_pki(d: Path) -> Pki:
 
 # ------------------------------------------------------------------------------------------ broker
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 @dataclass
 class TlsBroker:
     pki: Pki
     password_port: int
     cert_port: int
-    log_path: Path
+    process: MosquittoBroker
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return self.process.log_text()
 
 
 @pytest.fixture(scope="module")
@@ -115,46 +99,17 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     pki = make_pki(d)
     passwd = d / "passwd"
     _run(_need("mosquitto_passwd"), "-b", "-c", passwd, USER, PASSWORD, cwd=d)
-    password_port, cert_port = _free_port(), _free_port()
+    password_port, cert_port = free_port(), free_port()
     while cert_port == password_port:
-        cert_port = _free_port()
+        cert_port = free_port()
     tls = [f"cafile {pki.ca}", f"certfile {pki.server_cert}", f"keyfile {pki.server_key}"]
-    log_path = d / "mosquitto.log"
-    lines = [
-        "per_listener_settings true",  # auth settings below apply to their own listener only
-        f"log_dest file {log_path}", "log_type error", "log_type warning", "log_type notice",
-        "log_type information",
-        f"listener {password_port} {HOST}", *tls, "allow_anonymous false", f"password_file {passwd}",
-        f"listener {cert_port} {HOST}", *tls, "require_certificate true", "use_identity_as_username true",
-        "allow_anonymous false",
-    ]
-    if os.geteuid() == 0:
-        lines.append("user root")  # otherwise mosquitto drops to user 'mosquitto', who cannot read our files
-    conf = d / "mosquitto.conf"
-    conf.write_text("\n".join(lines) + "\n")
-    proc = subprocess.Popen([_need("mosquitto"), "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    broker = TlsBroker(pki, password_port, cert_port, log_path)
-    try:
-        deadline = time.monotonic() + 10
-        while not (_accepts(password_port) and _accepts(cert_port)):
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                raise RuntimeError(f"mosquitto exited with {proc.returncode}: {err.strip()} {broker.log_text()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mosquitto TLS listeners not up in 10 s: {broker.log_text()}")
-            time.sleep(0.02)
-        yield broker
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+    broker = MosquittoBroker(d, binary=_need("mosquitto"), persistence=False,
+                             log_types=("error", "warning", "notice", "information"), listeners={
+                                 password_port: [*tls, "allow_anonymous false", f"password_file {passwd}"],
+                                 cert_port: [*tls, "require_certificate true", "use_identity_as_username true",
+                                             "allow_anonymous false"]})
+    with broker:
+        yield TlsBroker(pki, password_port, cert_port, broker)
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -8,7 +8,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from edgepatch.cloud.fl.simulate import SimConfigError, _Workers, load_config, parse_config, run_simulation
+from edgepatch.protocol.ports import free_port
+from edgepatch.sim.config import SimConfigError, load_config, parse_config
+from edgepatch.sim.hosts import DeviceHosts
+from edgepatch.sim.runner import run_simulation
 
 
 def _config(bundle: Path, strategies: list[str]) -> dict:
@@ -80,12 +82,6 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 RAY_TEST_RESOURCE = "edgepatch_test_head"  # only the fixture's cluster has it
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def ray_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A real single-node Ray cluster (`ray start --head --block`: 2 CPUs, 200 MB object store) in its own
@@ -97,13 +93,13 @@ def ray_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "ray_head.log", "wb")  # noqa: SIM115 - closed at teardown
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
          "--num-cpus=2", f"--object-store-memory={200 * 2**20}", "--include-dashboard=false",
-         "--disable-usage-stats", f"--ray-client-server-port={_free_port()}",
-         f"--dashboard-agent-listen-port={_free_port()}", f"--resources={json.dumps({RAY_TEST_RESOURCE: 1})}"],
+         "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--resources={json.dumps({RAY_TEST_RESOURCE: 1})}"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
     try:
         end = time.monotonic() + 60
@@ -157,4 +153,4 @@ def test_ray_is_a_required_extra_not_an_optional_skip() -> None:
     # CI installs `.[all,dev]`, which includes the `sim` extra: the Ray test above must never be skipped.
     assert importlib.util.find_spec("ray") is not None
     with pytest.raises(SimConfigError, match="not connected"):
-        _Workers([], 1, "local")
+        DeviceHosts([], 1, "local")

@@ -1,0 +1,122 @@
+"""Quiet by default: what a command prints is edgepatch's own output; framework noise goes to a log file.
+
+TensorFlow, absl, LiteRT, ExecuTorch, torchao and cpuinfo write to the process's stderr from C++ (fd 2)
+and through Python loggers and warnings. `setup()` runs once at process start, before any of them is
+imported, and then:
+  * points fd 2 at `<log dir>/<command>.log` (appended), so C++ messages land there;
+  * keeps `sys.stderr` on the terminal, but text that a logging handler or `warnings` writes to it (a
+    framework that bound its own handler to stderr, e.g. torch) is diverted to the same file;
+  * sends every log record to the file (edgepatch's down to DEBUG) and shows only edgepatch's records on
+    the terminal, at WARNING unless a command asks for more (`show_level`, e.g. `device run --log-level`);
+  * routes Python warnings into logging (`py.warnings`), hence to the file.
+With `verbose=True` nothing is diverted: every record (edgepatch's at DEBUG) and all framework output is
+shown. Imports nothing heavy: the device path uses it too.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+LOG_DIR_ENV = "EDGEPATCH_LOG_DIR"
+DEFAULT_LOG_DIR = Path("edgepatch-logs")
+# Read by TensorFlow/absl (and gRPC) when they load: their C++ INFO lines are dropped, warnings kept
+# (into the log file). A value the user exported wins.
+FRAMEWORK_ENV = {"TF_CPP_MIN_LOG_LEVEL": "1", "GRPC_VERBOSITY": "ERROR"}
+# Modules whose writes to sys.stderr are log output of somebody else's handler, not a command's output.
+_HANDLER_MODULES = ("logging", "warnings", "absl.logging")
+
+
+class _StderrRouter(io.TextIOBase):
+    """`sys.stderr` while quiet: what a logging handler or `warnings` writes goes to the log file; everything
+    else (rich consoles, typer/click messages, tracebacks) to the terminal."""
+
+    def __init__(self, terminal: TextIO, log_file: TextIO) -> None:
+        self.terminal, self.log_file = terminal, log_file
+
+    def write(self, text: str) -> int:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        target = self.log_file if caller in _HANDLER_MODULES else self.terminal
+        return target.write(text)
+
+    def flush(self) -> None:
+        self.terminal.flush()
+        self.log_file.flush()
+
+    def fileno(self) -> int:
+        return self.terminal.fileno()
+
+    def isatty(self) -> bool:
+        return self.terminal.isatty()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self.terminal.encoding
+
+
+_state: dict[str, object] = {}
+
+
+def log_dir(explicit: Path | None = None) -> Path:
+    return explicit or Path(os.environ.get(LOG_DIR_ENV, "") or DEFAULT_LOG_DIR)
+
+
+def setup(command: str = "edgepatch", verbose: bool = False, directory: Path | None = None) -> Path | None:
+    """Configure logging and framework output for this process (idempotent); returns the log file
+    (None when verbose: everything is shown instead)."""
+    if "handler" in _state:
+        return _state.get("path")  # type: ignore[return-value]
+    logging.captureWarnings(True)
+    root, own = logging.getLogger(), logging.getLogger("edgepatch")
+    own.setLevel(logging.DEBUG)
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        _state.update(handler=handler, path=None)
+        return None
+    for key, value in FRAMEWORK_ENV.items():
+        os.environ.setdefault(key, value)
+    path = log_dir(directory).resolve() / f"{command}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+    log_file.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {' '.join(sys.argv)}\n")
+    sys.stderr.flush()
+    terminal = open(os.dup(2), "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8",  # noqa: SIM115
+                    errors="backslashreplace")
+    os.dup2(log_file.fileno(), 2)  # C/C++ writes to fd 2 (TF, absl, LiteRT, cpuinfo) now land in the file
+    sys.stderr = _StderrRouter(terminal, log_file)
+    file_handler = logging.StreamHandler(log_file)
+    file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(file_handler)
+    root.setLevel(logging.INFO)
+    handler = logging.StreamHandler(terminal)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.WARNING)
+    own.addHandler(handler)  # on the 'edgepatch' logger: only our records reach the terminal
+    own.propagate = True  # the file handler on root sees edgepatch's records too
+    _state.update(handler=handler, path=path)
+    return path
+
+
+def show_level(level: str | int) -> None:
+    """The level from which edgepatch's own records reach the terminal (commands with --log-level). Without
+    `setup()` (library use) this is a plain `logging.basicConfig`."""
+    handler = _state.get("handler")
+    if handler is None:
+        logging.basicConfig(level=level if isinstance(level, int) else level.upper(), format=LOG_FORMAT)
+        return
+    if _state.get("path") is not None:
+        handler.setLevel(level if isinstance(level, int) else level.upper())  # type: ignore[attr-defined]
+
+
+def log_path() -> Path | None:
+    """The file framework output goes to (None when verbose or not set up)."""
+    return _state.get("path")  # type: ignore[return-value]
