@@ -87,3 +87,8 @@ def status_cmd(url: str = typer.Option("http://127.0.0.1:8080", help="the compan
         console.print(f"[red]error:[/red] cannot reach the companion at {url}: {exc}")
         raise typer.Exit(2) from exc
     print(json.dumps(data, indent=2))
+
+
+from .provision_cli import provision_cmd  # noqa: E402  (its options live beside cloud/provision.py)
+
+app.command("provision")(provision_cmd)
