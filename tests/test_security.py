@@ -1,0 +1,299 @@
+"""Fleet security against a REAL Mosquitto started with the configuration `edgepatch cloud provision` writes.
+
+The attacker is a provisioned device (dev-000) using plain paho, as in issue 11; every "blocked" assertion
+has a positive control showing that the same path works for the legitimate sender.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from edgepatch.cloud.provision import ProvisionError, ProvisionOptions, provision, revoke, rotate
+from edgepatch.cloud.provision_keys import mosquitto_password_hash
+from edgepatch.protocol.ports import free_port
+from edgepatch.sim.brokers import MosquittoBroker, find_binary
+
+pytestmark = pytest.mark.broker
+FLEET = "f1"
+PREFIX = f"edgepatch/v1/{FLEET}"
+COMPANION_ID = f"edgepatch-companion-{FLEET}"
+
+
+class ProvisionedBroker(MosquittoBroker):
+    """The project's one Mosquitto launcher, started on the configuration `provision` wrote."""
+
+    def __init__(self, out: Path, ports: tuple[int, int]) -> None:
+        super().__init__(out / "launcher", listeners={p: [] for p in ports}, persistence=False)
+        self.config_path = out / "broker" / "mosquitto.conf"
+        self.log_path = out / "broker" / "mosquitto.log"
+
+
+@dataclass
+class Fleet:
+    out: Path
+    device_port: int
+    companion_port: int
+    broker: ProvisionedBroker
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    if find_binary() is None:
+        pytest.fail("the mosquitto binary is missing: apt-get install -y mosquitto", pytrace=False)
+    out = tmp_path_factory.mktemp("fleet")
+    device_port = free_port()
+    companion_port = free_port()
+    while companion_port == device_port:
+        companion_port = free_port()
+    provision(ProvisionOptions(fleet=FLEET, devices=["dev-000", "dev-001", "dev-002"], out=out,
+                               bind="127.0.0.1", port=device_port, companion_port=companion_port,
+                               broker_user="root" if os.geteuid() == 0 else "mosquitto"))
+    broker = ProvisionedBroker(out, (device_port, companion_port))
+    with broker:
+        yield Fleet(out, device_port, companion_port, broker)
+
+
+@dataclass
+class Peer:
+    """A paho client that records what happens to it."""
+
+    client: mqtt.Client
+    connack: list[str] = field(default_factory=list)
+    disconnects: list[str] = field(default_factory=list)
+    messages: list[tuple[str, bytes, bool]] = field(default_factory=list)
+    suback: list[str] = field(default_factory=list)
+    puback: dict[int, str] = field(default_factory=dict)
+    event: threading.Event = field(default_factory=threading.Event)
+
+    def topics(self) -> list[str]:
+        return [t for t, _, _ in self.messages]
+
+    def subscribe(self, topic: str) -> str:
+        before = len(self.suback)
+        self.client.subscribe(topic, qos=1)
+        wait_until(lambda: len(self.suback) > before, 5, f"SUBACK for {topic}")
+        return self.suback[-1]
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> str:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        wait_until(lambda: info.mid in self.puback, 5, f"PUBACK for {topic}")
+        return self.puback[info.mid]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def connect(fleet: Fleet, user: str | None, *, client_id: str = "", companion: bool = False, tls: bool = True,
+            password: str | None = None, wait: bool = True) -> Peer:
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5)
+    peer = Peer(client)
+    if tls:
+        client.tls_set(ca_certs=str(fleet.out / "ca" / "ca.crt"))
+    if user is not None:
+        folder = fleet.out / ("companion" if user == "companion" else f"devices/{user}")
+        secret = password if password is not None else (folder / "password").read_text().strip()
+        client.username_pw_set(user, secret)
+    client.on_connect = lambda c, u, f, rc, p: (peer.connack.append(str(rc)), peer.event.set())
+    client.on_disconnect = lambda c, u, f, rc, p: peer.disconnects.append(str(rc))
+    client.on_message = lambda c, u, m: peer.messages.append((m.topic, m.payload, bool(m.retain)))
+    client.on_subscribe = lambda c, u, mid, rcs, p: peer.suback.append(str(rcs[0]))
+    client.on_publish = lambda c, u, mid, rc, p: peer.puback.__setitem__(mid, str(rc))
+    client.connect("127.0.0.1", fleet.companion_port if companion else fleet.device_port)
+    client.loop_start()
+    if wait:
+        wait_until(lambda: peer.event.is_set() or peer.disconnects, 10, f"CONNACK for {user}")
+    return peer
+
+
+def settle() -> None:
+    time.sleep(0.4)  # long enough for a loopback broker to deliver anything it was going to deliver
+
+
+# ------------------------------------------------------------------------------------- files only
+
+def test_provision_writes_secrets_private_and_is_idempotent(tmp_path: Path) -> None:
+    opts = ProvisionOptions(fleet="f", devices=["a", "b"], out=tmp_path, dynsec_plugin="/x/dynsec.so")
+    first = provision(opts)
+    assert sorted(first.added) == ["a", "b"]
+    for secret in ("companion/fleet-signing.key", "companion/password", "devices/a/password", "ca/ca.key",
+                   "broker/server.key", "broker/devices-dynsec.json", "broker/companion.passwd"):
+        assert stat.S_IMODE((tmp_path / secret).stat().st_mode) == 0o600, secret
+    password_a = (tmp_path / "devices/a/password").read_text()
+    key = (tmp_path / "companion/fleet-signing.key").read_bytes()
+    again = provision(ProvisionOptions(fleet="f", devices=["c"], out=tmp_path, dynsec_plugin="/x/dynsec.so"))
+    assert again.added == ["c"] and again.devices == ["a", "b", "c"]
+    assert (tmp_path / "devices/a/password").read_text() == password_a  # kept
+    assert (tmp_path / "companion/fleet-signing.key").read_bytes() == key  # kept
+    assert (tmp_path / "devices/c/fleet-signing.pub").read_bytes() == (tmp_path / "companion/fleet-signing.pub"
+                                                                        ).read_bytes()
+    conf = (tmp_path / "broker/mosquitto.conf").read_text()
+    for line in ("allow_anonymous false", "use_username_as_clientid true", "per_listener_settings true",
+                 "max_queued_messages 1000", "autosave_interval 300"):
+        assert line in conf
+    assert "allow_anonymous true" not in conf
+    rotate(tmp_path, "b")
+    assert (tmp_path / "devices/b/password").read_text() != ""
+    revoke(tmp_path, "b")
+    assert not (tmp_path / "devices/b").exists()
+    users = [c["username"] for c in json.loads((tmp_path / "broker/devices-dynsec.json").read_text())["clients"]]
+    assert "b" not in users and {"a", "c"} <= set(users)
+
+
+def test_provision_refuses_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ProvisionError, match="reserved"):
+        provision(ProvisionOptions(fleet="f", devices=["edgepatch-companion-f"], out=tmp_path))
+    with pytest.raises(ValueError, match="not a valid topic level"):
+        provision(ProvisionOptions(fleet="f", devices=["a/b"], out=tmp_path))
+    provision(ProvisionOptions(fleet="f", devices=["a"], out=tmp_path, dynsec_plugin="/x/dynsec.so"))
+    with pytest.raises(ProvisionError, match="holds fleet 'f'"):
+        provision(ProvisionOptions(fleet="g", devices=["a"], out=tmp_path))
+    with pytest.raises(ProvisionError, match="not provisioned"):
+        revoke(tmp_path, "zz")
+
+
+def test_password_hash_is_the_one_mosquitto_passwd_writes(tmp_path: Path) -> None:
+    tool = find_binary("mosquitto_passwd")
+    if tool is None:
+        pytest.fail("mosquitto_passwd is missing (it ships with mosquitto)", pytrace=False)
+    subprocess.run([tool, "-c", "-b", str(tmp_path / "pw"), "alice", "s3cret"], check=True)
+    line = (tmp_path / "pw").read_text().strip()
+    salt_b64 = line.split("$")[3]
+    assert "alice:" + mosquitto_password_hash("s3cret", base64.b64decode(salt_b64)) == line
+
+
+# ------------------------------------------------------------------------------------- real broker
+
+def test_anonymous_plain_and_wrong_password_are_refused(fleet: Fleet) -> None:
+    anon = connect(fleet, None)
+    assert anon.connack and anon.connack[0] == "Not authorized"
+    anon.close()
+    wrong = connect(fleet, "dev-000", password="guess")
+    assert wrong.connack and wrong.connack[0] in ("Not authorized", "Bad user name or password")
+    wrong.close()
+    device_on_companion_port = connect(fleet, "dev-000", companion=True)
+    assert device_on_companion_port.connack[0] != "Success"
+    device_on_companion_port.close()
+    plain = connect(fleet, "dev-000", tls=False, wait=False)  # the TLS listener drops a plain CONNECT
+    wait_until(lambda: plain.disconnects or plain.connack, 10, "the plain connection to end")
+    assert "Success" not in plain.connack
+    plain.close()
+    good = connect(fleet, "dev-000")
+    assert good.connack == ["Success"]
+    good.close()
+
+
+def test_device_cannot_publish_as_another_device_nor_announce(fleet: Fleet) -> None:
+    cloud = connect(fleet, "companion", client_id="test-cloud-watch", companion=True)
+    assert cloud.subscribe(f"{PREFIX}/#") == "Granted QoS 1"
+    attacker = connect(fleet, "dev-000")
+    forged = attacker.publish(f"{PREFIX}/dev-001/patch", b"forged")
+    announced = attacker.publish(f"{PREFIX}/bundle", b"evil", retain=True)
+    relayed = attacker.publish(f"{PREFIX}/dev-001/canoe/reply", b"slice")
+    own = attacker.publish(f"{PREFIX}/dev-000/patch", b"mine")  # positive control
+    wait_until(lambda: f"{PREFIX}/dev-000/patch" in cloud.topics(), 5, "the attacker's own patch")
+    settle()
+    assert own == "Success"
+    assert {forged, announced, relayed} == {"Not authorized"}  # MQTT 5 PUBACK 0x87
+    assert cloud.topics() == [f"{PREFIX}/dev-000/patch"]
+    late = connect(fleet, "dev-001")  # no retained announcement was stored either
+    assert late.subscribe(f"{PREFIX}/bundle") == "Granted QoS 1"
+    settle()
+    assert late.messages == []
+    for peer in (cloud, attacker, late):
+        peer.close()
+
+
+def test_device_cannot_subscribe_to_another_devices_replies(fleet: Fleet) -> None:
+    attacker, victim = connect(fleet, "dev-000"), connect(fleet, "dev-001")
+    assert attacker.subscribe(f"{PREFIX}/dev-001/canoe/reply") == "Not authorized"
+    assert attacker.subscribe(f"{PREFIX}/+/canoe/reply") == "Not authorized"
+    assert attacker.subscribe("#") == "Not authorized"
+    assert victim.subscribe(f"{PREFIX}/dev-001/canoe/reply") == "Granted QoS 1"
+    cloud = connect(fleet, "companion", client_id="test-cloud-relay", companion=True)
+    assert cloud.publish(f"{PREFIX}/dev-001/canoe/reply", b"slice") == "Success"
+    wait_until(lambda: victim.messages, 5, "the victim's reply")
+    settle()
+    assert attacker.messages == []
+    for peer in (attacker, victim, cloud):
+        peer.close()
+
+
+def test_device_cannot_join_the_companions_shared_subscription(fleet: Fleet) -> None:
+    shared = f"$share/edgepatch-ingest/{PREFIX}/+/patch"
+    ingest = connect(fleet, "companion", client_id="edgepatch-ingest-0", companion=True)
+    assert ingest.subscribe(shared) == "Granted QoS 1"
+    attacker = connect(fleet, "dev-000")
+    assert attacker.subscribe(shared) == "Not authorized"
+    sender = connect(fleet, "dev-002")
+    for i in range(20):
+        assert sender.publish(f"{PREFIX}/dev-002/patch", b"p%d" % i) == "Success"
+    wait_until(lambda: len(ingest.messages) >= 20, 5, "all 20 patches at the companion")
+    settle()
+    assert len(ingest.messages) == 20 and attacker.messages == []
+    for peer in (ingest, attacker, sender):
+        peer.close()
+
+
+def test_stolen_client_id_cannot_knock_the_companion_off(fleet: Fleet) -> None:
+    cloud = connect(fleet, "companion", client_id=COMPANION_ID, companion=True)
+    assert cloud.subscribe(f"{PREFIX}/+/patch") == "Granted QoS 1"
+    victim = connect(fleet, "dev-001")
+    thief = connect(fleet, "dev-000", client_id=COMPANION_ID)  # asks for the companion's id ...
+    assert thief.connack == ["Success"]
+    impostor = connect(fleet, "dev-000", client_id="dev-001")  # ... and for another device's
+    settle()
+    # Mosquitto replaced the requested ids by the username: it logs the connection as dev-000.
+    log = fleet.broker.log_text()
+    assert "as dev-000 (p5, c1, k60, u'dev-000')" in log
+    assert f"as {COMPANION_ID} (p5, c1, k60, u'dev-000')" not in log
+    assert cloud.disconnects == [] and victim.disconnects == []  # nobody was knocked off
+    assert victim.publish(f"{PREFIX}/dev-001/patch", b"still here") == "Success"
+    wait_until(lambda: f"{PREFIX}/dev-001/patch" in cloud.topics(), 5, "the companion still receiving")
+    # Two connections under one login share one client id: the second one (impostor) took over the first.
+    assert thief.disconnects
+    for peer in (cloud, victim, thief, impostor):
+        peer.close()
+
+
+def test_revoked_device_is_refused_after_restart(fleet: Fleet, tmp_path: Path) -> None:
+    revoke(fleet.out, "dev-002")
+    fleet.broker.stop()
+    fleet.broker.start()
+    try:
+        revoked = connect(fleet, "dev-002", password="x" * 43)
+        assert revoked.connack and revoked.connack[0] != "Success"
+        revoked.close()
+        still = connect(fleet, "dev-001")
+        assert still.connack == ["Success"]
+        still.close()
+    finally:
+        provision(ProvisionOptions(fleet=FLEET, devices=["dev-002"], out=fleet.out, bind="127.0.0.1",
+                                   port=fleet.device_port, companion_port=fleet.companion_port,
+                                   broker_user="root" if os.geteuid() == 0 else "mosquitto"))
+        fleet.broker.stop()
+        fleet.broker.start()
+    back = connect(fleet, "dev-002")
+    assert back.connack == ["Success"]  # re-provisioned with a new password
+    back.close()
