@@ -57,6 +57,8 @@ def export_cmd(
                                         "default: the model's own, else pretrained on --data"),
     data: Path | None = typer.Option(None, help="labelled data: a shard directory or an .npz with x, y; for "
                                      "pretraining and the variant search (reference models have their own)"),
+    pretrain: bool = typer.Option(False, "--pretrain", help="train the model on --data first, ignoring the "
+                                  "weights a torch/Keras model carries (e.g. a freshly built module)"),
     shared: Path | None = typer.Option(None, help="shared patch parameters θ̄/Θ .npz (e.g. distilled)"),
     patch: str = typer.Option("film", help="patch kind: film or lowrank"),
     patch_layers: str = typer.Option("", help="comma-separated layers to patch (default: every conv)"),
@@ -70,8 +72,8 @@ def export_cmd(
     """Export a model to a verified bundle of LiteRT and ExecuTorch programs with dropout variants."""
     from edgepatch.export.pipeline import ExportOptions, export_bundle
 
-    opts = ExportOptions(model=model, weights=weights, data=data, shared=shared, patch_kind=patch,
-                         patch_layers=tuple(p for p in patch_layers.split(",") if p) or None, k=k, rank=rank,
+    opts = ExportOptions(model=model, weights=weights, data=data, pretrain=pretrain, shared=shared,
+                         patch_kind=patch, patch_layers=tuple(p for p in patch_layers.split(",") if p) or None, k=k, rank=rank,
                          variants=variants, runtimes=tuple(r for r in runtimes.split(",") if r),
                          batch=batch, seed=seed)
     try:

@@ -11,6 +11,7 @@ import logging
 import queue
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,14 @@ log = logging.getLogger("edgepatch.device.runtime")
 MAX_BUNDLE_BYTES = 256 * 2**20
 
 
+class RoundInterrupted(Exception):
+    """A stop was requested (SIGTERM) mid-round: the round ended after its last committed step."""
+
+    def __init__(self, steps_done: int) -> None:
+        super().__init__(f"round stopped after {steps_done} committed steps")
+        self.steps_done = steps_done
+
+
 @dataclass
 class DeviceConfig:
     device_id: str
@@ -49,6 +58,7 @@ class DeviceConfig:
     holdout_fraction: float = 0.25
     seed: int = 0
     adaptive: bool = True  # DISTREAL variant selection; False = always the full variant
+    mqtt_password: str | None = None  # read from a file by device/config.py; None = the profile's env var
 
 
 def load_local_data(data_dir: Path, bundle: Bundle, holdout_fraction: float) -> LocalData:
@@ -71,6 +81,8 @@ class DeviceRuntime:
         self.announcements: queue.Queue[Message] = queue.Queue()
         self.bytes_downloaded = 0
         self.link: Any = None
+        # Set from a signal handler; checked only between steps, so a step is never cut in half.
+        self.stop_requested = threading.Event()
         self._activate(bundle)
         if cfg.broker:
             self._start_link()
@@ -121,7 +133,7 @@ class DeviceRuntime:
     def wait_for_new_bundle(self, timeout: float) -> bool:
         """Block until an announced bundle newer than the active one is installed (True) or timeout."""
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
+        while (left := deadline - time.monotonic()) > 0 and not self.stop_requested.is_set():
             try:
                 msg = self.announcements.get(timeout=min(left, 1.0))
             except queue.Empty:
@@ -153,7 +165,7 @@ class DeviceRuntime:
             client_id=mqtt_cfg.client_id(self.cfg.fleet, self.cfg.device_id), keepalive=mqtt_cfg.keepalive_s,
             tls_ca=tls.ca_file if tls else None, tls_cert=tls.cert_file if tls else None,
             tls_key=tls.key_file if tls else None,
-            username=mqtt_cfg.username, password=mqtt_cfg.password())
+            username=mqtt_cfg.username, password=self.cfg.mqtt_password or mqtt_cfg.password())
         outbox = Outbox(self.cfg.state_dir / "outbox.sqlite")
         self.link = DeviceLink(settings, outbox, base_version=self.bundle.base_version,
                                variant_id=self.trainer.state.variant_id, on_bundle=self.announcements.put)
@@ -167,7 +179,18 @@ class DeviceRuntime:
     def run_round(self, steps: int, deadline_s: float | None = None) -> RoundReport:
         self.poll_announcements()
         before = self.trainer.holdout_accuracy()
-        report = self.trainer.train_round(steps, deadline_s)
+        done = 0
+
+        def check_stop(_i: int, _loss: float, _vid: str) -> None:
+            # Called after each committed step: stopping here leaves φ, m, v and the step count consistent.
+            nonlocal done
+            done += 1
+            if self.stop_requested.is_set():
+                raise RoundInterrupted(done)
+
+        if self.stop_requested.is_set():
+            raise RoundInterrupted(0)
+        report = self.trainer.train_round(steps, deadline_s, on_step=check_stop)
         report.holdout_acc_before, report.holdout_acc_after = before, self.trainer.holdout_accuracy()
         if self.link is not None:
             self.link.variant_id = self.trainer.state.variant_id

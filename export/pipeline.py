@@ -26,7 +26,7 @@ from edgepatch.protocol.params import Params, ParamsError, check_params, init_pa
 from edgepatch.protocol.variants import Variant, sample_kept, slice_params
 
 from .reference_models import REFERENCE_MODELS, default_patch
-from .resolve import parse_variants, resolve_model
+from .resolve import load_model, parse_variants
 
 Log = Callable[[str], None]
 RUNTIMES = ("litert", "executorch")
@@ -40,6 +40,7 @@ class ExportOptions:
     weights: Path | None = None  # base weights file; else the source's own, else pretrained on `data`
     data: Path | None = None  # --data: shard directory or .npz (x, y); reference models default to theirs
     holdout: float = 0.2  # fraction of `data` held out to report the pretrained model's accuracy
+    pretrain: bool = False  # pretrain on `data` even when the source carries weights (a fresh torch module)
     shared: Path | None = None  # θ̄/Θ (.npz, e.g. from MoMoDistill); initialized when absent
     patch_kind: str = "film"
     patch_layers: tuple[str, ...] | None = None  # default: every conv layer
@@ -88,15 +89,11 @@ def no_data_error(spec: ModelSpec, what: str) -> NoDataError:
 
 
 def load_source(opts: ExportOptions) -> tuple[ModelSpec, Params | None]:
-    """The model description and the weights its source carries (`--weights`, or a torch/Keras model's
-    own); None when there are none (a `ModelSpec` without `--weights`)."""
-    from . import resolve
-
-    if hasattr(resolve, "load_model"):  # torch / Keras / .keras sources (export/resolve.py)
-        spec, params = resolve.load_model(opts.model, opts.weights)
-    else:
-        spec = resolve_model(opts.model)
-        params = load_params(opts.weights) if opts.weights is not None else None
+    """The model description and its base weights: `--weights`, else a torch/Keras model's own (unless
+    `opts.pretrain`), else None (a `ModelSpec` without `--weights`: pretrained on the data)."""
+    if opts.pretrain and opts.weights is not None:
+        raise ParamsError("--pretrain trains the model from scratch on --data: drop --weights, or drop --pretrain")
+    spec, params = load_model(opts.model, opts.weights, use_source_weights=not opts.pretrain)
     if params is not None:
         check_params(params, spec, None, roles=("base",))
         params = {n: params[n] for n in param_infos(spec, None)}
@@ -109,10 +106,6 @@ def base_weights(spec: ModelSpec, opts: ExportOptions, data: LabelledData | None
     accuracy is reported on data the weights were not trained on."""
     from .pretrain import accuracy, pretrain_base
 
-    if given is None and opts.weights is not None:
-        given = load_params(opts.weights)
-        check_params(given, spec, None, roles=("base",))
-        given = {n: given[n] for n in param_infos(spec, None)}
     if given is not None:
         log(f"base weights from {opts.weights or opts.model}")
         if data is not None:
