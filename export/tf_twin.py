@@ -6,10 +6,12 @@ are passed in torch layouts and transposed in the graph, so weights are copied b
 on the host.
 
 Why the custom gradients: TF's own conv filter gradient (`Conv2DBackpropFilter`), depthwise gradients,
-`ReluGrad` and `AvgPoolGrad` have no TFLite builtin and would force the Flex delegate, which the device
-does not have. Here the filter gradient is an im2col matmul built from per-tap strided slices, the
-input gradient is `conv2d_transpose` (builtin TRANSPOSE_CONV), relu is `maximum`, and pooling is a
-reshape + mean. Padding is explicit and symmetric (`kernel // 2`) followed by VALID, as torch pads.
+`ReluGrad`/`Relu6Grad` and `AvgPoolGrad` have no TFLite builtin and would force the Flex delegate, which
+the device does not have. Here the filter gradient is an im2col matmul built from per-tap strided slices,
+the conv input gradient is `conv2d_transpose` (builtin TRANSPOSE_CONV), the depthwise input gradient a
+stride-1 depthwise conv of the zero-dilated output gradient with the flipped kernel (any stride), relu
+and relu6 are `maximum`/`minimum`, pooling is a reshape + mean, global pooling a mean. Padding is explicit
+(symmetric `kernel // 2` for "same", none for "valid", any for `pad` layers) followed by VALID.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Callable, Mapping
 
 import tensorflow as tf
 
+from edgepatch.protocol import graph
+from edgepatch.protocol.graph import MODEL_INPUT
 from edgepatch.protocol.model_spec import LayerSpec, ModelSpec, PatchSpec
 
 NORM_EPS = 1e-5  # same as export/torch_model.py
@@ -58,21 +62,38 @@ def conv2d_valid(x: tf.Tensor, w: tf.Tensor, stride: int) -> tf.Tensor:
     return conv(x, w)
 
 
-def depthwise_valid(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
-    """Stride-1 VALID depthwise conv of a padded NHWC `x` with `w` (kh, kw, C, 1), builtins-only gradient."""
+def _dilate(dy: tf.Tensor, stride: int) -> tf.Tensor:
+    """Insert stride - 1 zero rows and columns after every element of NHWC `dy` (4-D pads and reshapes)."""
+    if stride == 1:
+        return dy
+    n, ho, wo, c = dy.shape
+    rows = tf.pad(tf.reshape(dy, [n, ho, 1, wo * c]), [[0, 0], [0, 0], [0, stride - 1], [0, 0]])
+    rows = tf.reshape(rows, [n * ho * stride, wo, 1, c])
+    cols = tf.pad(rows, [[0, 0], [0, 0], [0, stride - 1], [0, 0]])
+    return tf.reshape(cols, [n, ho * stride, wo * stride, c])
+
+
+def depthwise_valid(x: tf.Tensor, w: tf.Tensor, stride: int = 1) -> tf.Tensor:
+    """VALID depthwise conv of a padded NHWC `x` with `w` (kh, kw, C, 1), any stride, builtins-only gradient."""
 
     @tf.custom_gradient
     def dwconv(x: tf.Tensor, w: tf.Tensor) -> tuple[tf.Tensor, Callable]:
-        y = tf.nn.depthwise_conv2d(x, w, strides=[1, 1, 1, 1], padding="VALID")
+        y = tf.nn.depthwise_conv2d(x, w, strides=[1, stride, stride, 1], padding="VALID")
 
         def grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             kh, kw, c, _ = w.shape
+            _, hh, ww, _ = x.shape
             ho, wo = dy.shape[1], dy.shape[2]
-            # input gradient: full correlation of dy with the flipped kernel (a plain depthwise conv)
-            dy_full = tf.pad(dy, [[0, 0], [kh - 1, kh - 1], [kw - 1, kw - 1], [0, 0]])
+            # input gradient: full correlation of the zero-dilated dy with the flipped kernel, a plain
+            # stride-1 depthwise conv; rows/cols of x no output reads get zero (pad) or are cut (slice)
+            dyd = _dilate(dy, stride)
+            extra_h, extra_w = hh - ho * stride, ww - wo * stride
+            if extra_h < 0 or extra_w < 0:
+                dyd = dyd[:, :ho * stride + min(extra_h, 0), :wo * stride + min(extra_w, 0), :]
+            dy_full = tf.pad(dyd, [[0, 0], [kh - 1, max(extra_h, 0)], [kw - 1, max(extra_w, 0)], [0, 0]])
             dx = tf.nn.depthwise_conv2d(dy_full, tf.reverse(w, axis=[0, 1]), strides=[1, 1, 1, 1],
                                         padding="VALID")
-            taps = [tf.reduce_sum(t * dy, axis=[0, 1, 2]) for t in _tap_slices(x, kh, kw, ho, wo, 1)]
+            taps = [tf.reduce_sum(t * dy, axis=[0, 1, 2]) for t in _tap_slices(x, kh, kw, ho, wo, stride)]
             return dx, tf.reshape(tf.stack(taps, axis=0), [kh, kw, c, 1])
 
         return y, grad
@@ -80,23 +101,30 @@ def depthwise_valid(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
     return dwconv(x, w)
 
 
-def _pad_spatial(h: tf.Tensor, pad: int, dims: int) -> tf.Tensor:
-    if pad == 0:
+def _pad_spatial(h: tf.Tensor, pads: tuple[int, ...], dims: int) -> tf.Tensor:
+    """Zero padding with (before, after) per spatial dim in spec order; 1-D signals pad the W axis."""
+    if not any(pads):
         return h
-    rows = [pad, pad] if dims == 2 else [0, 0]
-    return tf.pad(h, [[0, 0], rows, [pad, pad], [0, 0]])
+    rows = [pads[0], pads[1]] if dims == 2 else [0, 0]
+    cols = [pads[2], pads[3]] if dims == 2 else [pads[0], pads[1]]
+    return tf.pad(h, [[0, 0], rows, cols, [0, 0]])
 
 
-def _avgpool(h: tf.Tensor, k: int, dims: int) -> tf.Tensor:
+def _conv_pads(layer: LayerSpec, dims: int) -> tuple[int, ...]:
+    return tuple(p for p in graph.conv_padding(layer, dims) for _ in range(2))
+
+
+def _avgpool(h: tf.Tensor, layer: LayerSpec, dims: int) -> tf.Tensor:
     """Floor-mode average pooling as crop + reshape + mean (AvgPoolGrad would need Flex); rank <= 4."""
     _, hh, ww, c = h.shape
-    ho, wo = (hh // k if dims == 2 else 1), ww // k
-    kh = k if dims == 2 else 1
-    if (ho * kh, wo * k) != (hh, ww):  # floor mode drops the ragged edge; Slice's gradient is a builtin Pad
-        h = tf.slice(h, [0, 0, 0, 0], [-1, ho * kh, wo * k, c])
+    kh, kw = graph.kernel_size(layer, 2) if dims == 2 else (1, layer.kernel)
+    ho, wo = hh // kh, ww // kw
+    if (ho * kh, wo * kw) != (hh, ww):  # floor mode drops the ragged edge; Slice's gradient is a builtin Pad
+        h = tf.slice(h, [0, 0, 0, 0], [-1, ho * kh, wo * kw, c])
     if kh > 1:
-        h = tf.reduce_mean(tf.reshape(h, [-1, ho, kh, wo * k * c]), axis=2)  # pool rows
-    h = tf.reduce_mean(tf.reshape(h, [-1, wo, k, c]), axis=2)  # pool columns
+        h = tf.reduce_mean(tf.reshape(h, [-1, ho, kh, wo * kw * c]), axis=2)  # pool rows
+    if kw > 1:
+        h = tf.reduce_mean(tf.reshape(h, [-1, wo, kw, c]), axis=2)  # pool columns
     return tf.reshape(h, [-1, ho, wo, c])
 
 
@@ -131,22 +159,33 @@ def _apply_patch(h: tf.Tensor, patch: PatchSpec, params: Tensors, layer: str, ph
     return h + tf.reshape(tf.matmul(z, up, transpose_b=True), tf.shape(h))
 
 
-def _layer(layer: LayerSpec, h: tf.Tensor, params: Tensors, dims: int) -> tf.Tensor:
-    n, pad = layer.name, layer.kernel // 2
+def _layer(layer: LayerSpec, h: tf.Tensor, params: Tensors, dims: int, other: tf.Tensor | None = None) -> tf.Tensor:
+    n = layer.name
     if layer.kind in ("conv2d", "conv1d"):
         w = params[f"{n}.weight"]  # torch (O, I, kh, kw) or (O, I, k)
         w = tf.transpose(w, [2, 3, 1, 0]) if dims == 2 else tf.expand_dims(tf.transpose(w, [2, 1, 0]), 0)
-        return conv2d_valid(_pad_spatial(h, pad, dims), w, layer.stride) + params[f"{n}.bias"]
+        return conv2d_valid(_pad_spatial(h, _conv_pads(layer, dims), dims), w, layer.stride) + params[f"{n}.bias"]
     if layer.kind == "dwconv2d":
-        w = tf.transpose(params[f"{n}.weight"], [2, 3, 0, 1])  # (C, 1, k, k) -> (k, k, C, 1)
-        return depthwise_valid(_pad_spatial(h, pad, dims), w) + params[f"{n}.bias"]
+        w = tf.transpose(params[f"{n}.weight"], [2, 3, 0, 1])  # (C, 1, kh, kw) -> (kh, kw, C, 1)
+        h = _pad_spatial(h, _conv_pads(layer, dims), dims)
+        return depthwise_valid(h, w, layer.stride) + params[f"{n}.bias"]
     if layer.kind == "dense":
         return tf.matmul(h, params[f"{n}.weight"], transpose_b=True) + params[f"{n}.bias"]
     if layer.kind == "relu":
         return tf.maximum(h, 0.0)
+    if layer.kind == "relu6":  # min/max, not tf.nn.relu6 (its Relu6Grad has no builtin)
+        return tf.minimum(tf.maximum(h, 0.0), 6.0)
     if layer.kind == "avgpool":
-        return _avgpool(h, layer.kernel, dims)
+        return _avgpool(h, layer, dims)
+    if layer.kind == "gap":
+        return tf.reduce_mean(h, axis=[1, 2])  # NHWC (1-D: H = 1) -> (N, C)
+    if layer.kind == "pad":
+        return _pad_spatial(h, layer.pads, dims)
+    if layer.kind == "add":
+        return h + other
     if layer.kind == "flatten":
+        if len(h.shape) == 2:  # after gap: already (N, C)
+            return h
         _, hh, ww, c = h.shape
         chw = tf.transpose(h, [0, 3, 1, 2])  # torch flattens channel-major
         return tf.reshape(chw, [-1, c * hh * ww] if dims == 2 else [-1, c * ww])
@@ -165,12 +204,14 @@ def to_channels_last(x: tf.Tensor, dims: int) -> tf.Tensor:
 def forward(spec: ModelSpec, patch: PatchSpec | None, params: Tensors, x: tf.Tensor,
             phi: tf.Tensor | None = None) -> tf.Tensor:
     """Logits of the (patched) model; the same contract as export/torch_model.py::forward."""
-    h = to_channels_last(x, spec.dims)
+    acts: dict[str, tf.Tensor] = {MODEL_INPUT: to_channels_last(x, spec.dims)}
     for layer in spec.layers:
-        h = _layer(layer, h, params, spec.dims)
+        ins = [acts[name] for name in spec.operands(layer.name)]
+        h = _layer(layer, ins[0], params, spec.dims, ins[1] if len(ins) > 1 else None)
         if patch is not None and phi is not None and layer.name in patch.layers:
             h = _apply_patch(h, patch, params, layer.name, phi)
-    return h
+        acts[layer.name] = h
+    return acts[spec.layers[-1].name]
 
 
 def cross_entropy(logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,9 @@ from edgepatch.protocol.model_spec import LayerSpec, ModelSpec, PatchSpec, param
 from edgepatch.protocol.optim import AdamConfig, adam_step
 from edgepatch.protocol.params import init_params
 from edgepatch.protocol.variants import Variant, full_variant, sample_kept, slice_params, uniform_variant
+
+sys.path.insert(0, str(Path(__file__).parent))
+from parity_checks import batch, check_litert_variant, dag_probe, live_params  # noqa: E402
 
 BATCH = 8  # fixed training batch of the test programs (the default 32 only costs time here)
 ADAM = AdamConfig(lr=0.05)
@@ -161,6 +167,29 @@ def test_depthwise_and_stride_gradients_match_torch() -> None:
     for name, grad in grads.items():
         want = t_base[name].grad.numpy()
         np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-4 * (np.abs(want).max() + 1e-12), err_msg=name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dag_ops_match_torch_and_stay_builtins_only(kind: str) -> None:
+    """pad, valid rectangular strided conv, relu6, stride-3/stride-2 depthwise with ragged edges, a branch,
+    a residual add (one slicing group), rectangular pooling and gap: logits, a φ step and every full-weight
+    gradient of the full and the 50 % variant in the LiteRT interpreter, and the frozen inference export."""
+    spec = dag_probe()
+    patch = PatchSpec(kind, ("c0", "dw", "pw2", "dw4"), k=4, rank=2)
+    variants = [full_variant(spec), uniform_variant(spec, 0.5)]
+    model_bytes = tflite_builder.build_trainable_tflite(spec, patch, variants, batch=4, adam=ADAM)
+    ops = model_op_names(model_bytes)
+    assert not [op for op in ops if op.startswith("Flex") or op == "CUSTOM"], ops
+    program = LiteRTProgram(model_bytes)
+    params = live_params(spec, patch, 1)
+    for i, variant in enumerate(variants):
+        check_litert_variant(program, spec, patch, variant, params, 4, 10 + i, ADAM)
+    frozen = LiteRTProgram(tflite_builder.build_inference_tflite(spec, patch, params))
+    rng = np.random.default_rng(0)
+    x, _ = batch(spec, 5, rng)
+    phi = rng.normal(0.0, 0.5, patch.k).astype(np.float32)
+    want = torch_model.forward(spec, patch, torch_model.to_tensors(params), torch.tensor(x), torch.tensor(phi))
+    np.testing.assert_allclose(frozen.infer(x, phi), want.numpy(), atol=1e-4, rtol=0)
 
 
 def test_flex_requiring_graph_fails_loudly() -> None:
