@@ -30,8 +30,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from edgepatch.device.canoe_target import WEIGHT_PREFIX, CanoeLink, weight_metric_name
 from edgepatch.protocol.canoe import (
+    WEIGHT_PREFIX,
     CanoeError,
     CanoeMessage,
     CanoeMeta,
@@ -40,10 +40,12 @@ from edgepatch.protocol.canoe import (
     CanoeRequest,
     CanoeTask,
     canoe_filter,
-    canoe_topic,
     check_classes,
+    weight_metric_name,
 )
+from edgepatch.protocol.endpoint import WireEndpoint
 from edgepatch.protocol.messages import Message, Metrics
+from edgepatch.protocol.mqtt import MqttClient, MqttSettings, MqttVersion, make_client
 from edgepatch.protocol.topics import Channel, fleet_filter
 
 from .metrics import CloudMetrics
@@ -83,7 +85,8 @@ class _SectionHost(Protocol):
 class CanoeCompanion:
     def __init__(self, fleet: str, host: str, port: int, num_classes: int, *, cloud_id: str = "cloud",
                  timeout_s: float = 5.0, variant_id: str = "", metrics: CloudMetrics | None = None,
-                 protocol: str = "mqttv5", history: int = 50) -> None:
+                 protocol: MqttVersion | str = MqttVersion.V5, history: int = 50,
+                 settings: MqttSettings | None = None, client: MqttClient | None = None) -> None:
         self.fleet, self.num_classes, self.timeout_s, self.variant_id = fleet, num_classes, timeout_s, variant_id
         self.metas: dict[str, CanoeMeta] = {}
         self.stats: dict[str, Any] = {"requests": 0, "matched": 0, "helpers_tried": 0, "timeouts": 0,
@@ -96,12 +99,15 @@ class CanoeCompanion:
         self._members: dict[str, dict[str, Any]] = {}  # weight metric name -> {helper, request_id, ...}
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
-        self.link = CanoeLink(fleet, cloud_id, host, port, client_id=f"edgepatch-canoe-companion-{fleet}",
-                              protocol=protocol)
+        if client is None:
+            settings = settings or MqttSettings(host=host, port=port, version=protocol,
+                                                client_id=f"edgepatch-canoe-companion-{fleet}")
+            client = make_client(settings)
+        self.link = WireEndpoint(client, fleet=fleet, device_id=cloud_id)
         self.link.subscribe(canoe_filter(fleet, "meta"), self._on_meta)
         self.link.subscribe(canoe_filter(fleet, "request"), self._on_request)
         self.link.subscribe(canoe_filter(fleet, "offer"), self._on_offer)
-        self.link.subscribe_messages(fleet_filter(fleet, Channel.METRICS), self._on_metrics)
+        self.link.subscribe(fleet_filter(fleet, Channel.METRICS), self._on_metrics)
 
     def _count(self, key: str, amount: int = 1) -> None:
         """stats[key] and its Prometheus counter together (caller holds the lock)."""
@@ -201,7 +207,7 @@ class CanoeCompanion:
             return
         log.info("canoe: request %s of %s -> helper %s", request_id, pending.target, helper)
         task = CanoeTask(request_id, pending.target, pending.request.classes, self.variant_id)
-        self.link.publish_to(canoe_topic(self.fleet, helper, "task"), task)
+        self.link.send(task, to=helper)
 
     def _timed_out(self, request_id: str, helper: str) -> None:
         with self._lock:
@@ -249,7 +255,7 @@ class CanoeCompanion:
         self._reply(pending.target, CanoeReply(offer.request_id, offer=offer))
 
     def _reply(self, target: str, reply: CanoeReply) -> None:
-        self.link.publish_to(canoe_topic(self.fleet, target, "reply"), reply)
+        self.link.send(reply, to=target)
 
     def _on_metrics(self, msg: Message) -> None:
         """A device's metrics: keep its Canoe ensemble (α per member) if it reports one."""

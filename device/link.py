@@ -1,10 +1,11 @@
-"""The device's MQTT link to the cloud (paho-mqtt 2.x, callback API VERSION2).
+"""The device's MQTT link to the cloud, on the MQTT seam (`protocol/mqtt.py`: paho, or the in-memory twin).
 
 Everything outgoing goes through the on-disk `Outbox`: `send()` builds a message (persistent `seq`,
 content hash), commits it to disk, and publishes it at QoS 1 when connected. An entry leaves the outbox
-only when the broker's PUBACK for its packet id arrives (`on_publish`). While the broker is unreachable,
-messages pile up on disk; paho's loop thread reconnects with exponential backoff and `on_connect` flushes
-the outbox. Delivery is at-least-once: receivers drop duplicates by `content_hash`.
+only when the broker acknowledged it (the publish's `on_done`). While the broker is unreachable, messages
+pile up on disk; the client reconnects with exponential backoff and the connect hook flushes the outbox.
+Delivery is at-least-once: receivers drop duplicates by `content_hash`. (An application-level ack from
+the companion, issue 12, would plug in at `_acked`: keep the entry until the companion's ack arrives.)
 
 Presence: the last will is a retained DeviceState "offline" (reason "will") on `<device>/lwt`; every
 (re)connect publishes a retained DeviceState "online" on `<device>/state` and clears the retained will
@@ -12,31 +13,22 @@ Presence: the last will is a retained DeviceState "offline" (reason "will") on `
 A cloud therefore reads a device as offline when the lwt topic holds a will or the state says offline.
 
 Incoming: the fleet's retained bundle topic. Each announcement is fully validated (`decode`); malformed
-ones are logged with their reason, counted in `rejects`, and dropped; exceptions never reach paho's loop.
+ones are logged with their reason, counted in `rejects`, and dropped; exceptions never reach the client.
 
-MQTT 5 or 3.1.1 is a setting on one code path; with 5 the link adds a session expiry, message expiry
-(per channel) and user properties (schema, kind).
+MQTT 5 or 3.1.1 is one setting (`MqttVersion`); with 5 the session persists by expiry, metrics carry a
+message expiry and every message the user properties `schema` and `kind`.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
-import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
-
-import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
+from dataclasses import dataclass, field
 
 from edgepatch.protocol.messages import (
-    CHANNEL_KINDS,
     SCHEMA_VERSION,
     DeviceState,
     Message,
@@ -48,15 +40,13 @@ from edgepatch.protocol.messages import (
     encode,
     make_message,
 )
+from edgepatch.protocol.mqtt import Incoming, MqttClient, MqttSettings, MqttVersion, Will, make_client
 from edgepatch.protocol.topics import Channel, TopicError, bundle_topic, check_name, device_topic, parse_topic
-from edgepatch.protocol.transport import set_tcp_nodelay
+from edgepatch.protocol.wire import CHANNEL_KINDS
 
 from .outbox import Outbox, OutboxEntry
 
 log = logging.getLogger(__name__)
-
-Protocol = Literal["mqttv5", "mqttv311"]
-_PAHO_PROTOCOL = {"mqttv5": mqtt.MQTTv5, "mqttv311": mqtt.MQTTv311}
 
 
 @dataclass(frozen=True)
@@ -65,14 +55,15 @@ class LinkSettings:
     device_id: str
     host: str = "127.0.0.1"
     port: int = 1883
-    protocol: Protocol = "mqttv5"
+    protocol: MqttVersion | str = MqttVersion.V5  # any spelling MqttVersion.parse accepts
     client_id: str | None = None  # default: edgepatch-<fleet>-<device>; stable so the broker session persists
     keepalive: int = 30
+    tls: bool = False  # mqtts:// (implied by the TLS files)
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     reconnect_min_delay: int = 1
     reconnect_max_delay: int = 60
     session_expiry_s: int = 7 * 24 * 3600  # MQTT 5: broker keeps our subscription across outages
@@ -82,18 +73,20 @@ class LinkSettings:
     def __post_init__(self) -> None:
         check_name(self.fleet, "fleet")
         check_name(self.device_id, "device id")
-        if self.protocol not in _PAHO_PROTOCOL:
-            raise ValueError(f"protocol must be one of {sorted(_PAHO_PROTOCOL)}, got {self.protocol!r}")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"port {self.port} out of range")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")
-        if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay:
-            raise ValueError("need 0 < reconnect_min_delay <= reconnect_max_delay")
+        object.__setattr__(self, "protocol", MqttVersion.parse(self.protocol))
+        self.mqtt()  # every connection rule (port, TLS pair, no password in clear) checked up front
 
     @property
     def resolved_client_id(self) -> str:
         return self.client_id or f"edgepatch-{self.fleet}-{self.device_id}"
+
+    def mqtt(self) -> MqttSettings:
+        return MqttSettings(host=self.host, port=self.port, client_id=self.resolved_client_id,
+                            version=self.protocol, tls=self.tls, tls_ca=self.tls_ca, tls_cert=self.tls_cert,
+                            tls_key=self.tls_key, username=self.username, password=self.password,
+                            keepalive=self.keepalive, persistent=True, session_expiry_s=self.session_expiry_s,
+                            reconnect_min_delay=self.reconnect_min_delay,
+                            reconnect_max_delay=self.reconnect_max_delay)
 
 
 BundleCallback = Callable[[Message], None]
@@ -101,7 +94,7 @@ BundleCallback = Callable[[Message], None]
 
 class DeviceLink:
     def __init__(self, settings: LinkSettings, outbox: Outbox, *, base_version: str, variant_id: str,
-                 on_bundle: BundleCallback | None = None) -> None:
+                 on_bundle: BundleCallback | None = None, client: MqttClient | None = None) -> None:
         self.settings = settings
         self.outbox = outbox
         self.base_version = base_version
@@ -111,56 +104,22 @@ class DeviceLink:
         self._connected = threading.Event()
         self._ack_event = threading.Condition()  # notified after every outbox ack (wait_drained)
         self._started = False
-        self._lock = threading.Lock()  # guards the maps below; never held while calling into paho
-        self._flush_lock = threading.Lock()  # one flush at a time, so no entry is handed to paho twice
-        self._by_mid: dict[int, int] = {}  # paho mid -> outbox id, for entries paho owns (sends/resends)
-        self._sent_ids: set[int] = set()
-        self._early_acks: dict[int, ReasonCode] = {}  # PUBACKs that beat publish() returning its mid
-        self._held_ids: set[int] = set()  # refused by the broker: retried on the next connect only
-        self._v5 = settings.protocol == "mqttv5"
-        self._client = self._make_client()
-
-    # ------------------------------------------------------------------------------------------ set-up
-
-    def _make_client(self) -> mqtt.Client:
-        s = self.settings
-        client = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=s.resolved_client_id,
-            protocol=_PAHO_PROTOCOL[s.protocol],
-            # 3.1.1: a persistent session keeps our bundle subscription; 5 uses clean_start + session expiry.
-            clean_session=None if self._v5 else False,
-        )
-        if s.tls_ca or s.tls_cert:
-            client.tls_set(ca_certs=s.tls_ca, certfile=s.tls_cert, keyfile=s.tls_key)
-        if s.username is not None:
-            client.username_pw_set(s.username, s.password)
-        client.reconnect_delay_set(min_delay=s.reconnect_min_delay, max_delay=s.reconnect_max_delay)
-        client.on_socket_open = set_tcp_nodelay
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_message = self._on_message
-        client.on_log = self._on_paho_log
-        return client
+        self._lock = threading.Lock()  # guards the id sets below
+        self._flush_lock = threading.Lock()  # one flush at a time, so no entry is handed over twice
+        self._sent_ids: set[int] = set()  # handed to the client, not yet acknowledged
+        self._held_ids: set[int] = set()  # refused: retried on the next connect only
+        self.client = client or make_client(settings.mqtt())
+        self.client.connect_hooks.append(self._on_connect)
+        self.client.disconnect_hooks.append(self._on_disconnect)
+        self.client.subscribe(bundle_topic(settings.fleet), self._on_bundle_message)
 
     def start(self) -> None:
-        """Connect in the background (works while the broker is down: paho keeps retrying)."""
+        """Connect in the background (works while the broker is down: the client keeps retrying)."""
         if self._started:
             raise RuntimeError("DeviceLink already started")
-        s = self.settings
         will = self._message(DeviceState(state="offline", last_seen=time.time(), reason="will"),
                              self.outbox.next_seq())
-        self._client.will_set(will.topic(Channel.LWT), encode(will), qos=1, retain=True)
-        props = None
-        if self._v5:
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = s.session_expiry_s
-        self._client.connect_async(s.host, s.port, keepalive=s.keepalive,
-                                   clean_start=False if self._v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-                                   properties=props)
-        self._client.loop_start()
+        self.client.connect(Will(will.topic(Channel.LWT), encode(will), qos=1, retain=True))
         self._started = True
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -170,8 +129,7 @@ class DeviceLink:
         if self._connected.is_set():
             self.send(DeviceState(state="offline", last_seen=time.time(), reason="disconnected"), retain=True)
             self.wait_drained(timeout)
-        self._client.disconnect()
-        self._client.loop_stop()
+        self.client.disconnect()
         self._connected.clear()
         self._started = False
 
@@ -198,7 +156,7 @@ class DeviceLink:
 
     def send(self, payload: Payload, *, channel: Channel | None = None, retain: bool = False) -> Message:
         """Build a message (next persistent seq), commit it to the outbox, publish if connected."""
-        ch = channel or type(payload).CHANNEL
+        ch = channel or type(payload).CHANNELS[0]
         expiry = {Channel.METRICS: self.settings.metrics_expiry_s,
                   Channel.PATCH: self.settings.patch_expiry_s}.get(ch)
         built: list[Message] = []
@@ -222,10 +180,9 @@ class DeviceLink:
         return self.send(DeviceState(state=state, last_seen=time.time(), reason=reason), retain=True)
 
     def socket_nodelay(self) -> bool:
-        """Whether TCP_NODELAY is set on the live socket (for tests and diagnostics)."""
-        sock = self._client.socket()
-        getsockopt = getattr(sock, "getsockopt", None)  # a TCP socket or an SSL socket wrapping one
-        return bool(getsockopt is not None and getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        """Whether TCP_NODELAY is set on the live socket (paho client only; diagnostics and tests)."""
+        nodelay = getattr(self.client, "nodelay", None)
+        return bool(nodelay is not None and nodelay())
 
     # ---------------------------------------------------------------------------------------- internals
 
@@ -233,129 +190,75 @@ class DeviceLink:
         return make_message(payload, device_id=self.settings.device_id, fleet=self.settings.fleet,
                             base_version=self.base_version, variant_id=self.variant_id, seq=seq)
 
-    def _properties(self, entry: OutboxEntry) -> Properties | None:
-        if not self._v5:
-            return None
-        props = Properties(PacketTypes.PUBLISH)
-        props.PayloadFormatIndicator = 1  # UTF-8
-        props.ContentType = "application/json"
-        try:
-            kind = CHANNEL_KINDS[parse_topic(entry.topic).channel]
-        except TopicError:
-            kind = "unknown"
-        props.UserProperty = [("schema", str(SCHEMA_VERSION)), ("kind", kind)]
-        if entry.expiry_s is not None:
-            # Count the time spent waiting on disk, so an old message does not live longer than meant.
-            props.MessageExpiryInterval = max(1, int(entry.expiry_s - (time.time() - entry.enqueued_at)))
-        return props
-
     def _flush(self) -> None:
         with self._flush_lock:
             for entry in self.outbox.pending():
                 with self._lock:
                     if entry.id in self._sent_ids or entry.id in self._held_ids:
                         continue
-                if entry.expiry_s is not None and time.time() - entry.enqueued_at > entry.expiry_s:
-                    log.info("outbox entry %d on %s expired before it could be sent", entry.id, entry.topic)
-                    self.outbox.ack(entry.id)
-                    continue
-                try:
-                    info = self._client.publish(entry.topic, entry.payload, qos=entry.qos, retain=entry.retain,
-                                                properties=self._properties(entry))
-                except (ValueError, TypeError) as exc:  # paho refuses it outright: keep it, say why
-                    log.error("cannot publish outbox entry %d on %s: %s", entry.id, entry.topic, exc)
-                    with self._lock:
-                        self._held_ids.add(entry.id)
-                    continue
-                if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                    # Not queued by paho (e.g. queue full): leave it on disk for the next flush.
-                    log.warning("publish of outbox entry %d failed: %s", entry.id, mqtt.error_string(info.rc))
-                    continue
-                # NO_CONN still queues a QoS>0 message inside paho, which sends it on reconnect.
+                expiry = None
+                if entry.expiry_s is not None:
+                    # Count the time spent waiting on disk, so an old message does not live longer than meant.
+                    expiry = int(entry.expiry_s - (time.time() - entry.enqueued_at))
+                    if expiry <= 0:
+                        log.info("outbox entry %d on %s expired before it could be sent", entry.id, entry.topic)
+                        self.outbox.ack(entry.id)
+                        continue
                 with self._lock:
                     self._sent_ids.add(entry.id)
-                    early = self._early_acks.pop(info.mid, None)
-                    if early is None:
-                        self._by_mid[info.mid] = entry.id
-                if early is not None:
-                    self._acked(entry.id, early)
+                queued = self.client.publish(entry.topic, entry.payload, qos=entry.qos, retain=entry.retain,
+                                             expiry_s=expiry, user_properties=self._properties(entry),
+                                             on_done=lambda ok, why, eid=entry.id: self._acked(eid, ok, why))
+                if not queued:  # refused outright (e.g. too big for the client): keep it, retry on reconnect
+                    with self._lock:
+                        self._sent_ids.discard(entry.id)
+                        self._held_ids.add(entry.id)
 
-    def _acked(self, entry_id: int, reason: ReasonCode) -> None:
+    @staticmethod
+    def _properties(entry: OutboxEntry) -> tuple[tuple[str, str], ...]:
+        try:
+            kinds = sorted(CHANNEL_KINDS.get(parse_topic(entry.topic).channel, ())) or ["unknown"]
+        except TopicError:
+            kinds = ["unknown"]
+        return (("schema", str(SCHEMA_VERSION)), ("kind", kinds[0]))
+
+    def _acked(self, entry_id: int, ok: bool, reason: str) -> None:
         with self._lock:
             self._sent_ids.discard(entry_id)
-            if reason.is_failure:
+            if not ok:
                 self._held_ids.add(entry_id)
-        if reason.is_failure:
+        if not ok:
             log.error("broker refused outbox entry %d: %s (kept; retried after reconnect)", entry_id, reason)
-        else:
-            self.outbox.ack(entry_id)
-            with self._ack_event:
-                self._ack_event.notify_all()
+            return
+        self.outbox.ack(entry_id)
+        with self._ack_event:
+            self._ack_event.notify_all()
 
-    # ------------------------------------------------------------------------------- paho callbacks
-    # These run on paho's loop thread: they must never raise.
+    # -------------------------------------------------------------------- client callbacks (its thread)
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
-                    properties: Any) -> None:
-        try:
-            if reason.is_failure:
-                log.error("broker %s:%s refused connection: %s", self.settings.host, self.settings.port, reason)
-                return
-            log.info("connected to %s:%s (session present: %s)", self.settings.host, self.settings.port,
-                     getattr(flags, "session_present", None))
-            with self._lock:
-                self._held_ids.clear()
-            client.subscribe(bundle_topic(self.settings.fleet), qos=1)
-            self._connected.set()
-            # Clear a will left by an earlier unclean drop, then announce presence.
-            self.outbox.enqueue(device_topic(self.settings.fleet, self.settings.device_id, Channel.LWT), b"",
-                                qos=1, retain=True)
-            self.publish_state("online", "connected")  # flushes everything pending, oldest first
-        except Exception:
-            log.exception("error in on_connect")
+    def _on_connect(self, session_present: bool) -> None:
+        with self._lock:
+            self._held_ids.clear()
+        self._connected.set()
+        # Clear a will left by an earlier unclean drop, then announce presence.
+        self.outbox.enqueue(device_topic(self.settings.fleet, self.settings.device_id, Channel.LWT), b"",
+                            qos=1, retain=True)
+        self.publish_state("online", "connected")  # flushes everything pending, oldest first
 
-    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        # paho calls this from inside its `except OSError`, so the exception in flight is the reason
-        # (connection refused, TLS handshake or certificate verification failure, ...).
-        log.warning("cannot connect to broker %s:%s: %s (retrying)", self.settings.host, self.settings.port,
-                    sys.exc_info()[1] or "unknown error")
-
-    def _on_paho_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
-        # paho reports socket/TLS errors after the handshake (e.g. the broker's TLS 1.3 alert that a client
-        # certificate is required) only through its log; on_disconnect just says "Unspecified error".
-        if level == mqtt.MQTT_LOG_ERR:
-            log.error("MQTT client error with broker %s:%s: %s", self.settings.host, self.settings.port, buf)
-
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
-                       properties: Any) -> None:
+    def _on_disconnect(self, reason: str) -> None:
         self._connected.clear()
         log.info("disconnected from %s:%s: %s (queued on disk: %d)", self.settings.host, self.settings.port,
                  reason, len(self.outbox))
 
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
-                    properties: Any) -> None:
+    def _on_bundle_message(self, message: Incoming) -> None:
+        if not message.payload:
+            log.info("retained bundle announcement on %s was cleared", message.topic)
+            return
         try:
-            with self._lock:
-                entry_id = self._by_mid.pop(mid, None)
-                if entry_id is None:
-                    self._early_acks[mid] = reason
-                    return
-            self._acked(entry_id, reason)
-        except Exception:
-            log.exception("error in on_publish")
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        try:
-            if not message.payload:
-                log.info("retained bundle announcement on %s was cleared", message.topic)
-                return
-            try:
-                announcement = decode(message.topic, message.payload)
-            except MessageError as exc:
-                self.rejects[exc.reason] += 1
-                log.warning("dropped bundle announcement on %s: %s", message.topic, exc)
-                return
-            if self.on_bundle is not None:
-                self.on_bundle(announcement)
-        except Exception:
-            log.exception("error handling message on %s", getattr(message, "topic", "?"))
+            announcement = decode(message.topic, message.payload)
+        except MessageError as exc:
+            self.rejects[exc.reason] += 1
+            log.warning("dropped bundle announcement on %s: %s", message.topic, exc)
+            return
+        if self.on_bundle is not None:
+            self.on_bundle(announcement)
