@@ -30,6 +30,20 @@ def _mount_subapps() -> None:
 _mount_subapps()
 
 
+@app.callback()
+def _quiet_by_default(
+    ctx: typer.Context,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show framework output (TensorFlow, absl, torch "
+                                 "warnings) and debug logs instead of writing them to the log file"),
+    log_dir: Path | None = typer.Option(None, help="where framework output is logged (default: $EDGEPATCH_LOG_DIR "
+                                        "or ./edgepatch-logs)"),
+) -> None:
+    """Runs before every command, before any framework is imported (see edgepatch/logs.py)."""
+    from edgepatch import logs
+
+    logs.setup(ctx.invoked_subcommand or "edgepatch", verbose, log_dir)
+
+
 def _fail(message: str) -> typer.Exit:
     # escape: paths and reprs in messages may hold '[…]', which rich would eat as markup; soft_wrap: one
     # line per error even when piped (rich hard-wraps at 80 columns off a terminal).

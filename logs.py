@@ -4,8 +4,9 @@ TensorFlow, absl, LiteRT, ExecuTorch, torchao and cpuinfo write to the process's
 and through Python loggers and warnings. `setup()` runs once at process start, before any of them is
 imported, and then:
   * points fd 2 at `<log dir>/<command>.log` (appended), so C++ messages land there;
-  * keeps `sys.stderr` on the terminal, but text that a logging handler or `warnings` writes to it (a
-    framework that bound its own handler to stderr, e.g. torch) is diverted to the same file;
+  * keeps `sys.stderr` on the terminal for rich, typer/click and tracebacks (all that edgepatch prints goes
+    through them), and diverts every other write to it to the same file: a framework's own logging handler
+    bound to stderr (torch), `warnings`, and C++ code printing through Python (ExecuTorch's cpuinfo lines);
   * sends every log record to the file (edgepatch's down to DEBUG) and shows only edgepatch's records on
     the terminal, at WARNING unless a command asks for more (`show_level`, e.g. `device run --log-level`);
   * routes Python warnings into logging (`py.warnings`), hence to the file.
@@ -29,20 +30,23 @@ DEFAULT_LOG_DIR = Path("edgepatch-logs")
 # Read by TensorFlow/absl (and gRPC) when they load: their C++ INFO lines are dropped, warnings kept
 # (into the log file). A value the user exported wins.
 FRAMEWORK_ENV = {"TF_CPP_MIN_LOG_LEVEL": "1", "GRPC_VERBOSITY": "ERROR"}
-# Modules whose writes to sys.stderr are log output of somebody else's handler, not a command's output.
-_HANDLER_MODULES = ("logging", "warnings", "absl.logging")
+# Top-level packages whose writes to sys.stderr are a command's own output (edgepatch prints through rich).
+_TERMINAL_WRITERS = frozenset({"rich", "click", "typer", "traceback"})
 
 
 class _StderrRouter(io.TextIOBase):
-    """`sys.stderr` while quiet: what a logging handler or `warnings` writes goes to the log file; everything
-    else (rich consoles, typer/click messages, tracebacks) to the terminal."""
+    """`sys.stderr` while quiet: rich consoles, typer/click messages and tracebacks reach the terminal;
+    anything else written to it goes to the log file."""
 
     def __init__(self, terminal: TextIO, log_file: TextIO) -> None:
         self.terminal, self.log_file = terminal, log_file
 
     def write(self, text: str) -> int:
-        caller = sys._getframe(1).f_globals.get("__name__", "")
-        target = self.log_file if caller in _HANDLER_MODULES else self.terminal
+        try:
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+        except ValueError:  # no Python frame left: the interpreter printing an uncaught exception
+            caller = "traceback"
+        target = self.terminal if caller.partition(".")[0] in _TERMINAL_WRITERS else self.log_file
         return target.write(text)
 
     def flush(self) -> None:
