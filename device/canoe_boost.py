@@ -1,12 +1,12 @@
 """Canoe boosting at the target: the device's own tailored model + helper slices, weighted by SAMME.
 
-Members:
-- `TailoredModel`: the device's own model — base W fine-tuned locally with full-weight steps (LiteRT
-  `train_full_<full vid>` gives builtins-only gradients, numpy SGD applies them) plus the device's φ.
-  Inference runs the trainable program's `infer_<vid>` signature with the weights passed in.
+Members (both run on the device's `Engine`, LiteRT or ExecuTorch alike):
+- `TailoredModel`: the device's own model — base W fine-tuned locally with full-weight steps (the
+  runtime's `train_full` program of the full variant gives the gradients, numpy SGD applies them) plus
+  the device's φ. Inference runs the full variant with the weights passed in (`predict_variant`).
 - `SliceModel`: a helper's significant sub-network. Its per-layer widths equal a bundle variant's, so it
-  runs in that variant's `infer_<vid>` signature on the target, lite runtime only, with no new export;
-  the patch's θ̄/Θ come from the target's own bundle, gathered with the slice's kept indices.
+  runs as that variant on the target, with no new export; the patch's θ̄/Θ come from the target's own
+  bundle, gathered with the slice's kept indices.
 
 Weights: multi-class AdaBoost SAMME (Zhu et al. 2009) over the fixed members in order (own model first,
 then helpers by arrival), computed on the target's recent labelled window: sample weights start uniform;
@@ -40,23 +40,9 @@ from edgepatch.protocol.canoe import CanoeSlice
 from edgepatch.protocol.model_spec import ModelSpec, PatchSpec, param_infos
 from edgepatch.protocol.variants import KeptSets, Variant, slice_params
 
-from .backends.litert import LiteRTProgram
+from .engine import Engine, open_engine, predict_variant, sgd_step
 
 log = logging.getLogger("edgepatch.device.canoe")
-
-
-def padded_logits(program: LiteRTProgram, vid: str, x: np.ndarray, phi: np.ndarray,
-                  params: Mapping[str, np.ndarray], batch: int) -> np.ndarray:
-    """Logits of any number of samples through a fixed-batch `infer_<vid>` signature (zero padding)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = []
-    for start in range(0, len(x), batch):
-        chunk = x[start:start + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), np.float32)])
-        out.append(program.infer_variant(vid, chunk, phi, params)[:n])
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def shared_slice(shared: Mapping[str, np.ndarray], spec: ModelSpec, patch: PatchSpec, kept: KeptSets
@@ -68,60 +54,62 @@ def shared_slice(shared: Mapping[str, np.ndarray], spec: ModelSpec, patch: Patch
 
 @dataclass
 class TailoredModel:
-    """A device's own model: full-variant base W trained by LiteRT gradients + numpy SGD, and its φ."""
+    """A device's own model: full-variant base W trained by runtime gradients + numpy SGD, and its φ."""
 
-    program: LiteRTProgram
+    engine: Engine
     spec: ModelSpec
     patch: PatchSpec
     base: dict[str, np.ndarray]
     shared: dict[str, np.ndarray]
     phi: np.ndarray
     full_vid: str
-    batch: int = 32
     lr: float = 0.05
     steps: int = 0
 
+    @property
+    def batch(self) -> int:
+        """Rows of every training step (the runtime programs' fixed batch)."""
+        return self.engine.train_batch
+
     def train_step(self, x: np.ndarray, y: np.ndarray) -> float:
-        loss, grads = self.program.train_full(self.full_vid, x, y.astype(np.int32), self.base)
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"step {self.steps}: loss {loss}; not applying the update")
-        for name, grad in grads.items():
-            self.base[name] = (self.base[name] - self.lr * grad).astype(np.float32)
+        try:
+            loss = sgd_step(self.engine, self.full_vid, x, y, self.base, self.lr)
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"step {self.steps}: {exc}") from None
         self.steps += 1
         return loss
 
     def gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        return self.program.train_full(self.full_vid, x, y.astype(np.int32), self.base)
+        return self.engine.full_grads(self.full_vid, x, y, self.base)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        return padded_logits(self.program, self.full_vid, x, self.phi, {**self.base, **self.shared}, self.batch)
+        return predict_variant(self.engine, self.full_vid, x, self.phi, {**self.base, **self.shared})
 
-    def copy(self, program: LiteRTProgram | None = None) -> TailoredModel:
-        """An independent copy of the weights; pass a fresh `program` to use it from another thread."""
-        return TailoredModel(program or self.program, self.spec, self.patch, {k: v.copy() for k, v in self.base.items()},
-                             self.shared, self.phi.copy(), self.full_vid, self.batch, self.lr, self.steps)
+    def copy(self, engine: Engine | None = None) -> TailoredModel:
+        """An independent copy of the weights; pass a fresh `engine` to use it from another thread."""
+        return TailoredModel(engine or self.engine, self.spec, self.patch, {k: v.copy() for k, v in self.base.items()},
+                             self.shared, self.phi.copy(), self.full_vid, self.lr, self.steps)
 
 
 @dataclass
 class SliceModel:
-    """A helper's slice, run through the matching variant's `infer_<vid>` on the target."""
+    """A helper's slice, run on the target as the variant with the same widths."""
 
     name: str
-    program: LiteRTProgram
+    engine: Engine
     variant_id: str
     params: dict[str, np.ndarray]
     phi: np.ndarray
-    batch: int
     nbytes: int = 0
 
     @classmethod
-    def from_slice(cls, s: CanoeSlice, program: LiteRTProgram, spec: ModelSpec, patch: PatchSpec,
-                   shared: Mapping[str, np.ndarray], batch: int, nbytes: int = 0) -> SliceModel:
+    def from_slice(cls, s: CanoeSlice, engine: Engine, spec: ModelSpec, patch: PatchSpec,
+                   shared: Mapping[str, np.ndarray], nbytes: int = 0) -> SliceModel:
         params = {**s.base, **shared_slice(shared, spec, patch, s.kept)}
-        return cls(f"{s.helper}/{s.request_id}", program, s.variant_id, params, s.phi, batch, nbytes)
+        return cls(f"{s.helper}/{s.request_id}", engine, s.variant_id, params, s.phi, nbytes)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        return padded_logits(self.program, self.variant_id, x, self.phi, self.params, self.batch)
+        return predict_variant(self.engine, self.variant_id, x, self.phi, self.params)
 
 
 def samme_weights(predictions: list[np.ndarray], y: np.ndarray, num_classes: int, eps: float = 1e-3
@@ -239,19 +227,18 @@ class CanoeEnsemble:
         return vote(preds, self.class_alphas, self.num_classes, own_logits)
 
 
-def tailored_from_bundle(bundle: Bundle, program: LiteRTProgram | None = None, lr: float = 0.05,
-                         phi: np.ndarray | None = None) -> TailoredModel:
-    """A device's own model starting from the bundle's base W (and φ = 0 unless given)."""
+def tailored_from_bundle(bundle: Bundle, engine: Engine | None = None, lr: float = 0.05,
+                         phi: np.ndarray | None = None, runtime: str = "litert") -> TailoredModel:
+    """A device's own model starting from the bundle's base W (and φ = 0 unless given), trained and run
+    on `engine` (default: a new engine of `runtime` on this bundle)."""
     manifest = bundle.manifest
     spec, patch = manifest.model, manifest.patch
-    if program is None:
-        program = LiteRTProgram(bundle.artifact_bytes(bundle.artifact_of_kind("litert_trainable")))
     full = next((r.id for r in manifest.variants if r.variant.is_full(spec)), None)
     if full is None:
         raise ValueError(f"bundle {bundle.version[:12]} has no full variant to fine-tune")
-    return TailoredModel(program, spec, patch, {k: v.copy() for k, v in bundle.base_params().items()},
-                         bundle.shared_params(), np.zeros(patch.k, np.float32) if phi is None else phi,
-                         full, manifest.train.batch, lr)
+    return TailoredModel(engine or open_engine(bundle, runtime), spec, patch,
+                         {k: v.copy() for k, v in bundle.base_params().items()}, bundle.shared_params(),
+                         np.zeros(patch.k, np.float32) if phi is None else phi, full, lr)
 
 
 def bundle_variants(bundle: Bundle) -> list[Variant]:

@@ -2,14 +2,13 @@
 
 Per task: first-order Taylor importance of every conv filter for the requested classes, on the helper's
 own data only: score_j = Σ_batches Σ_{params of filter j} |w · ∂L/∂w| (weights and bias), with the
-gradients from the LiteRT `train_full_<full vid>` program (builtins-only) on batches drawn from the
-helper's samples of those classes. We score weights rather than activations (|a·∂L/∂a|) because the lite
-runtime exposes weight gradients and no activation gradients; for a conv filter the two agree to first
-order on what removing the filter costs. The top filters per layer are kept, with as many filters as a
-bundle variant keeps, so the slice runs in that variant's lite-runtime signature on the target. The
-slice (sliced base W + kept indices + the helper's φ + the sliced model description) is serialized
-pickle-free (`protocol.canoe.encode_slice`) with its sha256; it travels inline when it fits in a message,
-else by reference (a file in a directory the target can read, or any http(s) URL serving it).
+gradients of the full variant's full-weight training program on the device's runtime (LiteRT or
+ExecuTorch; `engine.taylor_importance`) on batches drawn from the helper's samples of those classes.
+The top filters per layer are kept, with as many filters as a bundle variant keeps, so the slice runs as
+that variant on the target (either runtime). The slice (sliced base W + kept indices + the helper's φ +
+the sliced model description) is serialized pickle-free (`protocol.canoe.encode_slice`) with its
+sha256; it travels inline when it fits in a message, else by reference (a file in a directory the
+target can read, or any http(s) URL serving it).
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ from edgepatch.protocol.variants import KeptSets, Variant, slice_params
 
 from .canoe_boost import TailoredModel
 from .canoe_target import CanoeLink
+from .engine import sgd_step, taylor_importance
 
 log = logging.getLogger("edgepatch.device.canoe")
 
@@ -50,17 +50,9 @@ def filter_importance(model: TailoredModel, x: np.ndarray, y: np.ndarray, classe
     pick = np.flatnonzero(np.isin(y, classes))
     if len(pick) == 0:
         raise CanoeError(f"no_data: this device has no samples of classes {classes}")
-    layers = model.spec.droppable_layers()
-    scores = {name: np.zeros(model.spec.layer(name).out, np.float64) for name in layers}
-    for _ in range(batches):
-        idx = rng.choice(pick, size=model.batch, replace=len(pick) < model.batch)
-        _, grads = model.gradients(x[idx], y[idx])
-        for name in layers:
-            for part in ("weight", "bias"):
-                key = f"{name}.{part}"
-                taylor = np.abs(model.base[key] * grads[key])
-                scores[name] += taylor.reshape(taylor.shape[0], -1).sum(axis=1)
-    return {name: s.astype(np.float32) for name, s in scores.items()}
+    draws = (rng.choice(pick, size=model.batch, replace=len(pick) < model.batch) for _ in range(batches))
+    return taylor_importance(model.engine, model.full_vid, model.base, model.spec.droppable_layers(),
+                             ((x[idx], y[idx]) for idx in draws))
 
 
 def top_filters(importance: dict[str, np.ndarray], widths: dict[str, int]) -> KeptSets:
@@ -87,19 +79,19 @@ def slice_variant(variants: list[Variant], spec_full_widths: dict[str, int], wan
 
 def recover_slice(model: TailoredModel, base: dict[str, np.ndarray], variant: Variant, x: np.ndarray,
                   y: np.ndarray, classes: list[int], steps: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """A few full-weight steps of the sliced network itself (`train_full_<variant>`, lite runtime) on the
-    helper's data, half of each batch from the requested classes: dropping half the filters shifts the
-    head's logits, and these steps recover most of that accuracy before anything is shipped."""
+    """A few full-weight steps of the sliced network itself (the variant's full-weight program on the
+    device's runtime) on the helper's data, half of each batch from the requested classes: dropping half
+    the filters shifts the head's logits, and these steps recover most of that accuracy before anything
+    is shipped."""
     base = {k: v.copy() for k, v in base.items()}
     pick, rest = np.flatnonzero(np.isin(y, classes)), np.arange(len(y))
     half = model.batch // 2
     for _ in range(steps):
         idx = np.concatenate([rng.choice(pick, size=half), rng.choice(rest, size=model.batch - half)])
-        loss, grads = model.program.train_full(variant.id, x[idx], y[idx].astype(np.int32), base)
-        if not np.isfinite(loss):
-            raise CanoeError(f"helper_failed: recovering the slice diverged (loss {loss})")
-        for name, grad in grads.items():
-            base[name] = (base[name] - model.lr * grad).astype(np.float32)
+        try:
+            sgd_step(model.engine, variant.id, x[idx], y[idx], base, model.lr)
+        except FloatingPointError as exc:
+            raise CanoeError(f"helper_failed: recovering the slice diverged ({exc})") from None
     return base
 
 
@@ -182,8 +174,8 @@ class CanoeHelper:
 
     def serve(self, link: CanoeLink) -> None:
         """Answer tasks relayed to this device on `link`, and tell the cloud what data it holds. The
-        answer runs on the link's thread: give the helper its own LiteRTProgram (interpreters are not
-        shared across threads)."""
+        answer runs on the link's thread: give the helper's model its own engine (`model.copy(open_engine(..))`;
+        runtime programs are not shared across threads)."""
         def on_task(msg: CanoeMessage) -> None:
             if isinstance(msg.payload, CanoeTask):
                 link.publish("offer", self.answer(msg.payload))

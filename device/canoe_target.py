@@ -480,8 +480,7 @@ class CanoeTarget:
             _log_event(self.device_id, "rejected", logging.WARNING, request_id=offer.request_id,
                        helper=offer.helper, error=repr(str(exc)), next="learning alone")
             return False
-        member = SliceModel.from_slice(s, self.model.program, spec, patch, self.model.shared, self.model.batch,
-                                       nbytes=len(blob))
+        member = SliceModel.from_slice(s, self.model.engine, spec, patch, self.model.shared, nbytes=len(blob))
         with self._lock:
             self.ensemble.add(member)
         self.slice_bytes_received += len(blob)

@@ -1,4 +1,14 @@
-"""One face for both runtimes: a φ training step and a prediction, numpy in and numpy out.
+"""One face for both runtimes: numpy in, numpy out, whatever program runs underneath.
+
+An `Engine` has four primitives, each implemented by the LiteRT and the ExecuTorch backend:
+- `phi_step`: one Adam step on φ inside a variant (sliced params in, φ and Adam slots out);
+- `full_grads`: loss and the gradient of every sliced base weight of a variant (no patch), the
+  building block of full-weight training (Canoe's own model, federated rounds);
+- `variant_logits`: logits of a variant with its weights and φ passed in (one training-size batch);
+- `logits`: logits of the frozen inference program (W, Θ, θ̄ baked; φ in).
+Everything else is written once on top of them, for both runtimes: `predict_logits` and
+`predict_variant` (any number of samples through a fixed-batch program), `sgd_step` (full-weight
+training of a variant) and `taylor_importance` (per-filter Taylor scores for Canoe).
 
 `open_engine(bundle, runtime)` picks the backend. The LiteRT engine imports only ai-edge-litert; the
 ExecuTorch engine needs torch (its Python bindings link against it), so it is imported on demand.
@@ -6,8 +16,8 @@ ExecuTorch engine needs torch (its Python bindings link against it), so it is im
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -18,25 +28,27 @@ from edgepatch.protocol.optim import adam_step
 RUNTIMES = ("litert", "executorch")
 
 
-class PhiStep(Protocol):
-    def __call__(self, vid: str, x: np.ndarray, y: np.ndarray, phi: np.ndarray, m: np.ndarray, v: np.ndarray,
-                 step: float, lr: float, sliced: Mapping[str, np.ndarray]
-                 ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]: ...
-
-
 class Engine(Protocol):
     runtime: str
-    infer_batch: int
+    train_batch: int  # rows of every phi_step / full_grads / variant_logits call
+    infer_batch: int  # rows of the frozen program's `logits` call (0: any number)
+    num_classes: int
 
     def phi_step(self, vid: str, x: np.ndarray, y: np.ndarray, phi: np.ndarray, m: np.ndarray, v: np.ndarray,
                  step: float, lr: float, sliced: Mapping[str, np.ndarray]
                  ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]: ...
 
+    def full_grads(self, vid: str, x: np.ndarray, y: np.ndarray, sliced_base: Mapping[str, np.ndarray]
+                   ) -> tuple[float, dict[str, np.ndarray]]: ...
+
+    def variant_logits(self, vid: str, x: np.ndarray, phi: np.ndarray, sliced: Mapping[str, np.ndarray]
+                       ) -> np.ndarray: ...
+
     def logits(self, x: np.ndarray, phi: np.ndarray) -> np.ndarray: ...
 
 
 class LiteRTEngine:
-    """Trainable program (train_phi_<vid>, Adam inside the graph) + frozen inference program."""
+    """One trainable program (train_phi_/train_full_/infer_<vid>, Adam inside the graph) + the frozen one."""
 
     runtime = "litert"
 
@@ -49,47 +61,72 @@ class LiteRTEngine:
                                     num_threads=num_threads)
         shape = self.frozen.input_details("infer")["x"]["shape"]
         self.infer_batch = int(shape[0]) if int(shape[0]) > 0 else 0  # 0: any batch
+        self.train_batch = bundle.manifest.train.batch
+        self.num_classes = bundle.model_spec.num_classes
 
     def phi_step(self, vid: str, x: np.ndarray, y: np.ndarray, phi: np.ndarray, m: np.ndarray, v: np.ndarray,
                  step: float, lr: float, sliced: Mapping[str, np.ndarray]
                  ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-        out = self.trainable.train_phi(vid, x, y.astype(np.int32), phi, m, v, step, lr, sliced)
+        out = self.trainable.train_phi(vid, x, _labels(y, np.int32), phi, m, v, step, lr, sliced)
         return float(out["loss"]), out["phi"], out["m"], out["v"]
+
+    def full_grads(self, vid: str, x: np.ndarray, y: np.ndarray, sliced_base: Mapping[str, np.ndarray]
+                   ) -> tuple[float, dict[str, np.ndarray]]:
+        return self.trainable.train_full(vid, x, _labels(y, np.int32), sliced_base)
+
+    def variant_logits(self, vid: str, x: np.ndarray, phi: np.ndarray, sliced: Mapping[str, np.ndarray]
+                       ) -> np.ndarray:
+        return self.trainable.infer_variant(vid, x, phi, sliced)
 
     def logits(self, x: np.ndarray, phi: np.ndarray) -> np.ndarray:
         return self.frozen.infer(x, phi)
 
 
 class ExecuTorchEngine:
-    """Per-variant φ training programs (gradient out, Adam in numpy) + XNNPACK inference program."""
+    """Per-variant training programs (gradients out; Adam/SGD in numpy) + the XNNPACK inference program.
+
+    There is no ExecuTorch program for a variant's inference with its weights as inputs: `variant_logits`
+    reads the logits output of the variant's `train_phi` program (a forward and a backward pass, so it
+    costs about one φ step per batch rather than one inference)."""
 
     runtime = "executorch"
 
     def __init__(self, bundle: Bundle) -> None:
-        from .backends.executorch import ExecuTorchInference, ExecuTorchPhiTrainer
+        from .backends.executorch import ExecuTorchFullTrainer, ExecuTorchInference, ExecuTorchPhiTrainer
 
         self._bundle = bundle
-        self._trainer_cls = ExecuTorchPhiTrainer
-        self._trainers: dict[str, object] = {}
+        self._kinds: dict[str, Callable[[bytes], Any]] = {"executorch_train_phi": ExecuTorchPhiTrainer,
+                                                          "executorch_train_full": ExecuTorchFullTrainer}
+        self._programs: dict[tuple[str, str], Any] = {}
         self.adam = bundle.manifest.train.adam
         self.frozen = ExecuTorchInference(bundle.artifact_bytes(bundle.artifact_of_kind("executorch_infer")))
-        self.infer_batch = bundle.manifest.train.infer_batch
+        self.infer_batch = int(self.frozen.batch)
+        self.train_batch = bundle.manifest.train.batch
+        self.num_classes = bundle.model_spec.num_classes
 
-    def _trainer(self, vid: str) -> object:
-        if vid not in self._trainers:
-            kind = f"executorch_train_phi:{vid}"
-            names = self._bundle.manifest.artifacts_of_kind(kind)
+    def _program(self, kind: str, vid: str) -> Any:
+        """The variant's program of `kind`, loaded on first use (a device may never run some variants)."""
+        if (kind, vid) not in self._programs:
+            names = self._bundle.manifest.artifacts_of_kind(f"{kind}:{vid}")
             if not names:
-                raise BundleError(f"the bundle has no ExecuTorch training program for variant {vid!r}")
-            self._trainers[vid] = self._trainer_cls(self._bundle.artifact_bytes(names[0]))
-        return self._trainers[vid]
+                raise BundleError(f"the bundle has no ExecuTorch program {kind!r} for variant {vid!r}")
+            self._programs[(kind, vid)] = self._kinds[kind](self._bundle.artifact_bytes(names[0]))
+        return self._programs[(kind, vid)]
 
     def phi_step(self, vid: str, x: np.ndarray, y: np.ndarray, phi: np.ndarray, m: np.ndarray, v: np.ndarray,
                  step: float, lr: float, sliced: Mapping[str, np.ndarray]
                  ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-        loss, grad = self._trainer(vid).grad(x, y, phi, sliced)  # type: ignore[attr-defined]
+        loss, grad = self._program("executorch_train_phi", vid).grad(x, _labels(y, np.int64), phi, sliced)
         new_phi, m, v = adam_step(phi, grad, m, v, step, self.adam, lr=lr)
         return float(loss), new_phi, m, v
+
+    def full_grads(self, vid: str, x: np.ndarray, y: np.ndarray, sliced_base: Mapping[str, np.ndarray]
+                   ) -> tuple[float, dict[str, np.ndarray]]:
+        return self._program("executorch_train_full", vid).grads(x, _labels(y, np.int64), sliced_base)
+
+    def variant_logits(self, vid: str, x: np.ndarray, phi: np.ndarray, sliced: Mapping[str, np.ndarray]
+                       ) -> np.ndarray:
+        return self._program("executorch_train_phi", vid).logits(x, phi, sliced)
 
     def logits(self, x: np.ndarray, phi: np.ndarray) -> np.ndarray:
         return self.frozen.infer(x, phi)
@@ -103,16 +140,70 @@ def open_engine(bundle: Bundle, runtime: str, num_threads: int | None = None) ->
     raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
 
 
-def predict_logits(engine: Engine, x: np.ndarray, phi: np.ndarray) -> np.ndarray:
-    """Logits for any number of samples: chunks of the program's batch, the last one padded."""
-    batch = engine.infer_batch
+def _labels(y: np.ndarray, dtype: type) -> np.ndarray:
+    y = np.asarray(y)
+    if y.dtype.kind not in "iu":
+        raise ValueError(f"labels y must be integers, got dtype {y.dtype}")
+    return y.astype(dtype, copy=False)
+
+
+# -- written once for every runtime ---------------------------------------------------------------
+
+def padded_batches(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int, width: int
+                   ) -> np.ndarray:
+    """`run` over any number of samples when it takes exactly `batch` rows (0: any): chunks of `batch`,
+    the last one padded with copies of its last sample (real samples keep every program's input
+    checks happy; per-sample layers make the padding invisible to the rows that are kept)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
     if batch == 0 or len(x) == batch:
-        return engine.logits(x, phi)
+        return run(x)
     outs = []
     for start in range(0, len(x), batch):
         chunk = x[start:start + batch]
         n = len(chunk)
         if n < batch:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-        outs.append(engine.logits(np.ascontiguousarray(chunk), phi)[:n])
-    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+        outs.append(np.asarray(run(chunk))[:n])
+    return np.concatenate(outs) if outs else np.zeros((0, width), np.float32)
+
+
+def predict_logits(engine: Engine, x: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    """Logits of the frozen program for any number of samples."""
+    return padded_batches(lambda chunk: engine.logits(chunk, phi), x, engine.infer_batch, engine.num_classes)
+
+
+def predict_variant(engine: Engine, vid: str, x: np.ndarray, phi: np.ndarray, sliced: Mapping[str, np.ndarray]
+                    ) -> np.ndarray:
+    """Logits of variant `vid` with the given (sliced) weights and φ, for any number of samples."""
+    return padded_batches(lambda chunk: engine.variant_logits(vid, chunk, phi, sliced), x, engine.train_batch,
+                          engine.num_classes)
+
+
+def sgd_step(engine: Engine, vid: str, x: np.ndarray, y: np.ndarray, weights: MutableMapping[str, np.ndarray],
+             lr: float) -> float:
+    """One full-weight SGD step of variant `vid` on `weights` (its sliced base params, updated in place).
+    A non-finite loss raises before anything changes."""
+    loss, grads = engine.full_grads(vid, x, y, weights)
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"full-weight step of {vid}: loss {loss}; not applying the update")
+    for name, grad in grads.items():
+        weights[name] = (weights[name] - lr * grad).astype(np.float32)
+    return float(loss)
+
+
+def taylor_importance(engine: Engine, vid: str, weights: Mapping[str, np.ndarray], layers: Iterable[str],
+                      batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """First-order Taylor score of every output filter of `layers`: Σ_batches Σ_{weight, bias of filter j}
+    |w · ∂L/∂w|, from the runtime's full-weight gradients of variant `vid` (whose sliced weights are
+    `weights`). We score weights, not activations (|a · ∂L/∂a|): neither runtime's programs expose
+    activation gradients, and for a conv filter both agree to first order on what removing it costs."""
+    layers = list(layers)
+    scores = {name: np.zeros(len(weights[f"{name}.weight"]), np.float64) for name in layers}
+    for x, y in batches:
+        _, grads = engine.full_grads(vid, x, y, weights)
+        for name in layers:
+            for part in ("weight", "bias"):
+                key = f"{name}.{part}"
+                taylor = np.abs(weights[key] * grads[key])
+                scores[name] += taylor.reshape(taylor.shape[0], -1).sum(axis=1)
+    return {name: s.astype(np.float32) for name, s in scores.items()}

@@ -2,10 +2,11 @@
 
 Per round the device fetches the global weights (`BlobRef`, sha256-checked), then for each local step
 chooses a variant (its own `VariantSelector` decision re-made every few steps as its load changes, or
-what the server assigned), gathers that sub-network (`slice_params`), gets the gradient from the LiteRT
-`train_full_<variant>` signature, and applies plain SGD to the kept entries only (`scatter_add`), keeping
-a boolean touched mask per parameter. The upload is an .npz with only the touched entries of
-new − global and the packed masks, so a smaller variant moves fewer bytes as well as fewer FLOPs.
+what the server assigned), gathers that sub-network (`slice_params`), gets the gradient from the device
+runtime's full-weight program of that variant (LiteRT or ExecuTorch, `Engine.full_grads`), and applies
+plain SGD to the kept entries only (`scatter_add`), keeping a boolean touched mask per parameter. The
+upload is an .npz with only the touched entries of new − global and the packed masks, so a smaller
+variant moves fewer bytes as well as fewer FLOPs.
 
 Slowness is real: after each step the device sleeps `compute × (1/share − 1)`, where `share` is its
 current compute share (static speed / reference speed × availability from its trace), so a device
@@ -56,12 +57,12 @@ from edgepatch.protocol.variants import (
     touched_mask,
 )
 
+from .engine import Engine, open_engine
 from .profile import load_profile
 from .resources import ResourceTrace, TracedResources
 from .selector import VariantSelector
 
 log = logging.getLogger("edgepatch.device.fl")
-TABLE_RUNTIME = "litert"  # full-weight rounds run the LiteRT train_full programs on every device class
 
 
 class FlError(ValueError):
@@ -161,21 +162,20 @@ class RoundResult:
 
 
 class FullWeightTrainer:
-    """The compute of one device's round (no MQTT): LiteRT gradients, numpy SGD on the kept entries."""
+    """The compute of one device's round (no MQTT): the runtime's full-weight gradients (`Engine.full_grads`,
+    LiteRT or ExecuTorch), numpy SGD on the kept entries."""
 
     def __init__(self, bundle: Bundle, x: np.ndarray, y: np.ndarray, seed: int,
                  resources: TracedResources | None = None, selector: VariantSelector | None = None,
-                 clock: WallClock | None = None, num_threads: int = 1) -> None:
-        from .backends.litert import LiteRTProgram  # lazy: the cloud imports the update codec only
-
+                 clock: WallClock | None = None, num_threads: int = 1, runtime: str = "litert",
+                 engine: Engine | None = None) -> None:
         if len(x) == 0 or len(x) != len(y):
             raise FlError(f"training data needs as many labels as samples, got {len(x)} and {len(y)}")
         self.bundle = bundle
         self.spec = bundle.model_spec
         self.infos = param_infos(self.spec, None)
-        self.program = LiteRTProgram(bundle.artifact_bytes(bundle.artifact_of_kind("litert_trainable")),
-                                     num_threads=num_threads)
-        self.batch = bundle.manifest.train.batch
+        self.engine = engine or open_engine(bundle, runtime, num_threads)
+        self.batch = self.engine.train_batch
         self.x = np.ascontiguousarray(x, dtype=np.float32)
         self.y = np.asarray(y, dtype=np.int32)
         self.rng = np.random.default_rng(seed)
@@ -197,13 +197,13 @@ class FullWeightTrainer:
         for vid in self.variant_ids:
             kept = first_kept(self.spec, self.bundle.variant(vid))
             sliced = slice_params(base, self.infos, kept)
-            self.program.train_full(vid, x, y, sliced)
+            self.engine.full_grads(vid, x, y, sliced)
             if self.selector is not None:
                 # A second, timed call calibrates the selector to this process's real compute speed
                 # (other processes share the cores), so its first decision is not the table's optimism.
                 t0 = time.perf_counter()
-                self.program.train_full(vid, x, y, sliced)
-                self.selector.observe(vid, time.perf_counter() - t0, runtime=TABLE_RUNTIME, cpu_share=1.0)
+                self.engine.full_grads(vid, x, y, sliced)
+                self.selector.observe(vid, time.perf_counter() - t0, runtime=self.engine.runtime, cpu_share=1.0)
 
     def _batch(self) -> tuple[np.ndarray, np.ndarray]:
         idx = self.rng.choice(len(self.x), size=self.batch, replace=len(self.x) < self.batch)
@@ -236,7 +236,7 @@ class FullWeightTrainer:
             return current, False
         time_left = (deadline_at - self.clock.now()) if deadline_at is not None else float("inf")
         snapshot = self.resources.snapshot()
-        return self.selector.select(time_left, steps_left, snapshot, runtime=TABLE_RUNTIME).variant_id, True
+        return self.selector.select(time_left, steps_left, snapshot, runtime=self.engine.runtime).variant_id, True
 
     def train_round(self, global_params: Mapping[str, np.ndarray], open_msg: FlRoundOpen, assignment: Assignment,
                     on_step: Callable[[int], None] | None = None) -> RoundResult:
@@ -263,7 +263,7 @@ class FullWeightTrainer:
             kept = self._kept(vid, assignment, fixed)
             x, y = self._batch()
             t0 = time.perf_counter()
-            loss, grads = self.program.train_full(vid, x, y, slice_params(local, self.infos, kept))
+            loss, grads = self.engine.full_grads(vid, x, y, slice_params(local, self.infos, kept))
             if not np.isfinite(loss):
                 status, reason = "error", f"loss {loss} at step {i}: not uploading a diverged model"
                 break
@@ -278,7 +278,7 @@ class FullWeightTrainer:
             self.clock.sleep(pause)
             throttle += pause
             if self.selector is not None and assignment.variant is None and assignment.max_keep is None:
-                self.selector.observe(vid, compute + pause, runtime=TABLE_RUNTIME, cpu_share=share)
+                self.selector.observe(vid, compute + pause, runtime=self.engine.runtime, cpu_share=share)
             variant_steps[vid] = variant_steps.get(vid, 0) + 1
             losses.append(float(loss))
             if on_step is not None:
@@ -311,6 +311,7 @@ class DeviceSpec:
     seed: int = 0
     reselect_every: int = 5
     num_threads: int = 1
+    runtime: str = "litert"  # "litert" or "executorch": the engine that runs the full-weight steps
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -355,7 +356,7 @@ class FlDevice:
         # The table's times were measured on this machine: at share 1 this device runs at that speed.
         selector = VariantSelector(rows, profile, reselect_every=spec.reselect_every)
         self.trainer = FullWeightTrainer(self.bundle, x, y, spec.seed, self.resources, selector,
-                                         num_threads=spec.num_threads)
+                                         num_threads=spec.num_threads, runtime=spec.runtime)
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.seq = 0
         self.rounds_done = 0

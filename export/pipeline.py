@@ -210,6 +210,13 @@ def measure_programs(spec: ModelSpec, patch: PatchSpec, params: Params, artifact
             sliced, sliced_base = slice_params(params, infos_all, kept), slice_params(params, infos_base, kept)
             timers[row.id]["litert_train"] = partial(program.train_full, row.id, x, y, sliced_base)
             timers[row.id]["litert_infer"] = partial(program.infer_variant, row.id, x, phi, sliced)
+    for row in rows:  # ExecuTorch devices' selector needs the variant's train time on that runtime too
+        kind = f"executorch_train_full:{row.id}"
+        if kind in artifacts:
+            from edgepatch.device.backends.executorch import ExecuTorchFullTrainer
+
+            base = slice_params(params, infos_base, sample_kept(spec, row.variant, rng))
+            timers[row.id]["executorch_train"] = partial(ExecuTorchFullTrainer(artifacts[kind]).grads, x, y, base)
     samples: dict[tuple[str, str], list[float]] = {}
     for _ in range(repeats):  # interleaved, so machine noise hits every variant alike
         for vid, fns in timers.items():

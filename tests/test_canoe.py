@@ -194,9 +194,9 @@ def test_slice_is_smaller_than_the_full_model_and_depends_on_the_classes(scenari
     assert helper.served[0]["variant"] == "k50-50"
     s = decode_slice(offer_new.slice_bytes(), expected_sha256=offer_new.sha256)
     assert s.classes == NEW and s.widths() == {"conv1": 8, "conv2": 16}
-    # The slice runs on the target in the lite runtime (the variant's infer signature) and knows the new classes.
-    member = SliceModel.from_slice(s, scenario.base.program, scenario.base.spec, scenario.base.patch,
-                                   scenario.base.shared, scenario.base.batch)
+    # The slice runs on the target as the matching variant (LiteRT here) and knows the new classes.
+    member = SliceModel.from_slice(s, scenario.base.engine, scenario.base.spec, scenario.base.patch,
+                                   scenario.base.shared)
     pred = member.logits(scenario.test_x).argmax(axis=1)
     assert _accuracy(pred, scenario.test_y, NEW) > 0.7
     own = scenario.base.logits(scenario.test_x).argmax(axis=1)
@@ -220,9 +220,9 @@ def test_ensemble_weights_follow_recent_accuracy_and_useless_helpers_retire(scen
     helper = _helper(scenario)
     good = decode_slice(helper.answer(CanoeTask("r-g", "dev-t", NEW)).slice_bytes())
     sc, own = scenario, scenario.base.copy()
-    make = lambda s, name: SliceModel(name, own.program, s.variant_id,  # noqa: E731
-                                      SliceModel.from_slice(s, own.program, own.spec, own.patch, own.shared,
-                                                            own.batch).params, s.phi, own.batch)
+    make = lambda s, name: SliceModel(name, own.engine, s.variant_id,  # noqa: E731
+                                      SliceModel.from_slice(s, own.engine, own.spec, own.patch, own.shared).params,
+                                      s.phi)
     bad = make(good, "bad")
     rng = np.random.default_rng(1)
     bad.params = {k: (rng.permutation(v.ravel()).reshape(v.shape) if k.endswith("weight") else v)

@@ -16,10 +16,10 @@ import pytest
 
 from edgepatch.cloud.canoe import CanoeCompanion
 from edgepatch.cloud.companion import Companion, CompanionConfig
-from edgepatch.device.backends.litert import LiteRTProgram
 from edgepatch.device.canoe_boost import TailoredModel, bundle_variants, tailored_from_bundle
 from edgepatch.device.canoe_helper import CanoeHelper
 from edgepatch.device.canoe_target import CanoeLink, CanoeTarget, DriftDetector
+from edgepatch.device.engine import Engine, open_engine
 from edgepatch.protocol.bundle import Bundle, load_bundle
 from edgepatch.protocol.canoe import CanoeMeta, CanoeRequest, canoe_topic
 from edgepatch.protocol.params import init_params
@@ -43,8 +43,9 @@ class World:
     test_y: np.ndarray
 
 
-def _program(bundle: Bundle) -> LiteRTProgram:
-    return LiteRTProgram(bundle.artifact_bytes(bundle.artifact_of_kind("litert_trainable")))
+def _program(bundle: Bundle) -> Engine:
+    """A fresh engine: each member runs on its own thread (runtime programs are not shared across threads)."""
+    return open_engine(bundle, "litert")
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from edgepatch.device.engine import open_engine, predict_variant
 from edgepatch.device.fl_client import FlError, decode_update, fetch_blob, publish_blob
 from edgepatch.protocol.bundle import Bundle
 from edgepatch.protocol.fl import (
@@ -77,17 +78,14 @@ class RoundRecord:
 
 
 class Evaluator:
-    """Accuracy and loss of global weights, run by the LiteRT `infer_<variant>` signature (phi = 0)."""
+    """Accuracy and loss of global weights, run as the variant on the LiteRT engine (phi = 0)."""
 
     def __init__(self, bundle: Bundle, x: np.ndarray, y: np.ndarray) -> None:
-        from edgepatch.device.backends.litert import LiteRTProgram
-
         self.bundle = bundle
         self.spec = bundle.model_spec
-        self.program = LiteRTProgram(bundle.artifact_bytes(bundle.artifact_of_kind("litert_trainable")))
+        self.engine = open_engine(bundle, "litert")
         self.shared = bundle.shared_params()
         self.infos = param_infos(self.spec, bundle.patch_spec)
-        self.batch = bundle.manifest.train.infer_batch
         self.k = bundle.patch_spec.k
         self.x = np.ascontiguousarray(x, np.float32)
         self.y = np.asarray(y, np.int64)
@@ -95,15 +93,7 @@ class Evaluator:
     def __call__(self, params: Mapping[str, np.ndarray], variant_id: str) -> tuple[float, float]:
         kept = first_kept(self.spec, self.bundle.variant(variant_id))
         sliced = slice_params({**self.shared, **params}, self.infos, kept)
-        logits = []
-        for start in range(0, len(self.x), self.batch):
-            chunk = self.x[start:start + self.batch]
-            pad = self.batch - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)])
-            out = self.program.infer_variant(variant_id, chunk, np.zeros(self.k, np.float32), sliced)
-            logits.append(out[:self.batch - pad])
-        z = np.concatenate(logits).astype(np.float64)
+        z = predict_variant(self.engine, variant_id, self.x, np.zeros(self.k, np.float32), sliced).astype(np.float64)
         z -= z.max(axis=1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
         loss = float(-logp[np.arange(len(self.y)), self.y].mean())

@@ -113,7 +113,8 @@ class _TrainingProgram:
         self.batch = self.program.input_shapes[0][0]
 
     def _run(self, inputs: list[Any], values: Sequence[np.ndarray]) -> tuple[float, list[np.ndarray]]:
-        """Write `values` into the parameters (in `trainable` order), run, return loss and gradients."""
+        """Write `values` into the parameters (in `trainable` order), run, return loss and gradients;
+        the batch's logits are kept in `last_logits`."""
         import torch
 
         if self._param_memory is None:  # the parameters' memory is visible only as outputs of a run
@@ -180,6 +181,13 @@ class ExecuTorchPhiTrainer(_TrainingProgram):
             raise ExecuTorchRunError(f"phi must be a finite 1-D vector, got shape {phi.shape}")
         loss, grads = self._run([*self._xy(x, y), *self._param_inputs(sliced_params)], [phi])
         return loss, grads[0]
+
+    def logits(self, x: np.ndarray, phi: np.ndarray,
+               sliced_params: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> np.ndarray:
+        """The variant's logits for one batch (the program's second output). The program also runs its
+        backward pass, on placeholder labels 0; the gradient is dropped."""
+        self.grad(x, np.zeros(self.batch, np.int64), phi, sliced_params)
+        return np.asarray(self.last_logits)
 
     def step(self, x: np.ndarray, y: np.ndarray, phi: np.ndarray, m: np.ndarray, v: np.ndarray, step: float,
              sliced_params: Mapping[str, np.ndarray] | Sequence[np.ndarray], lr: float | None = None
