@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import signal
 import threading
 import urllib.request
@@ -40,13 +39,14 @@ def serve_cmd(
                                       "MoMoDistill's proxy mode; default: the inputs of --data"),
 ) -> None:
     """Run the companion until SIGINT/SIGTERM."""
+    from edgepatch.logs import show_level
     from edgepatch.protocol.manifest import BundleError
     from edgepatch.protocol.transport import parse_broker
 
     from .broker import EmbeddedBroker
     from .companion import Companion, CompanionConfig, CompanionError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    show_level("INFO")  # our records on the terminal; frameworks' go to the log file
     embedded = None
     if broker == "embedded":
         embedded = EmbeddedBroker().start()

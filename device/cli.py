@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import threading
 import time
@@ -131,12 +130,13 @@ def _settings_from_config(path: Path, log_level: str | None) -> _RunSettings:
 
 
 def _run_device(run: _RunSettings, flush_timeout: float, heartbeat: Any) -> None:
+    from edgepatch.logs import show_level
     from edgepatch.protocol.manifest import BundleError
 
     from .profile import DeviceProfile, ProfileError, load_profile
     from .runtime import DeviceConfig, DeviceRuntime, RoundInterrupted
 
-    logging.basicConfig(level=run.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    show_level(run.log_level)  # our records on the terminal; frameworks' go to the log file
     # Install the handlers before the slow start-up (bundle install, first activation): a stop that
     # arrives then is remembered and honoured at the first step boundary.
     stop = threading.Event()

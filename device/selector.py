@@ -229,6 +229,7 @@ class VariantSelector:
         self._steps_since_decision = 0
         record = {"event": "variant_decision", "variant": decision.variant_id, "fits": fits,
                   "reason": reason, "inputs": inputs}
-        log.log(logging.INFO if fits else logging.WARNING, "selector decision %s",
+        # DEBUG: a decision is multi-kB and taken every few steps; the round summary says what was chosen.
+        log.log(logging.DEBUG, "selector decision %s",
                 json.dumps(record, default=str), extra={"decision": record})
         return decision

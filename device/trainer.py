@@ -148,7 +148,7 @@ class PatchTrainer:
         time_left = (deadline_at - self.clock.now()) if deadline_at is not None else float("inf")
         decision = self.selector.select(time_left, steps_left, self.resources.snapshot(), self.engine.runtime)
         report.decisions.append(decision)
-        log.info("variant %s (%s)", decision.variant_id, decision.reason)
+        log.debug("variant %s (%s)", decision.variant_id, decision.reason)
         return decision.variant_id
 
     def step(self, variant_id: str) -> float:
