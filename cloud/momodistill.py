@@ -69,6 +69,7 @@ from edgepatch.cloud.distill.steps import (
     mean_kd_patched,
     train_base,
 )
+from edgepatch.cloud.robust import screen_contributions
 from edgepatch.export.torch_model import forward, to_tensors
 from edgepatch.protocol.model_spec import ModelSpec, PatchSpec
 
@@ -154,7 +155,15 @@ def run_aggregator(name: str, spec: ModelSpec, patch: PatchSpec, params: Mapping
                    cfg: DistillConfig | None = None, progress: Progress | None = None) -> DistillResult:
     if name not in AGGREGATORS:
         raise DistillError(f"unknown aggregator {name!r}; known: {', '.join(sorted(AGGREGATORS))}")
-    return AGGREGATORS[name].run(spec, patch, params, devices, cloud_data, cfg or DistillConfig(), progress)
+    cfg = cfg or DistillConfig()
+    # A bad upload (NaN, wrong size, oversized φ) is dropped with a logged reason and large φ are clipped,
+    # so one device can neither abort nor steer the round (cloud/robust.py).
+    screened = screen_contributions(devices, spec, patch, cfg.mode)
+    result = AGGREGATORS[name].run(spec, patch, params, screened.devices, cloud_data, cfg, progress)
+    if screened.dropped or screened.clipped:
+        result.metrics.update({"devices_dropped": float(len(screened.dropped)),
+                               "devices_clipped": float(len(screened.clipped))})
+    return result
 
 
 def momodistill(spec: ModelSpec, patch: PatchSpec, params: Mapping[str, np.ndarray],

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from edgepatch.cloud.robust import RobustConfig, clipped_device_weights, trimmed_mean
 from edgepatch.export.torch_model import to_tensors
 from edgepatch.protocol.model_spec import ModelSpec, PatchSpec, param_infos
 from edgepatch.protocol.params import Params, ParamsError, check_params
@@ -82,15 +83,22 @@ def step1_teachers(rnd: Round, rows: list[TeacherRows]) -> TeacherRows:
 
     "device": every device's rows together weigh the same (row weight ∝ 1/n_d, mean row weight 1), so a
     tail device with 6 samples speaks as loudly as a head device with 400 — the "voice" the paper's
-    long-tail gain relies on. "sample": every row weighs 1 (head devices dominate, as in the CE term).
-    In mode "proxy" every device is queried on the same rows, so both weightings are the mean teacher.
+    long-tail gain relies on. "sample": every row weighs 1 (head devices dominate, as in the CE term),
+    except that no device's rows together weigh more than 4/N of the total (cloud/robust.py).
+    In mode "proxy" every device is queried on the same rows: the teacher is their per-coordinate trimmed mean.
     """
-    if rnd.cfg.mode == "proxy":  # one row per proxy sample, teacher = mean of the devices' probabilities
-        return TeacherRows(rows[0].x, torch.stack([r.probs for r in rows]).mean(dim=0))
-    weights = None
+    if rnd.cfg.mode == "proxy":  # one row per proxy sample
+        # per-coordinate trimmed mean over devices (cloud/robust.py): a few bad teachers cannot steer it
+        robust = trimmed_mean(torch.stack([r.probs for r in rows]).numpy(), RobustConfig().trim)
+        robust /= robust.sum(axis=1, keepdims=True)
+        return TeacherRows(rows[0].x, torch.from_numpy(robust.astype(np.float32)))
+    total = sum(len(r.x) for r in rows)
     if rnd.cfg.kd_weighting == "device":
-        total = sum(len(r.x) for r in rows)
         weights = torch.cat([torch.full((len(r.x),), total / (len(rows) * len(r.x))) for r in rows])
+    else:  # "sample": shares follow row counts, but no device above 4/N of the total (cloud/robust.py)
+        shares = clipped_device_weights([len(r.x) for r in rows], RobustConfig().max_weight_factor)
+        weights = torch.cat([torch.full((len(r.x),), float(s * total / len(r.x))) for s, r in zip(shares, rows,
+                                                                                                  strict=True)])
     return TeacherRows(torch.cat([r.x for r in rows]), torch.cat([r.probs for r in rows]), weights=weights)
 
 
