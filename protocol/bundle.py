@@ -16,13 +16,12 @@ import json
 import os
 import shutil
 import stat
-import tarfile
 import tempfile
-import zipfile
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from .bundle_archive import ARCHIVE_SUFFIXES, unpack
 from .manifest import (
     MANIFEST_NAME,
     BundleError,
@@ -39,8 +38,6 @@ from .variants import Variant
 __all__ = ["ActiveBundleStore", "Bundle", "BundleError", "ManifestError", "load_bundle", "sha256_file"]
 
 MAX_MANIFEST_BYTES = 4 << 20  # a manifest is a few kB; refuse to parse something absurd
-MAX_ARCHIVE_BYTES = 4 << 30  # unpacked size limit for archives (zip/tar bombs)
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 _CHUNK = 1 << 20
 
 
@@ -196,7 +193,7 @@ def load_bundle(path: str | Path, verify: bool = True, expected_version: str | N
     if source.is_file() and source.name.endswith(ARCHIVE_SUFFIXES):
         tmp = tempfile.TemporaryDirectory(prefix="edgepatch-bundle-")
         try:
-            root = _unpack(source, Path(tmp.name))
+            root = unpack(source, Path(tmp.name))
             return _open_dir(root, verify, expected_version, tmp)
         except BaseException:
             tmp.cleanup()
@@ -226,81 +223,6 @@ def _open_dir(root: Path, verify: bool, expected_version: str | None,
     if verify:
         bundle.verify()
     return bundle
-
-
-# -- archives ---------------------------------------------------------------------------------------
-
-
-def _safe_member_path(dest: Path, name: str, archive: Path) -> Path:
-    pure = PurePosixPath(name.rstrip("/"))
-    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name or "\x00" in name:
-        raise BundleError(f"{archive}: member {name!r} would escape the bundle (path traversal)")
-    return dest.joinpath(*pure.parts) if pure.parts else dest
-
-
-def _unpack(archive: Path, dest: Path) -> Path:
-    """Unpack regular files and directories only; returns the directory holding manifest.json."""
-    try:
-        if archive.name.endswith(".zip"):
-            _unpack_zip(archive, dest)
-        else:
-            _unpack_tar(archive, dest)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise BundleError(f"{archive}: unreadable archive: {exc}") from exc
-    if (dest / MANIFEST_NAME).is_file():
-        return dest
-    children = list(dest.iterdir())
-    if len(children) == 1 and (children[0] / MANIFEST_NAME).is_file():
-        return children[0]  # an archive of the bundle directory itself
-    raise BundleError(f"{archive}: no {MANIFEST_NAME} at its top level (or in its single top directory)")
-
-
-class _SizeBudget:
-    """Running total of unpacked bytes, against zip/tar bombs."""
-
-    def __init__(self, archive: Path) -> None:
-        self.archive, self.total = archive, 0
-
-    def take(self, size: int) -> None:
-        self.total += size
-        if self.total > MAX_ARCHIVE_BYTES:
-            raise BundleError(f"{self.archive}: unpacks to more than {MAX_ARCHIVE_BYTES} bytes")
-
-
-def _unpack_zip(archive: Path, dest: Path) -> None:
-    budget = _SizeBudget(archive)
-    with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
-            target = _safe_member_path(dest, info.filename, archive)
-            mode = info.external_attr >> 16
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise BundleError(f"{archive}: member {info.filename!r} is a link or special file")
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            budget.take(info.file_size)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst, _CHUNK)
-
-
-def _unpack_tar(archive: Path, dest: Path) -> None:
-    budget = _SizeBudget(archive)
-    with tarfile.open(archive) as tf:
-        for member in tf.getmembers():
-            target = _safe_member_path(dest, member.name, archive)
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            if not member.isfile():
-                raise BundleError(f"{archive}: member {member.name!r} is a link or special file")
-            budget.take(member.size)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = tf.extractfile(member)
-            if src is None:
-                raise BundleError(f"{archive}: member {member.name!r} has no data")
-            with src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst, _CHUNK)
 
 
 # -- keeping the last good bundle -------------------------------------------------------------------
