@@ -190,22 +190,31 @@ class BundleAnnouncement:
     manifest_sha256: str
     size: int  # bytes of the whole bundle
     artifacts: Mapping[str, str]  # artifact file name -> sha256 hex
+    # protocol/signing.py: the fleet key's signature over every field above plus the fleet and `sequence`
+    # (strictly increasing per fleet: devices refuse a bundle not newer than the active one). 0/"": unsigned.
+    sequence: int = 0
+    signature: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "reference": self.reference, "manifest_sha256": self.manifest_sha256,
-                "size": int(self.size), "artifacts": dict(self.artifacts)}
+        out = {"version": self.version, "reference": self.reference, "manifest_sha256": self.manifest_sha256,
+               "size": int(self.size), "artifacts": dict(self.artifacts)}
+        if self.sequence or self.signature:  # unsigned announcements keep their old encoding
+            out.update(sequence=int(self.sequence), signature=self.signature)
+        return out
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> BundleAnnouncement:
         w = "bundle_announcement"
-        only(obj, {"version", "reference", "manifest_sha256", "size", "artifacts"}, w)
+        only(obj, {"version", "reference", "manifest_sha256", "size", "artifacts", "sequence", "signature"}, w)
         artifacts = obj_of(need(obj, "artifacts", w), "artifacts", 256)
         checked = {text(k, "artifact name", allow_empty=False): sha256_hex(v, f"artifacts[{k!r}]")
                    for k, v in artifacts.items()}
         return cls(version=text(need(obj, "version", w), "version", allow_empty=False),
                    reference=text(need(obj, "reference", w), "reference", max_len=2048, allow_empty=False),
                    manifest_sha256=sha256_hex(need(obj, "manifest_sha256", w), "manifest_sha256"),
-                   size=integer(need(obj, "size", w), "size"), artifacts=checked)
+                   size=integer(need(obj, "size", w), "size"), artifacts=checked,
+                   sequence=integer(obj.get("sequence", 0), "sequence"),
+                   signature=text(obj.get("signature", ""), "signature"))
 
 
 PAYLOAD_TYPES: dict[str, Any] = {t.KIND: t for t in (PatchUpdate, Metrics, DeviceState, BundleAnnouncement)}
