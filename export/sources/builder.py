@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ _HINT_WORDS = (
     (("layernorm", "layernormalization", "groupnorm", "instancenorm", "localresponse", "unitnorm",
       "rmsnorm"), "norm"),
     (("attention", "transformer"), "attention"),
-    (("reshape", "permute", "unflatten", "view"), "reshape"),
+    (("reshape", "permute", "unflatten", "view", "transpose", "getitem"), "reshape"),
     (("concat", "cat"), "concat"),
     (("rescaling", "normalization", "resizing", "crop", "random"), "preprocess"),
 )
@@ -106,18 +107,18 @@ class SpecBuilder:
         return name
 
     # -- layers -------------------------------------------------------------------------------------
-    def add(self, kind: str, wanted: str, src: Ref, *, flat: bool = False, **fields: object) -> Ref:
+    def add(self, kind: str, wanted: str, src: Ref, *, flat: bool = False, **fields: Any) -> Ref:
         """Append a layer reading `src`; fields left at their LayerSpec default are not passed."""
         name = self.unique(wanted)
         previous = self.layers[-1].name if self.layers else "input"
         if src.name != previous:
             fields["input"] = src.name
-        self.layers.append(LayerSpec(kind, name, **_non_default(fields)))  # type: ignore[arg-type]
+        self.layers.append(LayerSpec(kind, name, **_non_default(fields)))
         self._kinds[name] = kind
         return Ref(name, flat=flat or src.flat)
 
     def weighted(self, kind: str, wanted: str, src: Ref, weight: np.ndarray, bias: np.ndarray | None,
-                 **fields: object) -> Ref:
+                 **fields: Any) -> Ref:
         """A conv/dense layer with its weights (torch layout); no bias -> zero bias."""
         out = self.add(kind, wanted, src, **fields)
         channels = weight.shape[0]
@@ -134,7 +135,7 @@ class SpecBuilder:
         anything else (e.g. TF's asymmetric "same" at stride 2) becomes a `pad` layer + a "valid" conv.
         """
         kernel = tuple(int(k) for k in weight.shape[2:])
-        fields: dict[str, object] = {"kernel": kernel[0], "stride": int(stride)}
+        fields: dict[str, Any] = {"kernel": kernel[0], "stride": int(stride)}
         if len(kernel) == 2 and kernel[1] != kernel[0]:
             fields["kernel_w"] = kernel[1]
         if kind == "conv2d" or kind == "conv1d":
@@ -182,7 +183,7 @@ class SpecBuilder:
         return spec, dict(self.params)
 
 
-def _non_default(fields: dict[str, object]) -> dict[str, object]:
+def _non_default(fields: dict[str, Any]) -> dict[str, Any]:
     """Drop fields equal to LayerSpec's defaults, so sequential models stay plain old descriptions."""
     defaults = {"out": 0, "kernel": 0, "stride": 1, "input": "", "source": "", "padding": "same",
                 "kernel_w": 0, "pads": ()}

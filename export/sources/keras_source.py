@@ -122,7 +122,7 @@ def _classify(node: Any, uses: Counter[int], output_id: int) -> list[Step]:
         if strides != pool or (layer.padding != "valid" and any(s % p for s, p in zip(in_shape[1:-1], pool, strict=True))):
             raise refuse(label, type_name, "only non-overlapping average pooling (strides = pool_size, padding "
                          "'valid')")
-        fields: dict[str, object] = {"kernel": int(pool[0])}
+        fields: dict[str, Any] = {"kernel": int(pool[0])}
         if len(pool) == 2 and pool[1] != pool[0]:
             fields["kernel_w"] = int(pool[1])
         return [_layer("avgpool", label, src, out, **fields)]
@@ -181,7 +181,7 @@ def _weighted(layer: Any, type_name: str, label: str, src: Any, out: Any, in_sha
         raise refuse(label, type_name, "only depth_multiplier=1")
     if type_name == "Conv2D" and layer.groups != 1:
         raise refuse(label, type_name, "grouped convs: use groups=1 or DepthwiseConv2D")
-    kernel_var = layer.depthwise_kernel if type_name in ("DepthwiseConv2D", "SeparableConv2D") else layer.kernel
+    kernel_var = layer.depthwise_kernel if type_name == "SeparableConv2D" else layer.kernel
     k = _numpy(kernel_var)
     stride, pads = _conv_geometry(layer, type_name, label, in_shape, k.shape[:-2])
     if type_name == "Conv1D":
@@ -230,7 +230,7 @@ def _norm(node: Any, layer: Any, label: str, src: Any, out: Any, in_shape: tuple
     return step
 
 
-def _layer(kind: str, label: str, src: Any, out: Any, flat: bool = False, **fields: object) -> Step:
+def _layer(kind: str, label: str, src: Any, out: Any, flat: bool = False, **fields: Any) -> Step:
     def step(b: SpecBuilder, refs: Refs) -> None:
         ref = refs[id(src)]
         if ref.flat and kind in ("avgpool", "gap", "pad"):
