@@ -50,11 +50,11 @@ def serve_cmd(
     embedded = None
     if broker == "embedded":
         embedded = EmbeddedBroker().start()
-        host, port, proto = embedded.host, embedded.port, "mqttv311"
+        host, port, proto = embedded.host, embedded.port, embedded.protocol
         console.print(f"embedded broker on {embedded.url}")
     else:
         host, port = parse_broker(broker)
-        proto = "mqttv5" if protocol == "5" else "mqttv311"
+        proto = protocol  # any MqttVersion spelling
     try:  # data, bundle and aggregator are checked before anything connects
         companion = Companion(CompanionConfig(
             bundle=bundle, work_dir=work_dir, broker_host=host, broker_port=port, protocol=proto, fleet=fleet,
@@ -66,6 +66,7 @@ def serve_cmd(
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from exc
     companion.start_background()
+    console.print(escape(companion.startup_note()), soft_wrap=True)
     console.print(f"companion serving fleet {fleet!r}: {companion.web.url}/fleet  {companion.web.url}/metrics"
                   + ("  (canoe matching on)" if canoe else ""))
     stop = threading.Event()

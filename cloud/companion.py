@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
 from edgepatch.protocol.bundle import Bundle, load_bundle
 from edgepatch.protocol.messages import BundleAnnouncement, Message, encode, make_message
+from edgepatch.protocol.mqtt import MqttSettings, make_client
+from edgepatch.protocol.mqtt_memory import MemoryBroker
 from edgepatch.protocol.topics import bundle_topic
-from edgepatch.protocol.transport import set_tcp_nodelay
 
 from .distill.contributions import DEFAULT_MODE, CloudData
 from .ingest import IngestService, IngestSettings
@@ -48,7 +48,8 @@ class CompanionConfig:
     work_dir: Path  # published bundles and the default SQLite store
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
-    protocol: str = "mqttv5"  # "mqttv311" for brokers without MQTT 5 (amqtt)
+    protocol: str = "5"  # MQTT version, any MqttVersion spelling ("3.1.1" for brokers without 5, e.g. amqtt)
+    mqtt: MqttSettings | None = None  # TLS and credentials for every companion client (overrides host/port)
     fleet: str = "default"
     db_url: str | None = None  # default: sqlite in work_dir
     http_host: str = "127.0.0.1"
@@ -70,8 +71,10 @@ class CompanionError(ValueError):
 
 
 class Companion:
-    def __init__(self, cfg: CompanionConfig) -> None:
+    def __init__(self, cfg: CompanionConfig, twin: MemoryBroker | None = None) -> None:
+        """`twin`: run every MQTT client of the companion on the in-memory broker (unit tests)."""
         self.cfg = cfg
+        self.twin = twin
         # Data and aggregator are checked before anything starts: a wrong shape is an error now, not at
         # every round; an aggregator that lacks data is said once (and refused if rounds are automatic).
         self.cloud_data, self.data_summary = load_cloud_data(cfg)
@@ -80,15 +83,12 @@ class Companion:
         cfg.work_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = CloudMetrics()
         self.store = PatchStore(cfg.db_url or sqlite_url(cfg.work_dir / "companion.sqlite"))
-        self.ingest = IngestService(self.store, IngestSettings(
-            host=cfg.broker_host, port=cfg.broker_port, fleet=cfg.fleet,
-            protocol="mqttv5" if cfg.protocol == "mqttv5" else "mqttv311"), metrics=self.metrics)
+        ingest = IngestSettings.from_mqtt(self._mqtt("edgepatch-ingest-0"), fleet=cfg.fleet)
+        self.ingest = IngestService(self.store, ingest, metrics=self.metrics,
+                                    client=make_client(ingest.mqtt(), twin))
         self.ingest.add_patch_hook(self._on_patch)
         self.web = FleetWeb(self.store, self.metrics, host=cfg.http_host, port=cfg.http_port)
-        self._publisher = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                      client_id=f"edgepatch-companion-{cfg.fleet}",
-                                      protocol=mqtt.MQTTv5 if cfg.protocol == "mqttv5" else mqtt.MQTTv311)
-        self._publisher.on_socket_open = set_tcp_nodelay
+        self._publisher = make_client(self._mqtt(f"edgepatch-companion-{cfg.fleet}"), twin)
         self._wake = threading.Event()
         self._requested = threading.Event()  # request_distillation() was called
         self._stop = threading.Event()
@@ -102,19 +102,26 @@ class Companion:
         self.last_error: str | None = None
         self._retry_at = 0.0  # monotonic time before which no round is tried after a failure
 
+    def _mqtt(self, client_id: str) -> MqttSettings:
+        """The settings of one companion client: the shared broker, TLS and credentials, its own id."""
+        if self.cfg.mqtt is not None:
+            return self.cfg.mqtt.replace(client_id=client_id)
+        return MqttSettings(host=self.cfg.broker_host, port=self.cfg.broker_port, version=self.cfg.protocol,
+                            client_id=client_id)
+
     # -- lifecycle -------------------------------------------------------------------------------
+    def startup_note(self) -> str:
+        """One line for the start-up output: what distillation will run on, or why none can."""
+        return self.blocked or f"distillation: {self.cfg.aggregator} (mode {self.mode}) on {self.data_summary}"
+
     def start(self) -> None:
-        if self.blocked:
-            log.warning("%s", self.blocked)
-        else:
-            log.info("distillation: %s (mode %s) on %s", self.cfg.aggregator, self.mode, self.data_summary)
+        log.info("%s", self.startup_note())
         self.web.add_section("distillation", self.distill_status, _distill_html)
         self.web.start()
-        self._publisher.connect(self.cfg.broker_host, self.cfg.broker_port)
-        self._publisher.loop_start()
+        self._publisher.connect()
         self.ingest.start()
         if not self.ingest.wait_subscribed(30):
-            raise RuntimeError(f"ingest could not subscribe at {self.cfg.broker_host}:{self.cfg.broker_port}")
+            raise RuntimeError(f"ingest could not subscribe at {self.ingest.settings.mqtt().url}")
         self.publish(self.cfg.bundle)
         if self.cfg.canoe:
             self._start_canoe()
@@ -125,10 +132,10 @@ class Companion:
         assert self.current is not None
         if self.cfg.fleet == "+":
             raise ValueError("Canoe matches within one fleet: give a fleet name, not '+'")
-        canoe = CanoeCompanion(self.cfg.fleet, self.cfg.broker_host, self.cfg.broker_port,
-                               self.current.model_spec.num_classes, cloud_id=CLOUD_ID,
-                               timeout_s=self.cfg.canoe_timeout_s, metrics=self.metrics,
-                               protocol="mqttv5" if self.cfg.protocol == "mqttv5" else "mqttv311")
+        settings = self._mqtt(f"edgepatch-canoe-companion-{self.cfg.fleet}")
+        canoe = CanoeCompanion(self.cfg.fleet, settings.host, settings.port, self.current.model_spec.num_classes,
+                               cloud_id=CLOUD_ID, timeout_s=self.cfg.canoe_timeout_s, metrics=self.metrics,
+                               client=make_client(settings, self.twin))
         canoe.start(30)
         canoe.attach(self.web)
         self.canoe = canoe
@@ -157,7 +164,6 @@ class Companion:
         if self.canoe is not None:
             self.canoe.stop()
         self.ingest.stop()
-        self._publisher.loop_stop()
         self._publisher.disconnect()
         self.web.stop()
         self.store.close()
@@ -248,8 +254,8 @@ class Companion:
             self._seq += 1
             msg = make_message(ann, device_id=CLOUD_ID, fleet=self.cfg.fleet,
                                base_version=self.current.base_version, variant_id="-", seq=self._seq)
-        info = self._publisher.publish(bundle_topic(self.cfg.fleet), encode(msg), qos=1, retain=True)
-        info.wait_for_publish(30)
+        self._publisher.publish(bundle_topic(self.cfg.fleet), encode(msg), qos=1, retain=True)
+        self._publisher.flush(30)
         self.store.add_bundle(version, version, ann.reference)
         self.store.mark_announced(version)
         self.metrics.bundles_published.inc()
