@@ -12,6 +12,7 @@ and many scripts use `__`); they are normalized to dots. Every error is one line
 
 from __future__ import annotations
 
+import re
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -78,9 +79,10 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses anything but tensors and plain containers
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SpecError(f"weights file {path} is not a plain state dict (save model.state_dict(), "
-                        f"not the model): {first}") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise SpecError(f"weights file {path} is not a plain state dict: it holds Python objects{what}, which "
+                        "are never unpickled; save model.state_dict() instead of the model") from None
     if isinstance(obj, Mapping):
         for nested in ("state_dict", "model_state_dict"):
             if isinstance(obj.get(nested), Mapping):
