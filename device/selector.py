@@ -90,6 +90,8 @@ def parse_variant_rows(rows: Sequence[Mapping[str, Any]]) -> list[VariantCost]:
                 raise SelectorError(f"{where}: train_ms[{runtime!r}] must be a positive number, got {ms!r}")
         if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
             raise SelectorError(f"{where}: memory_bytes must be a non-negative integer, got {memory!r}")
+        if convergence is None:  # exported without data (explicit --variants): no loss was measured, so
+            convergence = -float(row.get("flops_ratio", 1.0))  # rank by size: the largest that fits first
         if isinstance(convergence, bool) or not isinstance(convergence, int | float) \
                 or not math.isfinite(convergence):
             raise SelectorError(f"{where}: convergence must be a finite number, got {convergence!r}")
