@@ -60,6 +60,19 @@ class MqttVersion(Enum):
         return found
 
 
+def split_broker_url(url: str) -> tuple[str, int, bool]:
+    """`mqtt://host:port` (plain, default 1883) or `mqtts://host:port` (TLS, default 8883) -> (host, port, tls)."""
+    parsed = urllib.parse.urlparse(url if "://" in url else f"mqtt://{url}")
+    try:
+        port = parsed.port
+    except ValueError:
+        port = -1
+    if parsed.scheme not in ("mqtt", "mqtts", "tcp") or not parsed.hostname or port == -1:
+        raise MqttConfigError(f"broker {url!r}: expected mqtt://host:port or mqtts://host:port")
+    tls = parsed.scheme == "mqtts"
+    return parsed.hostname, port or (8883 if tls else 1883), tls
+
+
 @dataclass(frozen=True)
 class MqttSettings:
     host: str = "127.0.0.1"
@@ -99,11 +112,9 @@ class MqttSettings:
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> MqttSettings:
         """`mqtt://host[:1883]` (plain) or `mqtts://host[:8883]` (TLS) plus any other field."""
-        parsed = urllib.parse.urlparse(url if "://" in url else f"mqtt://{url}")
-        if parsed.scheme not in ("mqtt", "mqtts", "tcp") or not parsed.hostname:
-            raise MqttConfigError(f"broker {url!r}: expected mqtt://host:port or mqtts://host:port")
-        tls = parsed.scheme == "mqtts" or bool(kw.pop("tls", False))
-        return cls(host=parsed.hostname, port=parsed.port or (8883 if tls else 1883), tls=tls, **kw)
+        host, port, tls = split_broker_url(url)
+        tls = tls or bool(kw.pop("tls", False))
+        return cls(host=host, port=port, tls=tls, **kw)
 
     def replace(self, **kw: Any) -> MqttSettings:
         return dataclasses.replace(self, **kw)

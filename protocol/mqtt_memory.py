@@ -93,8 +93,6 @@ class MemoryBroker:
         with self._lock:
             if not self.up:
                 raise ConnectionRefusedError("twin broker is down")
-            if client not in self._clients:
-                self._clients.append(client)
             s = client.settings
             old = self._sessions.get(s.client_id)
             if old is not None and old.client is not None and old.client is not client:
@@ -203,6 +201,8 @@ class MemoryClient(MqttClient):
         self._will: Will | None = None
         self._offline: list[tuple[str, bytes, int, bool, PublishDone]] = []
         self._state_lock = threading.Lock()
+        with broker._lock:
+            broker._clients.append(self)  # settle() waits for it from now on
 
     def _post(self, fn: Callable[[], None]) -> None:
         with self._busy_lock:
