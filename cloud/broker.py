@@ -8,6 +8,7 @@ import logging
 import threading
 from typing import Any
 
+from edgepatch.protocol.mqtt import MqttVersion
 from edgepatch.protocol.ports import free_port, wait_listening
 
 log = logging.getLogger("edgepatch.cloud.broker")
@@ -16,7 +17,7 @@ log = logging.getLogger("edgepatch.cloud.broker")
 class EmbeddedBroker:
     """amqtt in a background thread with its own event loop. Speak MQTT 3.1.1 to it."""
 
-    protocol = "mqttv311"
+    protocol = MqttVersion.V311
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host, self.port = host, port or free_port(host)
