@@ -60,6 +60,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     from edgepatch.device.runtime import load_local_data
     from edgepatch.export.pipeline import ExportOptions, export_bundle
     from edgepatch.protocol.bundle import load_bundle
+    from edgepatch.protocol.mqtt import MqttVersion
     from edgepatch.protocol.transport import parse_broker
 
     started = time.perf_counter()
@@ -68,7 +69,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     broker = None
     if opts.broker:
         host, port = parse_broker(opts.broker)
-        protocol = "mqttv5"
+        protocol = MqttVersion.V5
     else:
         broker = EmbeddedBroker().start()
         host, port, protocol = broker.host, broker.port, broker.protocol
@@ -103,7 +104,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                       f"metrics {companion.web.url}/metrics")
 
         procs = _start_devices(opts, fleet, bundle0, out, f"mqtt://{host}:{port}",
-                               "5" if protocol == "mqttv5" else "3.1.1")
+                               MqttVersion.parse(protocol).value)
         _follow(opts, companion, procs)
         if not companion.wait_distillations(opts.rounds, 600):
             console.print(f"[yellow]only {len(companion.history)} of {opts.rounds} distillations finished[/yellow]")
@@ -127,7 +128,8 @@ def _start_devices(opts: DemoOptions, fleet: list[Any], bundle0: Path, out: Path
     profiles = _profiles()
     for i, device in enumerate(fleet):
         ddir = out / "devices" / device.device_id
-        cmd = [sys.executable, "-m", "edgepatch.cli", "device", "run", "--profile", profiles[i % len(profiles)],
+        # Each device's framework output (LiteRT's C++ lines) in its own folder (edgepatch/logs.py).
+        cmd = [sys.executable, "-m", "edgepatch.cli", "--log-dir", str(ddir / "logs"), "device", "run", "--profile", profiles[i % len(profiles)],
                "--runtime", "litert", "--bundle", str(bundle0), "--data", str(ddir / "data"),
                "--state-dir", str(ddir / "state"), "--device-id", device.device_id, "--fleet", "demo",
                "--broker", broker_url, "--mqtt-protocol", mqtt_protocol, "--rounds", str(opts.rounds), "--steps", str(opts.steps),
@@ -138,21 +140,23 @@ def _start_devices(opts: DemoOptions, fleet: list[Any], bundle0: Path, out: Path
 
 
 def _follow(opts: DemoOptions, companion: Any, procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    """Progress lines until every device process has finished its rounds."""
-    last = ""
+    """A progress bar (devices finished) with the round, reports and distillations, until every device
+    process has finished its rounds."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     deadline = time.monotonic() + 1800
-    while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
-        time.sleep(1.0)
-        bundle = companion.current.base_version[:12] if companion.current else "-"
-        reported = len(companion.store.latest_patches(companion.current.base_version, "demo")) \
-            if companion.current else 0
-        line = (f"    round {min(len(companion.history) + 1, opts.rounds)}/{opts.rounds}: "
-                f"{reported}/{opts.devices} devices reported on base {bundle}; "
-                f"{len(companion.history)} distillations; {sum(p.poll() is not None for p in procs.values())} "
-                f"devices finished")
-        if line != last:
-            console.print(line)
-            last = line
+    with Progress(TextColumn("    {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} "
+                  "devices finished"), TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("starting devices", total=len(procs))
+        while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
+            time.sleep(1.0)
+            bundle = companion.current.base_version[:12] if companion.current else "-"
+            reported = len(companion.store.latest_patches(companion.current.base_version, "demo")) \
+                if companion.current else 0
+            progress.update(task, completed=sum(p.poll() is not None for p in procs.values()),
+                            description=f"round {min(len(companion.history) + 1, opts.rounds)}/{opts.rounds}: "
+                                        f"{reported}/{opts.devices} reported on base {bundle}, "
+                                        f"{len(companion.history)} distillations")
     for device_id, proc in procs.items():
         if proc.poll() is None:
             proc.kill()
