@@ -142,12 +142,12 @@ def run_flower(root: Path, bundle: Path, device_paths: list[str], rounds: int, l
 
 def run_patch_only(bundle_dir: Path, device_paths: list[str], holdouts: list[tuple[np.ndarray, np.ndarray]],
                    rounds: int, local_steps: int) -> dict:
-    from edgepatch.device.backends.litert import LiteRTProgram
+    from edgepatch.device.engine import open_engine, predict_variant
     from edgepatch.protocol.bundle import load_bundle
     from edgepatch.protocol.messages import PatchUpdate, encode, make_message
 
     bundle = load_bundle(bundle_dir)
-    program = LiteRTProgram(bundle.artifact_bytes(bundle.artifact_of_kind("litert_trainable")))
+    engine = open_engine(bundle, "litert")
     params = bundle.all_params()
     full = next(r.id for r in bundle.manifest.variants if r.variant.is_full(bundle.model_spec))
     k, batch, lr = bundle.patch_spec.k, bundle.manifest.train.batch, bundle.manifest.train.phi_lr
@@ -162,14 +162,7 @@ def run_patch_only(bundle_dir: Path, device_paths: list[str], holdouts: list[tup
 
     def accuracy(i: int) -> float:
         x, y = holdouts[i]
-        correct = 0
-        for s in range(0, len(x), batch):
-            chunk = x[s:s + batch]
-            pad = batch - len(chunk)
-            xs = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), np.float32)]) if pad else chunk
-            z = program.infer_variant(full, xs, states[i][0], params)[:len(chunk)]
-            correct += int((z.argmax(1) == y[s:s + batch]).sum())
-        return correct / len(x)
+        return float((predict_variant(engine, full, x, states[i][0], params).argmax(1) == y).mean())
 
     for _ in range(rounds):
         per_device = []
@@ -178,8 +171,7 @@ def run_patch_only(bundle_dir: Path, device_paths: list[str], holdouts: list[tup
             phi, m, v = states[i]
             for _ in range(local_steps):
                 idx = rng.choice(len(x), batch, replace=len(x) < batch)
-                r = program.train_phi(full, x[idx], y[idx], phi, m, v, float(steps[i]), lr, params)
-                phi, m, v = r["phi"], r["m"], r["v"]
+                _, phi, m, v = engine.phi_step(full, x[idx], y[idx], phi, m, v, float(steps[i]), lr, params)
                 steps[i] += 1
             states[i] = (phi, m, v)
             per_device.append(time.perf_counter() - t0)

@@ -20,7 +20,8 @@ Own model: `--model` (a params archive of the base W, `protocol.params.save_para
 saved there (atomically) at the end, so the next run resumes from it; a helper ships by-reference slices
 from `<state-dir>/slices`.
 
-Imports no torch or tensorflow: the lite runtime (LiteRT) only.
+`--runtime litert` (default) imports no torch or tensorflow; `--runtime executorch` runs the bundle's
+ExecuTorch programs (torch comes with them).
 """
 
 from __future__ import annotations
@@ -96,10 +97,10 @@ def model_path(model: Path | None, state_dir: Path | None) -> Path | None:
     return None
 
 
-def load_own_model(bundle: Bundle, path: Path | None) -> TailoredModel:
-    """The device's own model: the bundle's base W, replaced by the archive at `path` if given (checked
-    against the bundle's model description)."""
-    model = tailored_from_bundle(bundle)
+def load_own_model(bundle: Bundle, path: Path | None, runtime: str = "litert") -> TailoredModel:
+    """The device's own model on `runtime`: the bundle's base W, replaced by the archive at `path` if given
+    (checked against the bundle's model description)."""
+    model = tailored_from_bundle(bundle, runtime=runtime)
     if path is not None:
         base = load_params(path)
         missing = sorted(set(model.base) - set(base))
@@ -184,6 +185,7 @@ def helper_cmd(
     warmup_steps: int = typer.Option(0, help="fine-tune the own model on the local data before serving"),
     run_for: float = typer.Option(0.0, help="serve this many seconds (0 = until SIGINT/SIGTERM)"),
     seed: int = typer.Option(0),
+    runtime: str = typer.Option("litert", help="litert or executorch (programs the bundle ships)"),
     log_level: str = typer.Option("INFO"),
 ) -> None:
     """Answer Canoe tasks with slices of this device's model until SIGINT/SIGTERM (or --run-for)."""
@@ -194,7 +196,7 @@ def helper_cmd(
         link = open_link(broker, mqtt_protocol, fleet, device_id)  # not connected yet: checks the arguments
         b = load_bundle(bundle)
         x, y, _ = load_data(b, data)
-        own = load_own_model(b, model_path(model, state_dir))
+        own = load_own_model(b, model_path(model, state_dir), runtime)
     except (CanoeCliError, BundleError, ShardError, ParamsError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from exc
     stop = stop_on_signals()
@@ -372,6 +374,7 @@ def target_cmd(
     report_every: int = typer.Option(5, help="ticks between ensemble weight reports"),
     out: Path | None = typer.Option(None, help="write the JSON summary here"),
     seed: int = typer.Option(0),
+    runtime: str = typer.Option("litert", help="litert or executorch (programs the bundle ships)"),
     log_level: str = typer.Option("INFO"),
 ) -> None:
     """Learn on the local stream, ask the fleet for help when it drifts, boost with helper slices."""
@@ -383,7 +386,7 @@ def target_cmd(
         link = open_link(broker, mqtt_protocol, fleet, device_id)  # not connected yet: checks the arguments
         b = load_bundle(bundle)
         x, y, t = load_data(b, data)
-        own = load_own_model(b, model_path(model, state_dir))
+        own = load_own_model(b, model_path(model, state_dir), runtime)
     except (CanoeCliError, BundleError, ShardError, ParamsError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from exc
     spec = b.manifest.model

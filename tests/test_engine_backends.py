@@ -183,6 +183,22 @@ def test_engine_errors_name_the_problem(bundle: Bundle, engines: dict[str, Engin
 
 # ------------------------------------------------------------------------------ Canoe on ExecuTorch
 
+def test_canoe_cli_opens_the_own_model_on_the_chosen_runtime(bundle: Bundle, bundle_dir: Path,
+                                                             tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edgepatch.device.canoe_cli import app, load_own_model
+    from edgepatch.protocol.shards import write_shard
+
+    assert load_own_model(bundle, None, "executorch").engine.runtime == "executorch"
+    data = tmp_path / "data"
+    write_shard(data / "s.npz", np.zeros((4, 1, 8, 8), np.float32), np.arange(4), np.arange(4.0))
+    result = CliRunner().invoke(app, ["target", "--bundle", str(bundle_dir), "--data", str(data), "--broker",
+                                      "mqtt://127.0.0.1:1", "--device-id", "d", "--ticks", "1",
+                                      "--runtime", "onnx"])
+    assert result.exit_code == 2 and "unknown runtime 'onnx'" in result.output, result.output
+
+
 @dataclass
 class CanoeWorld:
     bundle: Bundle
