@@ -1,54 +1,24 @@
 """Device hosts: the processes (or Ray tasks) the simulated devices live in. A host runs several
-`FlDevice`s as threads (a device spends most of a round sleeping off its throttle), so a fleet of
-hundreds fits a few processes; MQTT carries everything between the hosts and the server."""
+`FlDevice`s as threads (`device.fl_client.run_device_host`: a device spends most of a round sleeping off
+its throttle), so a fleet of hundreds fits a few processes; MQTT carries everything between the hosts and
+the server."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import multiprocessing
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from edgepatch.device.fl_client import DeviceSpec, FlDevice, FlError
+from edgepatch.device.fl_client import DeviceSpec, run_device_host
 
 from .config import SimConfigError
 
-log = logging.getLogger("edgepatch.sim.hosts")
-
 # Only small things cross Ray's object store (spec JSON in, a host record out): MQTT carries the weights.
 LOCAL_RAY_OBJECT_STORE_BYTES = 200 * 2**20
-
-
-def run_device_host(spec_jsons: list[str], idle_timeout_s: float = 600.0) -> dict[str, int]:
-    """Run several devices as threads of this process (one per device when given one spec).
-    Returns rounds trained per device. The body of every host process and Ray task."""
-    # A host shows only problems: per-step decisions are DEBUG, and the server's round record says the rest.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.captureWarnings(True)
-    specs = [DeviceSpec.from_json(s) for s in spec_jsons]
-    results: dict[str, int] = {}
-    errors: list[str] = []
-
-    def one(spec: DeviceSpec) -> None:
-        try:
-            results[spec.device_id] = FlDevice(spec).run(idle_timeout_s)
-        except Exception as exc:
-            errors.append(f"{spec.device_id}: {type(exc).__name__}: {exc}")
-            log.exception("device %s crashed", spec.device_id)
-
-    threads = [threading.Thread(target=one, args=(s,), name=s.device_id, daemon=True) for s in specs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise FlError("; ".join(errors))
-    return results
 
 
 def _chunks(items: list[str], n: int) -> list[list[str]]:
