@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgepatch.protocol.blobs import fetch_to_file
 from edgepatch.protocol.bundle import Bundle
 from edgepatch.protocol.manifest import MANIFEST_NAME, Manifest
 
@@ -32,15 +33,8 @@ class FetchStats:
 
 
 def _download(url: str, target: Path, max_bytes: int) -> int:
-    total = 0
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(url, timeout=30) as resp, open(target, "wb") as out:  # noqa: S310
-        while chunk := resp.read(1 << 16):
-            total += len(chunk)
-            if total > max_bytes:
-                raise ValueError(f"{url} exceeds the {max_bytes} bytes it may have")
-            out.write(chunk)
-    return total
+    """Stream `url` into `target`, at most `max_bytes` (protocol/blobs.py: bounded, same-host redirects)."""
+    return fetch_to_file(url, target, max_bytes=max_bytes, allow_file=False)
 
 
 def fetch_bundle(reference: str, manifest_sha256: str, dest: Path, have: Bundle | None, max_bytes: int

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from edgepatch.protocol.bundle import ActiveBundleStore, Bundle
 from edgepatch.protocol.manifest import BundleError
 from edgepatch.protocol.messages import BundleAnnouncement, Message, PatchUpdate
 from edgepatch.protocol.shards import read_shards
+from edgepatch.protocol.signing import AnnouncementGate, SignatureError
 from edgepatch.protocol.transport import broker_uses_tls, parse_broker
 
 from .engine import open_engine
@@ -59,6 +61,7 @@ class DeviceConfig:
     seed: int = 0
     adaptive: bool = True  # DISTREAL variant selection; False = always the full variant
     mqtt_password: str | None = None  # read from a file by device/config.py; None = the profile's env var
+    fleet_key: Path | None = None  # the fleet's bundle-signing public key: only signed, newer bundles install
 
 
 def load_local_data(data_dir: Path, bundle: Bundle, holdout_fraction: float) -> LocalData:
@@ -80,6 +83,9 @@ class DeviceRuntime:
             raise BundleError(f"no bundle installed in {cfg.state_dir}; pass --bundle")
         self.announcements: queue.Queue[Message] = queue.Queue()
         self.bytes_downloaded = 0
+        self.refused: Counter[str] = Counter()  # announcements refused before fetching, by reason
+        self.gate = None if cfg.fleet_key is None else AnnouncementGate(
+            cfg.fleet_key, cfg.fleet, cfg.state_dir / "bundle-sequence")
         self.link: Any = None
         # Set from a signal handler; checked only between steps, so a step is never cut in half.
         self.stop_requested = threading.Event()
@@ -116,6 +122,15 @@ class DeviceRuntime:
         """Fetch the announced bundle by reference, verify it, switch to it. False = kept the old one."""
         if ann.manifest_sha256 == self.bundle.version:
             return False
+        sequence = 0
+        if self.gate is not None:  # signature, freshness and reference are checked before any download
+            try:
+                sequence = self.gate.check(ann.to_json())
+            except SignatureError as exc:
+                self.refused[exc.reason] += 1
+                log.error("bundle %s refused before fetching, keeping %s: %s", ann.version,
+                          self.bundle.version[:12], exc)
+                return False
         tmp = Path(tempfile.mkdtemp(prefix="edgepatch-fetch-"))
         try:
             candidate, stats = fetch_bundle(ann.reference, ann.manifest_sha256, tmp, self.bundle,
@@ -127,6 +142,8 @@ class DeviceRuntime:
             return False
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if self.gate is not None:
+            self.gate.installed(sequence)
         self._activate(installed)
         return True
 

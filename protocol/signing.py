@@ -200,3 +200,21 @@ class SequenceFile:
         sequence = max(self.read() + 1, int(time.time() * 1000))
         self.accept(sequence)
         return sequence
+
+
+class AnnouncementGate:
+    """A device's check before it fetches an announced bundle: the fleet key's signature, freshness against
+    the sequence of the bundle it runs (persisted in `sequence_file`), and an http(s) reference."""
+
+    def __init__(self, public_key: Path | str, fleet: str, sequence_file: Path | str) -> None:
+        self.verifier = BundleVerifier.from_file(public_key)
+        self.fleet = fleet
+        self.sequence = SequenceFile(sequence_file)
+
+    def check(self, announcement: Mapping[str, Any]) -> int:
+        """The announcement's sequence number, or SignatureError with the reason to refuse it."""
+        return self.verifier.verify(self.fleet, announcement, self.sequence.read())
+
+    def installed(self, sequence: int) -> None:
+        """Call after the bundle is installed: older announcements are refused from now on."""
+        self.sequence.accept(max(sequence, self.sequence.read()))

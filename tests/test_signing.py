@@ -112,3 +112,79 @@ def test_sequence_file_is_strictly_increasing_and_survives_restarts(tmp_path: Pa
     (tmp_path / "seq").write_text("twelve")
     with pytest.raises(ValueError, match="does not hold a sequence number"):
         seq.read()
+
+
+# -- a real device refuses untrusted announcements before fetching, and keeps its bundle ---------------------
+
+@pytest.mark.slow
+def test_device_installs_only_signed_newer_http_bundles(digits_bundle: Path, shifted_digits_devices: dict,
+                                                        tmp_path: Path, keys: dict[str, Path]) -> None:
+    import dataclasses
+    import importlib.util
+
+    helpers = importlib.util.spec_from_file_location("_fetch_tests", Path(__file__).with_name("test_device_fetch.py"))
+    assert helpers is not None and helpers.loader is not None
+    fetch_tests = importlib.util.module_from_spec(helpers)
+    helpers.loader.exec_module(fetch_tests)
+    _sibling_bundle = fetch_tests._sibling_bundle  # a second valid bundle: new patch parameters
+
+    from edgepatch.cloud.store import PatchStore, sqlite_url
+    from edgepatch.cloud.web import FleetWeb
+    from edgepatch.device.profile import load_profile
+    from edgepatch.device.runtime import DeviceConfig, DeviceRuntime
+    from edgepatch.protocol.bundle import load_bundle
+    from edgepatch.protocol.messages import BundleAnnouncement
+
+    _sibling_bundle(digits_bundle, tmp_path / "next")
+    store = PatchStore(sqlite_url(tmp_path / "s.sqlite"))
+    web = FleetWeb(store)
+    web.start()
+    device = None
+    try:
+        def announce(path: Path, name: str, seq: int, key: Path | None, reference: str | None = None
+                     ) -> BundleAnnouncement:
+            with load_bundle(path) as b:
+                arts = {e.path: e.sha256 for e in b.manifest.artifacts.values()}
+                ann = BundleAnnouncement(version=b.version[:16], reference=reference or web.serve_bundle(name, path),
+                                         manifest_sha256=b.version, size=10**8, artifacts=arts)
+            if key is None:
+                return ann
+            ann = dataclasses.replace(ann, sequence=seq)
+            if reference is not None and not reference.startswith("http"):  # forge: the signer refuses to
+                import base64
+
+                from edgepatch.protocol.signing import signed_bytes
+                signer = BundleSigner.from_file(key)
+                raw = signer._key.sign(signed_bytes("lab", seq, ann.to_json()))
+                return dataclasses.replace(ann, signature=f"ed25519:{signer.key_id}:{base64.b64encode(raw).decode()}")
+            return dataclasses.replace(ann, signature=BundleSigner.from_file(key).sign("lab", seq, ann.to_json()))
+
+        cfg = DeviceConfig(device_id="dev-s", profile=load_profile("linux_x86_64"), state_dir=tmp_path / "state",
+                           data_dir=next(iter(shifted_digits_devices.values())), fleet="lab", fleet_key=keys["pub"])
+        device = DeviceRuntime(cfg, digits_bundle)
+        first = device.bundle.version
+        refused = [announce(tmp_path / "next", "n1", 10, keys["other_key"]),  # another key
+                   announce(tmp_path / "next", "n2", 10, None),  # unsigned
+                   announce(tmp_path / "next", "n3", 10, keys["key"], reference=(tmp_path / "next").as_uri())]
+        for ann in refused:
+            assert device.apply_announcement(ann) is False
+            assert device.bundle.version == first
+        assert device.bytes_downloaded == 0  # nothing was fetched for any of them
+        assert device.refused == {"bad_signature": 1, "unsigned": 1, "bad_reference": 1}
+
+        assert device.apply_announcement(announce(tmp_path / "next", "n4", 10, keys["key"])) is True
+        second = device.bundle.version
+        assert second != first and device.bytes_downloaded > 0
+        # replaying the (validly signed) announcement of the first bundle, sequence 5: refused
+        assert device.apply_announcement(announce(digits_bundle, "old", 5, keys["key"])) is False
+        assert device.bundle.version == second and device.refused["replayed"] == 1
+        # the accepted sequence survives a restart of the device
+        device.stop()
+        device = DeviceRuntime(cfg)
+        assert device.apply_announcement(announce(digits_bundle, "old2", 9, keys["key"])) is False
+        assert device.bundle.version == second and device.refused["replayed"] == 1
+    finally:
+        if device is not None:
+            device.stop()
+        web.stop()
+        store.close()
