@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgepatch.protocol.ports import free_port
 
 CLI = (sys.executable, "-m", "edgepatch.cli")
 
@@ -53,12 +54,6 @@ def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, f"expected one error line:\n{proc.stderr}"
     return " ".join(lines[0].split())
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def breast_cancer_3x10() -> tuple[np.ndarray, np.ndarray]:
