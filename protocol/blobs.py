@@ -2,8 +2,9 @@
 federated update archive (numpy + stdlib; urllib at the edge).
 
 A reference is an http(s) URL, a `file://` URL or a local path (`allow_file=False` refuses the last two:
-what a device accepts from the network should be http(s) only). Every read is bounded: more than
-`max_bytes` is refused while streaming, and with `size`/`sha256` the content must match its reference.
+what a device accepts from the network should be http(s) only); http redirects are followed only to the
+same scheme, host and port. Every read is bounded: more than `max_bytes` is refused while streaming, and
+with `size`/`sha256` the content must match its reference.
 """
 
 from __future__ import annotations
@@ -29,12 +30,26 @@ class BlobError(ValueError):
     """A reference that cannot be fetched, or content that does not match it."""
 
 
+class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to the same scheme, host and port: a server cannot send a device elsewhere
+    (another host, or http after https)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        old, new = urllib.parse.urlparse(req.full_url), urllib.parse.urlparse(newurl)
+        if (old.scheme, old.netloc) != (new.scheme, new.netloc):
+            raise BlobError(f"refusing a redirect from {old.scheme}://{old.netloc} to {new.scheme}://{new.netloc}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_SameHostRedirects)
+
+
 def _chunks(uri: str, allow_file: bool, timeout_s: float) -> Iterator[bytes]:
     parsed = urllib.parse.urlparse(uri)
     stream: IO[bytes] | Any
     try:
         if parsed.scheme in ("http", "https"):
-            stream = urllib.request.urlopen(uri, timeout=timeout_s)  # noqa: S310 - scheme checked
+            stream = _OPENER.open(uri, timeout=timeout_s)
         elif parsed.scheme in ("file", "") and allow_file:
             path = Path(urllib.request.url2pathname(parsed.path) if parsed.scheme else uri)
             stream = open(path, "rb")  # noqa: SIM115 - closed below
