@@ -201,6 +201,14 @@ def test_torch_every_unsupported_layer_is_found_before_building() -> None:
     assert "\n" not in message
 
 
+def test_torch_unsupported_layer_is_named_before_the_module_runs() -> None:
+    """No input_shape and a forward that would crash (LSTM fed channel-first): the refusal still comes first."""
+    net = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.LSTM(8, 8), nn.Flatten(), nn.Linear(8 * 32, 4))
+
+    with pytest.raises(SpecError, match=r"^layer '1' \(torch.nn.LSTM\) is not supported: use a stack of Conv1d"):
+        convert_module(net, "bad")
+
+
 def test_torch_softmax_on_the_output_is_dropped() -> None:
     net = _seq(nn.ReLU())
     net.append(nn.Softmax(dim=-1))

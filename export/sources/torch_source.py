@@ -11,7 +11,9 @@ Every node is classified before anything is built, so all unsupported layers are
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import operator
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -75,16 +77,17 @@ def convert_module(module: nn.Module, name: str, input_shape: Sequence[int] | No
     the module before converting) or already keyed by the description's parameter names.
     """
     label = label or name
-    shape = input_shape_of(module, input_shape, label)
     module = copy.deepcopy(module).eval()
-    own_keys = weights is not None and _load_state(module, weights, weights_path)
     try:
         graph = fx.symbolic_trace(module)
     except Exception as exc:
         raise SpecError(f"cannot trace torch module {label} with torch.fx ({_first_line(exc)}); its forward "
                         "must not branch on tensor values") from None
-    try:
-        with torch.no_grad():
+    _refuse_unknown_modules(graph)  # before anything runs: an LSTM is named even if its forward would fail
+    shape = input_shape_of(module, input_shape, label)
+    own_keys = weights is not None and _load_state(module, weights, weights_path)
+    try:  # ShapeProp prints the traceback of a failing node itself: keep the one-line error only
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(graph).propagate(torch.zeros(1, *shape))
     except Exception as exc:
         raise SpecError(f"torch module {label} fails on an input of shape (1, {', '.join(map(str, shape))}): "
@@ -100,6 +103,27 @@ def convert_module(module: nn.Module, name: str, input_shape: Sequence[int] | No
 
         params = spec_weights(spec, weights, weights_path or Path("?"))
     return spec, params
+
+
+# torch.nn layers with a build step (some only with certain settings, checked in _classify_module).
+_KNOWN_MODULES = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.Hardtanh, nn.Dropout,
+                  nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity, nn.AvgPool1d, nn.AvgPool2d,
+                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.ZeroPad1d, nn.ZeroPad2d,
+                  nn.ConstantPad1d, nn.ConstantPad2d, nn.Softmax, nn.LogSoftmax)
+
+
+def _refuse_unknown_modules(graph: fx.GraphModule) -> None:
+    modules = dict(graph.named_modules())
+    problems = []
+    for node in graph.graph.nodes:
+        if node.op == "call_module" and not isinstance(modules[str(node.target)], _KNOWN_MODULES):
+            type_name = _type_name(modules[str(node.target)])
+            problems.append(refuse(str(node.target), type_name, hint_for(type_name)))
+    refuse_all(problems)
+
+
+def _type_name(mod: nn.Module) -> str:
+    return f"torch.nn.{type(mod).__name__}" if type(mod).__module__.startswith("torch.nn") else type(mod).__name__
 
 
 def _load_state(module: nn.Module, weights: Mapping[str, np.ndarray], path: Path | None) -> bool:
@@ -182,8 +206,7 @@ def _is_shape_plumbing(node: fx.Node) -> bool:
 
 def _classify_module(node: fx.Node, mod: nn.Module, modules: Mapping[str, nn.Module]) -> Step:
     src = node.args[0]
-    label = str(node.target)
-    type_name = f"torch.nn.{type(mod).__name__}" if type(mod).__module__.startswith("torch.nn") else type(mod).__name__
+    label, type_name = str(node.target), _type_name(mod)
     if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
         return conv_step(node, mod, label, type_name)
     if isinstance(mod, nn.Linear):
