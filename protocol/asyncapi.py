@@ -1,0 +1,205 @@
+"""docs/asyncapi.yaml, generated from the codec: `python -m edgepatch.protocol.asyncapi > docs/asyncapi.yaml`.
+
+Channels, which kinds travel on each, who sends them, the envelope, the limits and the reject reasons come
+from `topics.py` and `wire.py`; the payload JSON schemas are written here, beside the registry, and
+tests/test_asyncapi.py checks both ways that they describe what `encode()` emits and `decode()` accepts
+(and that this file's output is the committed document). PyYAML (the dev extra) renders it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from .messages import MAX_METRICS, METRIC_NAME
+from .topics import FLEET_CHANNELS, PREFIX, RELAYED_CHANNELS, Channel
+from .wire import CHANNEL_KINDS, INT64_MAX, MAX_MESSAGE_BYTES, MAX_TEXT, REASONS, SCHEMA_VERSION, known_kinds
+
+NAME_RE = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+NO_CONTROL = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _text(max_len: int = MAX_TEXT, min_len: int = 0) -> dict[str, Any]:
+    return {"type": "string", "minLength": min_len, "maxLength": max_len, "pattern": NO_CONTROL}
+
+
+def _int(minimum: int = 0, maximum: int = INT64_MAX) -> dict[str, Any]:
+    return {"type": "integer", "minimum": minimum, "maximum": maximum}
+
+
+NUM: dict[str, Any] = {"type": "number"}
+BOOL: dict[str, Any] = {"type": "boolean"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"oneOf": [{"type": "null"}, schema]}
+
+
+def _list(items: dict[str, Any], max_items: int = 4096) -> dict[str, Any]:
+    return {"type": "array", "items": items, "maxItems": max_items}
+
+
+def _map(values: dict[str, Any], max_props: int) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": values, "maxProperties": max_props}
+
+
+def _obj(description: str, **props: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "description": description, "additionalProperties": False,
+            "required": sorted(props), "properties": props}
+
+
+CLASSES = _list(_int(-(2**31), 2**31))
+SHARED: dict[str, dict[str, Any]] = {
+    "Name": {"type": "string", "pattern": NAME_RE},
+    "Sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    "Float32Array": _obj("Little-endian float32 bytes, base64; never a pickle.", dtype={"const": "<f4"},
+                         shape=_list(_int()), b64={"type": "string"}),
+    "BlobRef": _obj("Content by reference: an .npz at `uri` with its size and sha256.",
+                    uri={**_text(1024, 1), "pattern": "^(file|https?)://"}, bytes=_int(1), sha256=_ref("Sha256")),
+    "Assignment": _obj("How one device trains this round (variant None = the device chooses).",
+                       variant=_nullable(_text(min_len=1)), kept={"enum": ["random", "first", "fixed"]},
+                       kept_seed=_nullable(_int()), max_keep=_nullable({"type": "number", "exclusiveMinimum": 0,
+                                                                         "maximum": 1})),
+}
+OFFER = _obj("A helper's answer: the slice inline (base64) or by reference, with sha256 and size; or an error.",
+             request_id=_ref("Name"), target=_ref("Name"), helper=_ref("Name"), sha256=_text(64), size=_int(),
+             inline_b64=_text(MAX_MESSAGE_BYTES), reference=_text(2048), error=_text(512))
+PAYLOADS: dict[str, dict[str, Any]] = {
+    "patch_update": _obj("A device's trained patch coefficients phi for (base_version, variant_id).",
+                         phi=_ref("Float32Array"), steps=_int(), samples=_int(),
+                         holdout_acc={"type": "number", "minimum": 0, "maximum": 1}, loss=NUM),
+    "metrics": _obj("Named scalar measurements (train_ms, rss_bytes, canoe.alpha.<member>, ...).",
+                    values={"type": "object", "maxProperties": MAX_METRICS, "additionalProperties": False,
+                            "patternProperties": {METRIC_NAME.pattern: NUM}}),
+    "device_state": _obj("Presence; the last will is the same kind with reason \"will\" on lwt.",
+                         state={"enum": ["online", "offline"]}, last_seen=NUM,
+                         reason={"enum": ["connected", "disconnected", "will"]}),
+    "bundle_announcement": _obj("The fleet's current bundle, by reference; devices verify the hashes.",
+                                version=_text(min_len=1), reference=_text(2048, 1), manifest_sha256=_ref("Sha256"),
+                                size=_int(), artifacts=_map(_ref("Sha256"), 256)),
+    "canoe_meta": _obj("What the cloud matches helpers on: label histogram, per-class accuracy.",
+                       label_histogram=_list(_int()), class_accuracy=_list(NUM), online=BOOL),
+    "canoe_request": _obj("A target's help request: metadata only, never samples.",
+                          request_id=_ref("Name"), classes=CLASSES, label_histogram=_list(_int()),
+                          window_accuracy=NUM, reference_accuracy=NUM, reason=_text()),
+    "canoe_task": _obj("The cloud's relay of a request to one helper.", request_id=_ref("Name"),
+                       target=_ref("Name"), classes=CLASSES, variant_id=_text(64)),
+    "canoe_offer": OFFER,
+    "canoe_reply": _obj("The cloud's answer to a target: the offer relayed, or an error.",
+                        request_id=_ref("Name"), offer=_nullable(OFFER), error=_text(512)),
+    "fl_join": _obj("A device joins federated rounds.", profile=_text(min_len=1),
+                    relative_speed={"type": "number", "exclusiveMinimum": 0}, num_samples=_int(),
+                    variants=_list(_text(min_len=1), 64)),
+    "fl_round_open": _obj("A round opens: global weights by reference, deadline, per-device assignments.",
+                          round=_int(), strategy=_text(min_len=1), deadline_at=_nullable(NUM),
+                          global_ref=_ref("BlobRef"), local_steps=_int(1, 1_000_000),
+                          lr={"type": "number", "exclusiveMinimum": 0},
+                          assignments=_map(_ref("Assignment"), 2000), default=_ref("Assignment"),
+                          clock_origin=_nullable(NUM)),
+    "fl_stop": _obj("The server ends the rounds.", reason=_text()),
+    "fl_update": _obj("A device's round result; status ok carries the update .npz by reference.",
+                      round=_int(), status={"enum": ["ok", "missed_deadline", "error"]}, reason=_text(),
+                      steps=_int(), steps_planned=_int(), num_samples=_int(), loss=_nullable(NUM),
+                      update_ref=_nullable(_ref("BlobRef")), touched=_map(_int(), 256),
+                      variant_steps=_map(_int(), 256),
+                      timeline=_list({"type": "array", "prefixItems": [NUM, _text()], "minItems": 2, "maxItems": 2},
+                                     256),
+                      train_s=NUM, throttle_s=NUM, bytes_down=_int()),
+}
+CHANNEL_NOTES = {
+    Channel.STATE: "Presence, retained: \"online\" on every (re)connect, \"offline\" on a clean stop.",
+    Channel.LWT: "The device's last will (DeviceState, reason \"will\"), retained; cleared (zero-length retained "
+                 "publish) on every reconnect, so a message here means \"dropped and not back\".",
+    Channel.PATCH: "Trained patch coefficients. Cloud workers may split them with `$share/<group>/...`.",
+    Channel.METRICS: "Measurements; under MQTT 5 they expire after an hour.",
+    Channel.BUNDLE: "The fleet's current bundle, retained. Malformed announcements are logged and dropped.",
+    Channel.CANOE_META: "A device's label histogram for helper matching, retained.",
+    Channel.CANOE_REQUEST: "A drifting target asks for help (metadata only).",
+    Channel.CANOE_TASK: "Relayed by the cloud to the helper named in the topic.",
+    Channel.CANOE_OFFER: "The helper's slice (inline or by reference) or an error.",
+    Channel.CANOE_REPLY: "Relayed by the cloud to the target named in the topic.",
+    Channel.FL_ROUND: "The FL server opens (or stops) rounds for every device of the fleet.",
+    Channel.FL_JOIN: "A device joins (on every connect).",
+    Channel.FL_UPDATE: "A device's round result.",
+}
+RETAINED = {Channel.STATE, Channel.LWT, Channel.BUNDLE, Channel.CANOE_META}
+
+
+def _camel(kind: str) -> str:
+    return "".join(part.capitalize() for part in kind.split("_"))
+
+
+def _message(kind: str) -> dict[str, Any]:
+    header = {"schema": {"const": SCHEMA_VERSION}, "kind": {"const": kind}, "device_id": _ref("Name"),
+              "fleet": _ref("Name"), "base_version": _text(), "variant_id": _text(), "seq": _int(),
+              "sent_at": NUM, "payload": _ref(_camel(kind) + "Payload"), "content_hash": _ref("Sha256")}
+    return {"name": kind, "title": _camel(kind), "contentType": "application/json",
+            "payload": {"type": "object", "additionalProperties": False, "required": sorted(header),
+                        "properties": header}}
+
+
+def document() -> dict[str, Any]:
+    kinds = known_kinds()
+    channels: dict[str, Any] = {}
+    for ch in Channel:
+        address = f"{PREFIX}/{{fleet}}/{ch.value}" if ch in FLEET_CHANNELS else f"{PREFIX}/{{fleet}}/{{device}}/{ch.value}"
+        params = {"fleet": {"$ref": "#/components/parameters/fleet"}}
+        if ch not in FLEET_CHANNELS:
+            params["device"] = {"$ref": "#/components/parameters/device"}
+        names = sorted(_camel(k) for k in CHANNEL_KINDS[ch])
+        refs = [{"$ref": f"#/components/messages/{n}"} for n in names]
+        cloud_sends = ch in FLEET_CHANNELS or ch in RELAYED_CHANNELS
+        op = {"operationId": ch.value.replace("/", "_"), "bindings": {"mqtt": {"qos": 1, "retain": ch in RETAINED}},
+              "message": refs[0] if len(refs) == 1 else {"oneOf": refs}}
+        channels[address] = {"description": CHANNEL_NOTES[ch], "parameters": params,
+                             ("subscribe" if cloud_sends else "publish"): op}
+    schemas = dict(SHARED)
+    schemas.update({_camel(k) + "Payload": PAYLOADS[k] for k in sorted(kinds)})
+    reasons = ", ".join(sorted(REASONS))
+    return {
+        "asyncapi": "2.6.0",
+        "info": {"title": "edgepatch wire (devices, cloud companion, Canoe relay, federated rounds)",
+                 "version": str(SCHEMA_VERSION),
+                 "description": (
+                     "GENERATED by `python -m edgepatch.protocol.asyncapi` from protocol/topics.py and "
+                     "protocol/wire.py; tests/test_asyncapi.py fails when they drift.\n\n"
+                     f"* Every message is one UTF-8 JSON envelope of at most {MAX_MESSAGE_BYTES} bytes: schema, "
+                     "kind, device_id (the sender; the cloud's id for what the cloud sends), fleet, base_version, "
+                     "variant_id, seq, sent_at, payload, content_hash.\n"
+                     "* content_hash = sha256 (hex) of the canonical JSON of the envelope without content_hash "
+                     "(keys sorted, separators \",\" and \":\", no ASCII escaping); it is the idempotency key.\n"
+                     "* Strict JSON for every family: duplicate keys, NaN/Infinity, control characters in any "
+                     "string and integers beyond signed 64 bits are refused.\n"
+                     "* On device channels the sender is the device in the topic, except the relayed channels "
+                     "(canoe/task, canoe/reply) where the cloud writes to the device in the topic.\n"
+                     f"* Reject reasons: {reasons}.\n"
+                     "* Large content (bundles, slices, weights) travels by reference with its sha256.")},
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "components": {
+            "parameters": {"fleet": {"schema": _ref("Name")}, "device": {"schema": _ref("Name")}},
+            "messages": {_camel(k): _message(k) for k in sorted(kinds)},
+            "schemas": schemas,
+        },
+    }
+
+
+def render() -> str:
+    import json
+
+    import yaml  # the dev extra: only documentation needs it
+
+    class _NoAliases(yaml.SafeDumper):  # shared schema objects are written out, not as &id anchors
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    plain = json.loads(json.dumps(document()))
+    return yaml.dump(plain, Dumper=_NoAliases, sort_keys=False, width=110, allow_unicode=True)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())
