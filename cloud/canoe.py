@@ -130,7 +130,7 @@ class CanoeCompanion:
             self._pending.clear()
         self.link.stop()
 
-    # -- handlers (paho thread) --------------------------------------------------------------------
+    # -- handlers (MQTT client thread) -----------------------------------------------------------------
     def _on_meta(self, msg: CanoeMessage) -> None:
         if isinstance(msg.payload, CanoeMeta):
             with self._lock:

@@ -11,9 +11,7 @@ a helper slice that arrives (inline or by reference) is checked — sha256, base
 bundle variant's, shapes — and joins the SAMME ensemble; anything wrong is logged, counted in `events`
 and the target simply goes on alone.
 
-`CanoeLink` is a small paho client for the Canoe topics (publish to one's own canoe channels, subscribe to
-topic filters with a handler); it keeps Canoe off `DeviceLink`, whose only subscription is the bundle. It
-also carries the generic `metrics` message (protocol/messages.py) by which a target reports its ensemble.
+The MQTT side is `canoe_link.CanoeLink` (re-exported here), a wire endpoint on the MQTT seam.
 
 Observability: every Canoe step of a target (request, slice taken in or refused, no help, weights, helper
 retired) is logged on `edgepatch.device.canoe` as `canoe target=<id> event=<event> key=value ...` with the
@@ -25,66 +23,37 @@ same fields as a dict in the record's `canoe` attribute (for JSON log handlers),
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import itertools
 import logging
 import queue
-import re
-import socket
 import threading
-import time
-import urllib.parse
-import urllib.request
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
+from edgepatch.protocol.blobs import BlobError, fetch_bytes
 from edgepatch.protocol.canoe import (
     MAX_SLICE_BYTES,
+    WEIGHT_PREFIX,
     CanoeError,
     CanoeMessage,
     CanoeMeta,
     CanoeOffer,
-    CanoePayload,
     CanoeReply,
     CanoeRequest,
-    canoe_topic,
     check_slice_fits,
-    decode_message,
     decode_slice,
-    encode_message,
+    weight_metric_name,
 )
-from edgepatch.protocol.messages import Message, MessageError, Metrics, decode, encode, make_message
-from edgepatch.protocol.topics import Channel, device_topic
 from edgepatch.protocol.variants import Variant
 
 from .canoe_boost import CanoeEnsemble, SliceModel, TailoredModel
+from .canoe_link import CanoeLink
 
 log = logging.getLogger("edgepatch.device.canoe")
-
-Handler = Callable[[CanoeMessage], None]
-MessageHandler = Callable[[Message], None]
-
-WEIGHT_PREFIX = "canoe.alpha."
-_METRIC_UNSAFE = re.compile(r"[^a-z0-9_]+")
-
-
-def weight_metric_name(member: str) -> str:
-    """The metric name of an ensemble member's α: `canoe.alpha.own`, or for a helper slice named
-    `<helper>/<request_id>` e.g. `canoe.alpha.dev_h.dev_t_r0_208` (metric names allow only [a-z0-9_.], 64
-    characters; longer ones end in 8 hex of the name's sha256). Deterministic, so the companion maps a
-    reported name back to the relay it made."""
-    token = ".".join(_METRIC_UNSAFE.sub("_", part.lower()) for part in member.split("/"))
-    name = WEIGHT_PREFIX + token
-    if len(name) > 64:
-        name = name[:55] + "." + hashlib.sha256(member.encode()).hexdigest()[:8]
-    return name
+__all__ = ["WEIGHT_PREFIX", "CanoeLink", "CanoeTarget", "DriftDetector", "weight_metric_name"]
 
 
 def _log_event(device_id: str, event: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -92,139 +61,6 @@ def _log_event(device_id: str, event: str, level: int = logging.INFO, **fields: 
     text = " ".join(f"{k}={v}" for k, v in fields.items())
     log.log(level, "canoe target=%s event=%s %s", device_id, event, text,
             extra={"canoe": {"device_id": device_id, "event": event, **fields}})
-
-
-# ------------------------------------------------------------------------------------------------ link
-
-class CanoeLink:
-    """paho client for Canoe topics: QoS 1, TCP_NODELAY, handlers run on paho's thread and never raise."""
-
-    def __init__(self, fleet: str, device_id: str, host: str, port: int, client_id: str | None = None,
-                 protocol: str = "mqttv5") -> None:
-        if protocol not in ("mqttv5", "mqttv311"):
-            raise ValueError(f"MQTT protocol must be 'mqttv5' or 'mqttv311', got {protocol!r}")
-        self.fleet, self.device_id = fleet, device_id
-        self.rejects = 0
-        self._handlers: dict[str, Handler] = {}
-        self._message_handlers: dict[str, MessageHandler] = {}
-        self._seq = itertools.count(int(time.time() * 1000))  # monotonic per sender, also across restarts
-        self._connected = threading.Event()
-        self._client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                   client_id=client_id or f"edgepatch-canoe-{fleet}-{device_id}",
-                                   protocol=mqtt.MQTTv5 if protocol == "mqttv5" else mqtt.MQTTv311)
-        self._client.on_connect = self._on_connect
-        self._client.on_message = self._on_message
-        self._client.on_socket_open = _nodelay
-        self._host, self._port = host, port
-        self._in_flight: list[mqtt.MQTTMessageInfo] = []  # QoS 1 publishes not yet acknowledged (see flush)
-        self._in_flight_lock = threading.Lock()
-
-    def start(self, timeout: float = 10.0) -> None:
-        self._client.connect_async(self._host, self._port, keepalive=30)
-        self._client.loop_start()
-        if not self._connected.wait(timeout):
-            raise ConnectionError(f"canoe link {self.device_id}: no broker at {self._host}:{self._port}")
-
-    def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
-
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait up to `timeout` s until the broker acknowledged every message published so far (call it
-        before `stop`, which would otherwise drop what is still queued); True when none is left."""
-        deadline = time.monotonic() + timeout
-        with self._in_flight_lock:
-            waiting = list(self._in_flight)
-        for info in waiting:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            with contextlib.suppress(RuntimeError, ValueError):  # not queued (no connection): nothing to wait for
-                info.wait_for_publish(remaining)
-        with self._in_flight_lock:
-            self._in_flight = [i for i in self._in_flight if not i.is_published()]
-            return not self._in_flight
-
-    def _track(self, info: mqtt.MQTTMessageInfo) -> None:
-        with self._in_flight_lock:
-            self._in_flight = [i for i in self._in_flight if not i.is_published()]
-            if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                self._in_flight.append(info)
-
-    def subscribe(self, topic_filter: str, handler: Handler) -> None:
-        self._handlers[topic_filter] = handler
-        if self._connected.is_set():
-            self._client.subscribe(topic_filter, qos=1)
-
-    def subscribe_messages(self, topic_filter: str, handler: MessageHandler) -> None:
-        """Subscribe to generic edgepatch messages (e.g. `fleet_filter(fleet, "metrics")`), decoded strictly."""
-        self._message_handlers[topic_filter] = handler
-        if self._connected.is_set():
-            self._client.subscribe(topic_filter, qos=1)
-
-    def publish_metrics(self, values: dict[str, float], *, base_version: str, variant_id: str) -> int:
-        """A generic `metrics` message on this device's metrics topic; returns the bytes sent (0 if not queued)."""
-        msg = make_message(Metrics(values), device_id=self.device_id, fleet=self.fleet, base_version=base_version,
-                           variant_id=variant_id, seq=next(self._seq))
-        data = encode(msg)
-        info = self._client.publish(device_topic(self.fleet, self.device_id, Channel.METRICS), data, qos=1)
-        self._track(info)
-        return len(data) if info.rc == mqtt.MQTT_ERR_SUCCESS else 0
-
-    def publish_to(self, topic: str, payload: CanoePayload, retain: bool = False) -> int:
-        data = encode_message(payload, fleet=self.fleet, device_id=self.device_id)
-        info = self._client.publish(topic, data, qos=1, retain=retain)
-        self._track(info)
-        return len(data) if info.rc == mqtt.MQTT_ERR_SUCCESS else 0
-
-    def publish(self, channel: str, payload: CanoePayload, retain: bool = False) -> int:
-        """Publish on this device's own canoe channel; returns the bytes sent (0 if not queued)."""
-        return self.publish_to(canoe_topic(self.fleet, self.device_id, channel), payload, retain)
-
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if getattr(reason, "is_failure", False):
-            log.error("canoe link %s refused: %s", self.device_id, reason)
-            return
-        for topic_filter in [*self._handlers, *self._message_handlers]:
-            client.subscribe(topic_filter, qos=1)
-        self._connected.set()
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        try:
-            if not message.payload:
-                return
-            generic = [h for f, h in list(self._message_handlers.items())
-                       if mqtt.topic_matches_sub(f, message.topic)]
-            if generic:
-                self._on_generic(message, generic)
-                return
-            try:
-                msg = decode_message(message.topic, message.payload)
-            except CanoeError as exc:
-                self.rejects += 1
-                log.warning("canoe link %s dropped a message on %s: %s", self.device_id, message.topic, exc)
-                return
-            for topic_filter, handler in list(self._handlers.items()):
-                if mqtt.topic_matches_sub(topic_filter, message.topic):
-                    handler(msg)
-        except Exception:
-            log.exception("canoe link %s: error handling %s", self.device_id, getattr(message, "topic", "?"))
-
-
-    def _on_generic(self, message: mqtt.MQTTMessage, handlers: list[MessageHandler]) -> None:
-        try:
-            generic = decode(message.topic, message.payload)
-        except MessageError as exc:
-            self.rejects += 1
-            log.warning("canoe link %s dropped a message on %s: %s", self.device_id, message.topic, exc)
-            return
-        for handler in handlers:
-            handler(generic)
-
-
-def _nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    with contextlib.suppress(OSError, AttributeError):  # e.g. a websocket wrapper: not fatal
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 # ------------------------------------------------------------------------------------------- drift
@@ -294,25 +130,13 @@ class DriftDetector:
 # -------------------------------------------------------------------------------------------- target
 
 def fetch_slice(offer: CanoeOffer, max_bytes: int = MAX_SLICE_BYTES) -> bytes:
-    """The offer's slice bytes: inline, or read from its reference (file path, file:// or http(s))."""
+    """The offer's slice bytes: inline, or read from its reference (bounded by the announced size)."""
     if offer.inline_b64:
         return offer.slice_bytes()
-    parsed = urllib.parse.urlparse(offer.reference)
-    limit = min(max_bytes, offer.size)
-    if parsed.scheme in ("http", "https"):
-        with urllib.request.urlopen(offer.reference, timeout=30) as resp:  # noqa: S310 - scheme checked above
-            data = bytes(resp.read(limit + 1))
-    elif parsed.scheme in ("file", ""):
-        path = Path(urllib.parse.unquote(parsed.path) if parsed.scheme else offer.reference)
-        if not path.is_file():
-            raise CanoeError(f"slice reference {offer.reference} does not exist")
-        with open(path, "rb") as fh:
-            data = fh.read(limit + 1)
-    else:
-        raise CanoeError(f"slice reference scheme {parsed.scheme!r} is not supported")
-    if len(data) > limit:
-        raise CanoeError(f"slice at {offer.reference} is larger than the announced {offer.size} bytes")
-    return data
+    try:
+        return fetch_bytes(offer.reference, max_bytes=min(max_bytes, offer.size))
+    except BlobError as exc:
+        raise CanoeError(f"slice reference: {exc}") from None
 
 
 _request_counter = itertools.count()
@@ -501,7 +325,7 @@ class CanoeTarget:
         self.events.append({"event": "full_model", "helper": helper, "bytes": nbytes})
 
     def on_message(self, msg: CanoeMessage) -> None:
-        """Link handler for `<self>/canoe/reply`: only queued here (paho's thread); the learning loop
+        """Link handler for `<self>/canoe/reply`: only queued here (the MQTT client's thread); the learning loop
         takes replies in with `poll_replies`, so the interpreter is never used from two threads."""
         if isinstance(msg.payload, CanoeReply):
             self.inbox.put(msg.payload)

@@ -15,14 +15,11 @@ with share 0.25 takes 4× the wall time of the machine's own step time.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import queue
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,24 +27,21 @@ from typing import Any
 
 import numpy as np
 
-from edgepatch.protocol.bundle import Bundle, load_bundle
-from edgepatch.protocol.fl import (
-    Assignment,
-    BlobRef,
-    FlJoin,
-    FlRoundOpen,
-    FlStop,
-    FlUpdate,
-    MessageError,
-    decode_fl,
-    encode_fl,
-    join_topic,
-    make_fl_message,
-    round_topic,
-    update_topic,
+from edgepatch.protocol.blobs import (  # noqa: F401 - blob helpers re-exported for the fl callers
+    BlobError,
+    decode_update,
+    encode_update,
+    fetch_blob,
+    publish_blob,
 )
-from edgepatch.protocol.model_spec import ParamInfo, param_infos
-from edgepatch.protocol.params import Params, params_from_bytes, write_atomic
+from edgepatch.protocol.bundle import Bundle, load_bundle
+from edgepatch.protocol.endpoint import WireEndpoint
+from edgepatch.protocol.fl import Assignment, FlJoin, FlRoundOpen, FlStop, FlUpdate, round_topic
+from edgepatch.protocol.messages import Message
+from edgepatch.protocol.model_spec import param_infos
+from edgepatch.protocol.mqtt import MqttClient, MqttSettings, MqttVersion, make_client
+from edgepatch.protocol.mqtt_memory import MemoryBroker
+from edgepatch.protocol.params import Params, params_from_bytes
 from edgepatch.protocol.variants import (
     KeptSets,
     first_kept,
@@ -65,73 +59,8 @@ from .selector import VariantSelector
 log = logging.getLogger("edgepatch.device.fl")
 
 
-class FlError(ValueError):
-    """A blob, an update file or a device spec that cannot be used."""
-
-
-# ------------------------------------------------------------------------------------------------ blobs
-
-def publish_blob(directory: Path, name: str, data: bytes) -> BlobRef:
-    """Write `data` atomically under `directory` and return its file:// reference."""
-    path = (directory / name).resolve()
-    write_atomic(path, data)
-    return BlobRef(path.as_uri(), len(data), hashlib.sha256(data).hexdigest())
-
-
-def fetch_blob(ref: BlobRef, timeout_s: float = 30.0) -> bytes:
-    """The referenced bytes, checked against the reference's size and sha256."""
-    try:
-        if ref.uri.startswith("file://"):
-            data = Path(urllib.request.url2pathname(ref.uri[len("file://"):])).read_bytes()
-        else:
-            with urllib.request.urlopen(ref.uri, timeout=timeout_s) as resp:  # noqa: S310 - http(s) only
-                data = resp.read(ref.bytes + 1)
-    except OSError as exc:
-        raise FlError(f"cannot fetch {ref.uri}: {exc}") from exc
-    if len(data) != ref.bytes or hashlib.sha256(data).hexdigest() != ref.sha256:
-        raise FlError(f"{ref.uri}: content does not match its reference ({len(data)} bytes vs {ref.bytes})")
-    return data
-
-
-def encode_update(delta: Mapping[str, np.ndarray], touched: Mapping[str, np.ndarray]) -> bytes:
-    """An .npz of the touched entries only: `<p>.values` (float32) and `<p>.mask` (packed bits)."""
-    arrays: dict[str, Any] = {}
-    for name, mask in touched.items():
-        mask = np.asarray(mask, dtype=bool)
-        arrays[f"{name}.values"] = np.asarray(delta[name], dtype=np.float32)[mask]
-        arrays[f"{name}.mask"] = np.packbits(mask.reshape(-1))
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def decode_update(data: bytes, infos: Mapping[str, ParamInfo]) -> tuple[Params, dict[str, np.ndarray]]:
-    """(delta, touched mask as float32) per parameter; every check names the parameter at fault."""
-    try:
-        npz = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:  # numpy raises several types for corrupt archives
-        raise FlError(f"unreadable update archive: {exc}") from exc
-    with npz:
-        expected = {f"{n}.{part}" for n in infos for part in ("values", "mask")}
-        if set(npz.files) != expected:
-            raise FlError(f"update archive has {sorted(set(npz.files) ^ expected)} unexpected or missing")
-        delta: Params = {}
-        masks: dict[str, np.ndarray] = {}
-        for name, info in infos.items():
-            size = int(np.prod(info.shape))
-            packed = npz[f"{name}.mask"]
-            if packed.dtype != np.uint8 or packed.shape != ((size + 7) // 8,):
-                raise FlError(f"update: mask of {name!r} has shape {packed.shape}, expected {((size + 7) // 8,)}")
-            mask = np.unpackbits(packed, count=size).astype(bool).reshape(info.shape)
-            values = npz[f"{name}.values"]
-            if values.dtype != np.float32 or values.shape != (int(mask.sum()),):
-                raise FlError(f"update: {name!r} has {values.shape} values for {int(mask.sum())} touched entries")
-            if not np.all(np.isfinite(values)):
-                raise FlError(f"update: {name!r} holds NaN or inf")
-            full = np.zeros(info.shape, np.float32)
-            full[mask] = values
-            delta[name], masks[name] = full, mask.astype(np.float32)
-    return delta, masks
+# One error type for the round's blobs, update archives and device specs (blobs live in protocol/blobs.py).
+FlError = BlobError
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -306,7 +235,7 @@ class DeviceSpec:
     sim_start: float  # unix time the traces start at
     broker_host: str
     broker_port: int
-    mqtt_protocol: str = "5"  # "5" or "311" (the embedded amqtt broker speaks 3.1.1 only)
+    mqtt_protocol: str = "5"  # any MqttVersion spelling (the embedded amqtt broker speaks 3.1.1 only)
     upload_dir: str = "."
     seed: int = 0
     reselect_every: int = 5
@@ -338,9 +267,9 @@ class _ScaledTrace(TracedResources):
 class FlDevice:
     """One simulated (or real) device on the fl topics: join, then train every round it is offered."""
 
-    def __init__(self, spec: DeviceSpec, stop: threading.Event | None = None) -> None:
-        import paho.mqtt.client as mqtt
-
+    def __init__(self, spec: DeviceSpec, stop: threading.Event | None = None, *, client: MqttClient | None = None,
+                 broker: MemoryBroker | None = None) -> None:
+        """`client` (or `broker`, the in-memory twin) replaces the paho client built from the spec."""
         self.spec = spec
         self.stop = stop or threading.Event()
         self.bundle = load_bundle(spec.bundle_dir, verify=False)
@@ -357,38 +286,29 @@ class FlDevice:
         selector = VariantSelector(rows, profile, reselect_every=spec.reselect_every)
         self.trainer = FullWeightTrainer(self.bundle, x, y, spec.seed, self.resources, selector,
                                          num_threads=spec.num_threads, runtime=spec.runtime)
-        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self.seq = 0
+        self.inbox: queue.Queue[Message] = queue.Queue()
         self.rounds_done = 0
-        protocol = mqtt.MQTTv311 if spec.mqtt_protocol == "311" else mqtt.MQTTv5
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=f"fl-{spec.fleet}-{spec.device_id}", protocol=protocol)
-        self.client.on_connect = self._on_connect
-        self.client.on_message = lambda _c, _u, m: self.inbox.put((m.topic, bytes(m.payload)))
+        if client is None:
+            client = make_client(MqttSettings(host=spec.broker_host, port=spec.broker_port, keepalive=60,
+                                              client_id=f"fl-{spec.fleet}-{spec.device_id}",
+                                              version=MqttVersion.parse(spec.mqtt_protocol)), broker)
+        self.link = WireEndpoint(client, fleet=spec.fleet, device_id=spec.device_id, first_seq=1)
+        self.link.subscribe(round_topic(spec.fleet), self.inbox.put)  # decoded strictly; rejects counted
+        client.connect_hooks.append(self._on_connect)
 
-    def _publish(self, topic: str, payload: Any) -> None:
-        self.seq += 1
-        msg = make_fl_message(payload, fleet=self.spec.fleet, sender=self.spec.device_id, seq=self.seq)
-        self.client.publish(topic, encode_fl(msg), qos=1)
-
-    def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any = None) -> None:
-        if getattr(reason, "is_failure", False):
-            log.warning("%s: connect refused: %s", self.spec.device_id, reason)
-            return
-        client.subscribe(round_topic(self.spec.fleet), qos=1)
-        self._publish(join_topic(self.spec.fleet, self.spec.device_id),
-                      FlJoin(load_profile(self.spec.profile).name, self.spec.relative_speed, self.num_samples,
-                             tuple(self.trainer.variant_ids)))
+    def _on_connect(self, session_present: bool) -> None:
+        """Join (again) on every connect: the server learns who is there and what it can run."""
+        self.link.send(FlJoin(load_profile(self.spec.profile).name, self.spec.relative_speed, self.num_samples,
+                              tuple(self.trainer.variant_ids)))
 
     def run(self, idle_timeout_s: float = 600.0) -> int:
         """Serve rounds until FlStop (or `stop`); returns the number of rounds trained."""
-        self.client.connect(self.spec.broker_host, self.spec.broker_port, keepalive=60)
-        self.client.loop_start()
+        self.link.client.connect()
         last = time.time()
         try:
             while not self.stop.is_set():
                 try:
-                    topic, data = self.inbox.get(timeout=0.2)
+                    msg = self.inbox.get(timeout=0.2)
                 except queue.Empty:
                     if time.time() - last > idle_timeout_s:
                         log.warning("%s: no round for %.0f s, leaving", self.spec.device_id, idle_timeout_s)
@@ -396,20 +316,15 @@ class FlDevice:
                     continue
                 # Only the newest round matters: older ones queued while training are over.
                 while not self.inbox.empty():
-                    topic, data = self.inbox.get_nowait()
-                try:
-                    msg = decode_fl(topic, data)
-                except MessageError as exc:
-                    log.warning("%s: rejected %s: %s", self.spec.device_id, topic, exc)
-                    continue
+                    msg = self.inbox.get_nowait()
                 if isinstance(msg.payload, FlStop):
                     break
                 if isinstance(msg.payload, FlRoundOpen):
                     self._serve_round(msg.payload)
                     last = time.time()
         finally:
-            self.client.loop_stop()
-            self.client.disconnect()
+            self.link.flush(5.0)
+            self.link.stop()
         return self.rounds_done
 
     def _serve_round(self, open_msg: FlRoundOpen) -> None:
@@ -432,7 +347,7 @@ class FlDevice:
                           self.num_samples, result.loss, ref, touched, result.variant_steps,
                           tuple(result.timeline[:256]), round(result.train_s, 4), round(result.throttle_s, 4),
                           open_msg.global_ref.bytes)
-        self._publish(update_topic(self.spec.fleet, self.spec.device_id), update)
+        self.link.send(update)
         self.rounds_done += 1
 
 

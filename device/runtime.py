@@ -178,7 +178,7 @@ class DeviceRuntime:
         tls = mqtt_cfg.tls if broker_uses_tls(self.cfg.broker or "") else None
         settings = LinkSettings(
             fleet=self.cfg.fleet, device_id=self.cfg.device_id, host=host, port=port,
-            protocol="mqttv5" if (self.cfg.mqtt_protocol or mqtt_cfg.protocol) == "5" else "mqttv311",
+            protocol=self.cfg.mqtt_protocol or mqtt_cfg.protocol, tls=broker_uses_tls(self.cfg.broker or ""),
             client_id=mqtt_cfg.client_id(self.cfg.fleet, self.cfg.device_id), keepalive=mqtt_cfg.keepalive_s,
             tls_ca=tls.ca_file if tls else None, tls_cert=tls.cert_file if tls else None,
             tls_key=tls.key_file if tls else None,

@@ -47,9 +47,10 @@ def _map(values: dict[str, Any], max_props: int) -> dict[str, Any]:
     return {"type": "object", "additionalProperties": values, "maxProperties": max_props}
 
 
-def _obj(description: str, **props: dict[str, Any]) -> dict[str, Any]:
+def _obj(description: str, optional: dict[str, dict[str, Any]] | None = None, **props: dict[str, Any]
+         ) -> dict[str, Any]:
     return {"type": "object", "description": description, "additionalProperties": False,
-            "required": sorted(props), "properties": props}
+            "required": sorted(props), "properties": {**props, **(optional or {})}}
 
 
 CLASSES = _list(_int(-(2**31), 2**31))
@@ -78,7 +79,10 @@ PAYLOADS: dict[str, dict[str, Any]] = {
     "device_state": _obj("Presence; the last will is the same kind with reason \"will\" on lwt.",
                          state={"enum": ["online", "offline"]}, last_seen=NUM,
                          reason={"enum": ["connected", "disconnected", "will"]}),
-    "bundle_announcement": _obj("The fleet's current bundle, by reference; devices verify the hashes.",
+    "bundle_announcement": _obj("The fleet's current bundle, by reference; devices verify the hashes. Signed "
+                                "announcements (protocol/signing.py) add the fleet key's signature and a "
+                                "sequence that must grow; unsigned ones carry neither.",
+                                {"sequence": _int(), "signature": _text()},
                                 version=_text(min_len=1), reference=_text(2048, 1), manifest_sha256=_ref("Sha256"),
                                 size=_int(), artifacts=_map(_ref("Sha256"), 256)),
     "canoe_meta": _obj("What the cloud matches helpers on: label histogram, per-class accuracy.",

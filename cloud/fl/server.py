@@ -20,21 +20,13 @@ from typing import Any
 import numpy as np
 
 from edgepatch.device.engine import open_engine, predict_variant
-from edgepatch.device.fl_client import FlError, decode_update, fetch_blob, publish_blob
+from edgepatch.protocol.blobs import BlobError, decode_update, fetch_blob, publish_blob
 from edgepatch.protocol.bundle import Bundle
-from edgepatch.protocol.fl import (
-    FlJoin,
-    FlRoundOpen,
-    FlStop,
-    FlUpdate,
-    MessageError,
-    decode_fl,
-    encode_fl,
-    fleet_fl_filter,
-    make_fl_message,
-    round_topic,
-)
+from edgepatch.protocol.endpoint import WireEndpoint
+from edgepatch.protocol.fl import FlJoin, FlRoundOpen, FlStop, FlUpdate, fleet_fl_filter
+from edgepatch.protocol.messages import Message, encode
 from edgepatch.protocol.model_spec import param_infos
+from edgepatch.protocol.mqtt import MqttClient, MqttSettings, MqttVersion, make_client
 from edgepatch.protocol.params import Params, params_to_bytes
 from edgepatch.protocol.variants import first_kept, slice_params
 
@@ -104,9 +96,8 @@ class FlServer:
     def __init__(self, *, broker_host: str, broker_port: int, fleet: str, bundle: Bundle, strategy: Strategy,
                  out_dir: Path, expected_devices: list[str], evaluator: Evaluator, init_params: Params,
                  deadline_s: float, local_steps: int, lr: float, clock_origin: float, grace_s: float = 2.0,
-                 max_wait_s: float = 600.0, join_timeout_s: float = 120.0, mqtt_protocol: str = "5") -> None:
-        import paho.mqtt.client as mqtt
-
+                 max_wait_s: float = 600.0, join_timeout_s: float = 120.0,
+                 mqtt_protocol: MqttVersion | str = MqttVersion.V5, client: MqttClient | None = None) -> None:
         if deadline_s <= 0 or local_steps < 1 or lr <= 0:
             raise ValueError(f"need deadline_s > 0, local_steps >= 1, lr > 0; got {deadline_s}, {local_steps}, {lr}")
         self.fleet = fleet
@@ -123,40 +114,31 @@ class FlServer:
         self.joined: dict[str, FlJoin] = {}
         self.records: list[RoundRecord] = []
         self.rejects: list[str] = []
-        self.seq = 0
-        self.inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue()
-        protocol = mqtt.MQTTv311 if mqtt_protocol == "311" else mqtt.MQTTv5
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=f"{SERVER_ID}-{fleet}", protocol=protocol)
-        self.client.on_connect = self._on_connect
-        self.client.on_message = lambda _c, _u, m: self.inbox.put((m.topic, bytes(m.payload), time.time()))
-        self.broker = (broker_host, broker_port)
+        self.inbox: queue.Queue[tuple[Message, int, float]] = queue.Queue()
+        if client is None:
+            client = make_client(MqttSettings(host=broker_host, port=broker_port, client_id=f"{SERVER_ID}-{fleet}",
+                                              version=mqtt_protocol, keepalive=60))
+        self.link = WireEndpoint(client, fleet=fleet, device_id=SERVER_ID, first_seq=1)
+        for leaf in ("join", "update"):  # decoded strictly; rejects are counted in self.link.rejects
+            self.link.subscribe(fleet_fl_filter(fleet, leaf), self._arrived)
 
-    def _on_connect(self, client: Any, *_: Any) -> None:
-        client.subscribe([(fleet_fl_filter(self.fleet, "join"), 1), (fleet_fl_filter(self.fleet, "update"), 1)])
+    def _arrived(self, msg: Message) -> None:
+        self.inbox.put((msg, len(encode(msg)), time.time()))  # canonical: the bytes the sender sent
 
     def _publish(self, payload: FlRoundOpen | FlStop) -> int:
-        self.seq += 1
-        data = encode_fl(make_fl_message(payload, fleet=self.fleet, sender=SERVER_ID, seq=self.seq))
-        self.client.publish(round_topic(self.fleet), data, qos=1).wait_for_publish(10)
-        return len(data)
+        size = self.link.send(payload)
+        self.link.flush(10)
+        return size
 
     def _take(self, timeout: float) -> tuple[Any, int, float] | None:
-        """The next valid message (payload, its size, arrival time), or None on timeout."""
+        """The next valid message (message, its size, arrival time), or None on timeout."""
         try:
-            topic, data, at = self.inbox.get(timeout=max(0.01, timeout))
+            return self.inbox.get(timeout=max(0.01, timeout))
         except queue.Empty:
             return None
-        try:
-            msg = decode_fl(topic, data)
-        except MessageError as exc:
-            self.rejects.append(f"{topic}: {exc}")
-            return self._take(0.01) if not self.inbox.empty() else None
-        return msg, len(data), at
 
     def start(self) -> None:
-        self.client.connect(*self.broker, keepalive=60)
-        self.client.loop_start()
+        self.link.start(30)
 
     def wait_for_joins(self) -> None:
         deadline = time.time() + self.join_timeout_s
@@ -166,8 +148,8 @@ class FlServer:
                 missing = sorted(set(self.expected) - set(self.joined))
                 raise TimeoutError(f"{len(missing)} devices never joined in {self.join_timeout_s:.0f} s: "
                                    f"{', '.join(missing[:10])}")
-            if got is not None and isinstance(got[0].payload, FlJoin) and got[0].sender in self.expected:
-                self.joined[got[0].sender] = got[0].payload
+            if got is not None and isinstance(got[0].payload, FlJoin) and got[0].device_id in self.expected:
+                self.joined[got[0].device_id] = got[0].payload
 
     def run_round(self, rnd: int) -> RoundRecord:
         plan = self.strategy.configure_round(rnd, self.joined)
@@ -185,13 +167,13 @@ class FlServer:
             if got is None:
                 continue
             msg, size, at = got
-            if isinstance(msg.payload, FlUpdate) and msg.sender in self.expected:
+            if isinstance(msg.payload, FlUpdate) and msg.device_id in self.expected:
                 if msg.payload.round == rnd:
-                    replies[msg.sender] = (msg.payload, size, at)
+                    replies[msg.device_id] = (msg.payload, size, at)
                 else:
-                    self.rejects.append(f"{msg.sender}: late update for round {msg.payload.round}")
+                    self.rejects.append(f"{msg.device_id}: late update for round {msg.payload.round}")
             elif isinstance(msg.payload, FlJoin):
-                self.joined[msg.sender] = msg.payload
+                self.joined[msg.device_id] = msg.payload
         devices: list[DeviceRound] = []
         updates: list[ClientUpdate] = []
         for dev in self.expected:
@@ -210,7 +192,7 @@ class FlServer:
                     updates.append(ClientUpdate(dev, max(1, upd.num_samples), delta, touched))
                     rec.outcome, rec.reason = "contributed", upd.reason
                     rec.bytes_up += upd.update_ref.bytes
-                except FlError as exc:
+                except BlobError as exc:
                     rec.reason = f"bad update: {exc}"
             devices.append(rec)
         self.params = self.strategy.aggregate(rnd, self.params, updates)
@@ -235,8 +217,7 @@ class FlServer:
         try:
             self._publish(FlStop(reason))
         finally:
-            self.client.loop_stop()
-            self.client.disconnect()
+            self.link.stop()
 
 
 def record_to_json(record: RoundRecord) -> dict[str, Any]:
