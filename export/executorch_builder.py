@@ -22,7 +22,7 @@ because the portable `convolution_backward` kernel was ≈ 3× slower (mnist_cnn
 do not shrink with the kept filters. Average pooling is a sum of strided slices because the portable
 runtime has no `avg_pool2d_backward` kernel. The frozen inference export keeps `norm` and `dense` in
 forms XNNPACK delegates (`inference_forward`), so no portable op sits between delegate islands. All
-rewrites are checked against `export/torch_model.py::forward` in the tests.
+rewrites (in `executorch_forward.py`) are checked against `export/torch_model.py::forward` in the tests.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgepatch.export import torch_model
-from edgepatch.protocol.model_spec import LayerSpec, ModelSpec, PatchSpec, param_infos
+from edgepatch.export.executorch_forward import _avgpool_slices, inference_forward, trainable_forward  # noqa: F401
+from edgepatch.protocol.model_spec import ModelSpec, PatchSpec, param_infos
 from edgepatch.protocol.variants import KeptSets, Variant, first_kept, slice_params
 
 DEFAULT_BATCH = 32
@@ -52,157 +52,6 @@ class ExecuTorchExportError(RuntimeError):
 def et_name(name: str) -> str:
     """Parameter name inside a program ('.' is not allowed in torch attribute names)."""
     return name.replace(".", "__")
-
-
-# -- export-friendly forward ----------------------------------------------------------------------
-
-
-def _pad(h: Tensor, pad: int) -> Tensor:
-    """Zero padding by concatenation: the backward of `constant_pad_nd` is a negative pad, which the
-    portable kernel rejects."""
-    if pad == 0:
-        return h
-    if h.dim() == 3:
-        z = h.new_zeros(h.shape[0], h.shape[1], pad)
-        return torch.cat([z, h, z], dim=2)
-    n, c, height, width = h.shape
-    z = h.new_zeros(n, c, pad, width)
-    h = torch.cat([z, h, z], dim=2)
-    z = h.new_zeros(n, c, height + 2 * pad, pad)
-    return torch.cat([z, h, z], dim=3)
-
-
-def _conv_channel_major(layer: LayerSpec, h: Tensor, params: Mapping[str, Tensor]) -> Tensor:
-    """conv1d/conv2d (symmetric padding kernel//2) on a channel-major activation (C, N, …) as shifted
-    strided slices + one plain 2-D matmul W (O, C·k·k) @ cols (C·k·k, N·spatial).
-
-    Channel-major keeps the batch inside the matmul's columns, so the product needs no broadcast of W
-    over the batch (expand_copy) and no transposes around it (permute_copy): in the batch-first form
-    those copies were ≈ 45 % of a training step and scale only with activations, not with FLOPs."""
-    w, b = params[f"{layer.name}.weight"], params[f"{layer.name}.bias"]
-    k, s, p = layer.kernel, layer.stride, layer.kernel // 2
-    out_ch = w.shape[0]
-    hp = _pad(h, p)
-    if h.dim() == 4:
-        c, n, height, width = h.shape
-        ho, wo = (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1
-        taps = [hp[:, :, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s] for i in range(k) for j in range(k)]
-        cols = torch.stack(taps, dim=1).reshape(c * k * k, n * ho * wo)  # (c, i, j) rows = weight layout
-        out = torch.matmul(w.reshape(out_ch, -1), cols) + b.reshape(out_ch, 1)
-        return out.reshape(out_ch, n, ho, wo)
-    c, n, length = h.shape
-    lo = (length + 2 * p - k) // s + 1
-    cols = torch.stack([hp[:, :, i:i + s * (lo - 1) + 1:s] for i in range(k)], dim=1).reshape(c * k, n * lo)
-    return (torch.matmul(w.reshape(out_ch, -1), cols) + b.reshape(out_ch, 1)).reshape(out_ch, n, lo)
-
-
-def _norm_channel_major(layer: LayerSpec, h: Tensor, params: Mapping[str, Tensor]) -> Tensor:
-    """`norm` (per sample over C and space, per-channel affine) on a channel-major activation."""
-    dims = (0, *range(2, h.dim()))
-    mean = h.mean(dim=dims, keepdim=True)
-    centred = h - mean
-    var = (centred * centred).mean(dim=dims, keepdim=True)
-    extra = (1,) * (h.dim() - 1)
-    w = params[f"{layer.name}.weight"].reshape(-1, *extra)
-    b = params[f"{layer.name}.bias"].reshape(-1, *extra)
-    return centred * torch.rsqrt(var + torch_model.NORM_EPS) * w + b
-
-
-def _patch_channel_major(h: Tensor, patch: PatchSpec, params: Mapping[str, Tensor], layer: str,
-                         phi: Tensor) -> Tensor:
-    """`torch_model.apply_patch` for a channel-major activation (same θ = θ̄ + Θ·φ maths)."""
-    if patch.kind == "film":
-        extra = (1,) * (h.dim() - 1)
-        scale = torch_model.patch_theta(params, layer, "scale", phi).reshape(-1, *extra)
-        shift = torch_model.patch_theta(params, layer, "shift", phi).reshape(-1, *extra)
-        return h * (1.0 + scale) + shift
-    down = torch_model.patch_theta(params, layer, "down", phi)  # (r, C)
-    up = torch_model.patch_theta(params, layer, "up", phi)  # (C, r)
-    flat = h.reshape(h.shape[0], -1)  # (C, N·spatial): the patch is a per-position channel mix
-    z = torch.clamp_min(down @ flat, 0.0)
-    return h + (up @ z).reshape(h.shape)
-
-
-def _avgpool_slices(layer: LayerSpec, h: Tensor) -> Tensor:
-    """Non-overlapping average pooling (kernel == stride, floor) over every dim after the first two, as a
-    sum of strided slices. The portable runtime has no `avg_pool2d_backward`; a reshape + mean form
-    works but its backward is a 6-D `expand_copy`, the slowest portable copy (≈ 14 ns per element,
-    profiled), while a slice's backward is a cheap `slice_scatter`. Layout-agnostic in dims 0 and 1."""
-    k = layer.kernel
-    for dim in range(2, h.dim()):
-        size = h.shape[dim] // k
-        lead = (slice(None),) * dim
-        taps = [h[(*lead, slice(i, i + k * (size - 1) + 1, k))] for i in range(k)]
-        h = taps[0]
-        for tap in taps[1:]:
-            h = h + tap
-    return h * (1.0 / k ** (h.dim() - 2))
-
-
-def trainable_forward(spec: ModelSpec, patch: PatchSpec | None, params: Mapping[str, Tensor], x: Tensor,
-                      phi: Tensor | None = None) -> Tensor:
-    """`torch_model.forward` rewritten for the portable training kernels, same maths.
-
-    Activations stay channel-major (C, N, …) from the input up to `flatten` (see `_conv_channel_major`);
-    convs are slices + matmul, average pooling a sum of strided slices (`_avgpool_slices`). Layers without a channel-major form (dwconv2d) run the reference code in
-    batch-first layout; after `flatten` every layer and patch is the reference code itself.
-    """
-    h = x.transpose(0, 1)
-    channel_major = True
-    for layer in spec.layers:
-        if channel_major and layer.kind == "flatten":
-            h = h.transpose(0, 1).reshape(h.shape[1], -1)
-            channel_major = False
-        elif channel_major and layer.kind in ("conv2d", "conv1d"):
-            h = _conv_channel_major(layer, h, params)
-        elif channel_major and layer.kind == "avgpool":
-            h = _avgpool_slices(layer, h)
-        elif channel_major and layer.kind == "norm":
-            h = _norm_channel_major(layer, h, params)
-        elif channel_major and layer.kind != "relu":
-            h = torch_model.layer_forward(layer, h.transpose(0, 1), params).transpose(0, 1)
-        else:
-            h = torch_model.layer_forward(layer, h, params)
-        if patch is not None and phi is not None and layer.name in patch.layers:
-            h = (_patch_channel_major(h, patch, params, layer.name, phi) if channel_major
-                 else torch_model.apply_patch(h, patch, params, layer.name, phi))
-    return h.transpose(0, 1) if channel_major else h
-
-
-def _norm_xnnpack(layer: LayerSpec, h: Tensor, params: Mapping[str, Tensor]) -> Tensor:
-    """`norm` with its per-sample statistics as a spatial mean (XNNPACK's global average in its NHWC
-    layout) followed by a mean over the channels of the tiny (N, C, 1, 1) result. The reference form
-    (one mean over C and space) is not delegated: it fell back to portable kernels between delegate
-    islands, ≈ 40 % of mnist_cnn's inference, and did not shrink with the variant (profiled)."""
-    n, c = h.shape[0], h.shape[1]
-    four = h if h.dim() == 4 else h.unsqueeze(-1)
-
-    def per_sample_mean(t: Tensor) -> Tensor:
-        spatial = t.mean(dim=(-2, -1), keepdim=True)  # (N, C, 1, 1); every channel has equal size
-        return spatial.reshape(n, 1, c, 1).mean(dim=(-2, -1), keepdim=True).reshape(n, 1, 1, 1)
-
-    centred = four - per_sample_mean(four)
-    normed = centred * torch.rsqrt(per_sample_mean(centred * centred) + torch_model.NORM_EPS)
-    normed = normed if h.dim() == 4 else normed.squeeze(-1)
-    extra = (1,) * (h.dim() - 2)
-    return normed * params[f"{layer.name}.weight"].reshape(1, -1, *extra) + params[f"{layer.name}.bias"].reshape(
-        1, -1, *extra)
-
-
-def inference_forward(spec: ModelSpec, patch: PatchSpec | None, params: Mapping[str, Tensor], x: Tensor,
-                      phi: Tensor | None = None) -> Tensor:
-    """`torch_model.forward` with norm and dense in the forms XNNPACK delegates (frozen inference only)."""
-    h = x
-    for layer in spec.layers:
-        if layer.kind == "norm":
-            h = _norm_xnnpack(layer, h, params)
-        elif layer.kind == "dense":  # linear with a constant weight -> XNNPACK fully connected
-            h = F.linear(h, params[f"{layer.name}.weight"], params[f"{layer.name}.bias"])
-        else:
-            h = torch_model.layer_forward(layer, h, params)
-        if patch is not None and phi is not None and layer.name in patch.layers:
-            h = torch_model.apply_patch(h, patch, params, layer.name, phi)
-    return h
 
 
 # -- modules that get exported --------------------------------------------------------------------
