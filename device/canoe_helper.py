@@ -38,7 +38,7 @@ from edgepatch.protocol.params import write_atomic
 from edgepatch.protocol.variants import KeptSets, Variant, slice_params
 
 from .canoe_boost import TailoredModel
-from .canoe_target import CanoeLink
+from .canoe_link import CanoeLink
 from .engine import sgd_step, taylor_importance
 
 log = logging.getLogger("edgepatch.device.canoe")
