@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import edgepatch
+from edgepatch.protocol.mqtt import MqttVersion
 
 RUNTIMES = ("litert", "executorch")
-MQTT_PROTOCOLS = ("5", "3.1.1")
+MQTT_PROTOCOLS = tuple(v.value for v in MqttVersion)  # "5", "3.1.1": the one enum of protocol/mqtt.py
 _NAME_RE = re.compile(r"^[a-z0-9_]+$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
