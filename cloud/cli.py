@@ -15,12 +15,13 @@ from rich.markup import escape
 
 app = typer.Typer(help="Cloud companion: ingest patches, MoMoDistill, republish bundles.", no_args_is_help=True)
 console = Console(stderr=True)
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 
 
 @app.command("serve")
 def serve_cmd(
     bundle: Path = typer.Option(..., help="the bundle to publish first"),
-    broker: str = typer.Option("mqtt://127.0.0.1:1883", help="mqtt://host:port, or 'embedded' (amqtt)"),
+    broker: str = typer.Option(DEFAULT_BROKER, help="mqtt://host:port, mqtts://host:port, or 'embedded' (amqtt)"),
     protocol: str = typer.Option("5", help="MQTT protocol: 5 or 3.1.1"),
     db: str | None = typer.Option(None, help="SQLAlchemy URL or SQLite path (default: WORK/companion.sqlite)"),
     work_dir: Path = typer.Option(Path("edgepatch-cloud"), help="published bundles, default store"),
@@ -37,6 +38,11 @@ def serve_cmd(
                                      "with x, y (checked against the bundle's input at start-up)"),
     proxy: Path | None = typer.Option(None, help="unlabelled proxy set (shard directory or .npz with x) for "
                                       "MoMoDistill's proxy mode; default: the inputs of --data"),
+    credentials: Path | None = typer.Option(None, help="the companion folder `cloud provision` wrote: TLS (ca.crt), "
+                                            "login (username, password file) and, with fleet-signing.key, "
+                                            "signed announcements; its broker.url unless --broker is given"),
+    signing_key: Path | None = typer.Option(None, help="Ed25519 key signing every announcement (default: "
+                                            "CREDENTIALS/fleet-signing.key when present)"),
 ) -> None:
     """Run the companion until SIGINT/SIGTERM."""
     from edgepatch.logs import show_level
@@ -56,11 +62,19 @@ def serve_cmd(
         host, port = parse_broker(broker)
         proto = protocol  # any MqttVersion spelling
     try:  # data, bundle and aggregator are checked before anything connects
+        mqtt = None
+        if credentials is not None:  # secrets from files, never from the command line (docs/security.md)
+            from .provision import companion_mqtt_settings
+
+            mqtt = companion_mqtt_settings(credentials, None if broker == DEFAULT_BROKER else broker, proto)
+            signing_key = signing_key or (credentials / "fleet-signing.key" if
+                                          (credentials / "fleet-signing.key").exists() else None)
         companion = Companion(CompanionConfig(
             bundle=bundle, work_dir=work_dir, broker_host=host, broker_port=port, protocol=proto, fleet=fleet,
             db_url=db, http_port=http_port, distill_after=distill_after, aggregator=aggregator,
-            distill={"mode": mode}, canoe=canoe, canoe_timeout_s=canoe_timeout, data=data, proxy=proxy))
-    except (CompanionError, BundleError) as exc:
+            distill={"mode": mode}, canoe=canoe, canoe_timeout_s=canoe_timeout, data=data, proxy=proxy,
+            mqtt=mqtt, signing_key=signing_key))
+    except (CompanionError, BundleError, ValueError, OSError) as exc:
         if embedded is not None:
             embedded.stop()
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)

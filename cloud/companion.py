@@ -1,6 +1,6 @@
 """The cloud companion: ingest → store → MoMoDistill → re-export → publish, as one long-running service.
 
-Threads: the ingest loop (paho, acks after commit), the web server (fleet page, /metrics, bundle files),
+Threads: the ingest loop (MQTT seam, acks after commit), the web server (fleet page, /metrics, bundle files),
 and the companion's own loop, which runs a distillation when enough devices have sent a patch for the
 current base version (or when asked), then republishes. Bundles travel by reference: the retained
 announcement on `edgepatch/v1/<fleet>/bundle` names a URL of a `.tar.gz` the web server serves, with the
@@ -17,7 +17,7 @@ import logging
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from edgepatch.protocol.bundle import Bundle, load_bundle
 from edgepatch.protocol.messages import BundleAnnouncement, Message, encode, make_message
 from edgepatch.protocol.mqtt import MqttSettings, make_client
 from edgepatch.protocol.mqtt_memory import MemoryBroker
+from edgepatch.protocol.signing import BundleSigner, SequenceFile, SignatureError
 from edgepatch.protocol.topics import bundle_topic
 
 from .distill.contributions import DEFAULT_MODE, CloudData
@@ -64,6 +65,7 @@ class CompanionConfig:
     proxy: Path | None = None  # unlabelled proxy set (shard dir or .npz x) for MoMoDistill's mode "proxy"
     retry_s: float = 2.0  # first wait after a failed round; doubles per failure up to `retry_max_s`
     retry_max_s: float = 300.0
+    signing_key: Path | None = None  # the fleet's Ed25519 key (`cloud provision`): every announcement is signed
 
 
 class CompanionError(ValueError):
@@ -75,6 +77,15 @@ class Companion:
         """`twin`: run every MQTT client of the companion on the in-memory broker (unit tests)."""
         self.cfg = cfg
         self.twin = twin
+        self.signer: BundleSigner | None = None
+        if cfg.signing_key is not None:
+            if cfg.fleet == "+":
+                raise CompanionError("a signing key signs one fleet's announcements: give a fleet name, not '+'")
+            try:
+                self.signer = BundleSigner.from_file(cfg.signing_key)
+            except SignatureError as exc:
+                raise CompanionError(f"signing key: {exc}") from None
+        self._bundle_sequence = SequenceFile(cfg.work_dir / "bundle-sequence")  # strictly increasing
         # Data and aggregator are checked before anything starts: a wrong shape is an error now, not at
         # every round; an aggregator that lacks data is said once (and refused if rounds are automatic).
         self.cloud_data, self.data_summary = load_cloud_data(cfg)
@@ -249,6 +260,9 @@ class Companion:
         size += (serve_dir / "manifest.json").stat().st_size
         ann = BundleAnnouncement(version=version[:16], reference=base_url, manifest_sha256=version, size=size,
                                  artifacts=artifacts)
+        if self.signer is not None:  # devices given the fleet's public key install only signed, newer bundles
+            sequence = self._bundle_sequence.next()
+            ann = replace(ann, sequence=sequence, signature=self.signer.sign(self.cfg.fleet, sequence, ann.to_json()))
         self.current = load_bundle(bundle_dir)
         with self._lock:
             self._seq += 1

@@ -297,3 +297,32 @@ def test_revoked_device_is_refused_after_restart(fleet: Fleet, tmp_path: Path) -
     back = connect(fleet, "dev-002")
     assert back.connack == ["Success"]  # re-provisioned with a new password
     back.close()
+
+
+@pytest.mark.slow
+def test_companion_signs_its_announcements_over_the_provisioned_broker(fleet: Fleet, digits_bundle: Path,
+                                                                       tmp_path: Path) -> None:
+    from edgepatch.cloud.companion import Companion, CompanionConfig
+    from edgepatch.cloud.provision import companion_mqtt_settings
+    from edgepatch.protocol.messages import BundleAnnouncement, decode
+    from edgepatch.protocol.signing import BundleVerifier
+
+    creds = fleet.out / "companion"
+    mqtt_settings = companion_mqtt_settings(creds, f"mqtts://127.0.0.1:{fleet.companion_port}")
+    device = connect(fleet, "dev-001")
+    assert device.subscribe(f"{PREFIX}/bundle") == "Granted QoS 1"
+    companion = Companion(CompanionConfig(bundle=digits_bundle, work_dir=tmp_path / "cloud", fleet=FLEET,
+                                          mqtt=mqtt_settings, signing_key=creds / "fleet-signing.key"))
+    companion.start()
+    try:
+        wait_until(lambda: device.messages, 20, "the companion's announcement at the device")
+        topic, payload, _ = device.messages[-1]
+        ann = decode(topic, payload).payload
+        assert isinstance(ann, BundleAnnouncement) and ann.signature.startswith("ed25519:")
+        verifier = BundleVerifier.from_file(fleet.out / "devices" / "dev-001" / "fleet-signing.pub")
+        assert verifier.verify(FLEET, ann.to_json(), active_sequence=0) == ann.sequence
+        second = companion.publish(digits_bundle)  # a re-announcement gets a strictly newer sequence
+        assert second.sequence > ann.sequence
+    finally:
+        companion.stop()
+        device.close()
