@@ -209,6 +209,23 @@ def test_torch_unsupported_layer_is_named_before_the_module_runs() -> None:
         convert_module(net, "bad")
 
 
+class _Shared(nn.Module):
+    input_shape = (4, 8, 8)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.conv(self.conv(x)), 1))
+
+
+def test_torch_layer_called_twice_is_refused() -> None:
+    with pytest.raises(SpecError, match=r"layer 'conv' \(torch.nn.Conv2d\) is not supported: a layer called twice"):
+        convert_module(_Shared(), "shared")
+
+
 def test_torch_softmax_on_the_output_is_dropped() -> None:
     net = _seq(nn.ReLU())
     net.append(nn.Softmax(dim=-1))

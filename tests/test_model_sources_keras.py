@@ -109,6 +109,39 @@ def test_keras_separable_conv_and_zero_padding() -> None:
     assert_keras_parity(model, spec, params)
 
 
+def test_keras_ds_cnn_style_rectangular_strided_stem_and_nested_block() -> None:
+    """DS-CNN keyword spotting's shape (49×10×1, a 10×4 stride-2 "same" stem), with its depthwise
+    separable block written as a nested Sequential, as users often do."""
+    keras.utils.set_random_seed(4)
+    block = keras.Sequential([L.DepthwiseConv2D(3, padding="same", use_bias=False), L.BatchNormalization(),
+                              L.ReLU(), L.Conv2D(16, 1, use_bias=False), L.BatchNormalization(), L.ReLU()],
+                             name="block")
+    inp = keras.Input((49, 10, 1))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(16, (10, 4), strides=2, padding="same", name="stem")(inp)))
+    x = L.AveragePooling2D((25, 5))(block(L.Dropout(0.2)(x)))
+    model = keras.Model(inp, L.Dense(12)(L.Flatten()(x)))
+    randomize_norms(model)
+    randomize_norms(block, seed=1)
+
+    spec, params = load_model_object(model)
+
+    pad, stem = spec.layers[0], spec.layer("stem")
+    assert pad.kind == "pad" and pad.pads == (4, 5, 1, 1)  # TF: total 9 rows (4 before, 5 after), 2 columns
+    assert (stem.kernel, stem.kernel_w, stem.stride, stem.padding) == (10, 4, 2, "valid")
+    assert "norm" not in [layer.kind for layer in spec.layers]
+    assert_keras_parity(model, spec, params)
+
+
+def test_keras_shared_layer_is_refused() -> None:
+    inp = keras.Input((8, 8, 4))
+    conv = L.Conv2D(4, 3, padding="same", name="shared")
+    x = conv(conv(inp))
+    model = keras.Model(inp, L.Dense(2)(L.Flatten()(x)))
+
+    with pytest.raises(SpecError, match=r"layer 'shared' \(Conv2D\) is not supported: a layer used twice"):
+        load_model_object(model)
+
+
 def test_saved_keras_file_source(tmp_path: Path) -> None:
     model = keras_resnet()
     path = tmp_path / "resnet_block.keras"

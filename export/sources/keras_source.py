@@ -49,22 +49,46 @@ def convert_keras(model: Any, name: str, label: str = "") -> tuple[ModelSpec, Pa
     label = label or name
     graph = keras_graph(model, label)
     shape = input_shape_of(graph, label)
-    nodes = [node for depth in sorted(graph._nodes_by_depth, reverse=True) for node in graph._nodes_by_depth[depth]]
-    uses = Counter(id(t) for node in nodes for t in node.input_tensors)
-    output_id = id(graph.outputs[0])
-    steps: list[Step] = []
     problems: list[SpecError] = []
-    for node in nodes:
-        try:
-            steps.extend(_classify(node, uses, output_id))
-        except SpecError as exc:
-            problems.append(exc)
+    steps = _graph_steps(graph, id(graph.outputs[0]), problems, set())
     refuse_all(problems)
     builder = SpecBuilder(name, shape)
     refs: Refs = {id(graph.inputs[0]): INPUT}
     for step in steps:
         step(builder, refs)
-    return builder.finish(refs[output_id])
+    return builder.finish(refs[id(graph.outputs[0])])
+
+
+def _graph_steps(graph: Any, output_id: int, problems: list[SpecError], seen: set[int]) -> list[Step]:
+    """Build steps of one functional graph, in Keras' own execution order; nested models are inlined.
+
+    `output_id` is the model output's tensor id (a softmax there is dropped), or -1 inside a nested model
+    whose output is not the model's output.
+    """
+    nodes = [node for depth in sorted(graph._nodes_by_depth, reverse=True) for node in graph._nodes_by_depth[depth]]
+    uses = Counter(id(t) for node in nodes for t in node.input_tensors)
+    steps: list[Step] = []
+    for node in nodes:
+        layer = node.operation
+        if type(layer).__name__ == "InputLayer":
+            continue
+        if id(layer) in seen:
+            problems.append(refuse(layer.name, type(layer).__name__, "a layer used twice shares its weights, "
+                                   "which edgepatch cannot train: give each use its own layer"))
+            continue
+        seen.add(id(layer))
+        try:
+            if hasattr(layer, "_nodes_by_depth") or type(layer).__name__ == "Sequential":  # a nested model
+                inner = keras_graph(layer, repr(layer.name))
+                steps.append(_alias(node.input_tensors[0], inner.inputs[0]))
+                last = id(inner.outputs[0]) if id(node.output_tensors[0]) == output_id else -1
+                steps.extend(_graph_steps(inner, last, problems, seen))
+                steps.append(_alias(inner.outputs[0], node.output_tensors[0]))
+            else:
+                steps.extend(_classify(node, uses, output_id))
+        except SpecError as exc:
+            problems.append(exc)
+    return steps
 
 
 # -- classification ---------------------------------------------------------------------------------
@@ -84,8 +108,6 @@ def _classify(node: Any, uses: Counter[int], output_id: int) -> list[Step]:
     label = layer.name
     ins = list(node.input_tensors)
     out = node.output_tensors[0]
-    if type_name == "InputLayer":
-        return []
     if len(node.output_tensors) != 1:
         raise refuse(label, type_name, "layers with several outputs are not supported")
     if type_name == "Add":

@@ -157,8 +157,14 @@ def _first_line(exc: BaseException) -> str:
 def _plan(graph: fx.GraphModule, modules: Mapping[str, nn.Module]) -> list[Step]:
     steps: list[Step] = []
     problems: list[tuple[bool, int, SpecError]] = []
+    called: set[str] = set()
     for node in graph.graph.nodes:
         try:
+            if node.op == "call_module" and node.target in called and next(modules[str(node.target)].parameters(), None) is not None:
+                mod = modules[str(node.target)]
+                raise refuse(str(node.target), _type_name(mod), "a layer called twice shares its weights, which "
+                             "edgepatch cannot train: give each call its own layer")
+            called.add(str(node.target))
             step = _classify(node, modules)
         except SpecError as exc:
             problems.append((node.op != "call_module", len(problems), exc))
