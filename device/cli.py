@@ -58,6 +58,8 @@ def run_cmd(
                                               "the cloud's next bundle (rounds in step with MoMoDistill)"),
     fixed_variant: bool = typer.Option(False, help="always train the full variant (no DISTREAL selection)"),
     log_level: str | None = typer.Option(None, help="[default: INFO]"),
+    fleet_key: Path | None = typer.Option(None, help="the fleet's bundle-signing public key (fleet-signing.pub "
+                                          "from `cloud provision`): install only signed, newer http(s) bundles"),
 ) -> None:
     """Train φ on local data round after round, publishing patches and metrics when a broker is given.
 
@@ -68,7 +70,8 @@ def run_cmd(
     flags = {"--profile": profile, "--bundle": bundle, "--data": data, "--state-dir": state_dir,
              "--device-id": device_id, "--fleet": fleet, "--broker": broker, "--mqtt-protocol": mqtt_protocol,
              "--runtime": runtime, "--rounds": rounds, "--steps": steps, "--deadline": deadline,
-             "--interval": interval, "--await-bundle": await_bundle, "--fixed-variant": fixed_variant or None}
+             "--interval": interval, "--await-bundle": await_bundle, "--fixed-variant": fixed_variant or None,
+             "--fleet-key": fleet_key}
     if config is not None:
         given = [flag for flag, value in flags.items() if value is not None]
         if given:
@@ -82,7 +85,7 @@ def run_cmd(
                            fleet=fleet or "default", broker=broker, mqtt_protocol=mqtt_protocol, runtime=runtime,
                            rounds=1 if rounds is None else rounds, steps=steps, deadline=deadline,
                            interval=interval or 0.0, await_bundle=await_bundle or 0.0, adaptive=not fixed_variant,
-                           log_level=log_level or "INFO")
+                           log_level=log_level or "INFO", fleet_key=fleet_key)
     _run_device(run, FLUSH_TIMEOUT_S, write_heartbeat)
 
 
@@ -105,6 +108,7 @@ class _RunSettings:
     adaptive: bool
     log_level: str
     mqtt_password: str | None = None
+    fleet_key: Path | None = None
 
 
 def _settings_from_config(path: Path, log_level: str | None) -> _RunSettings:
@@ -126,7 +130,7 @@ def _settings_from_config(path: Path, log_level: str | None) -> _RunSettings:
                         mqtt_protocol=cfg.broker.protocol if cfg.broker else None, runtime=cfg.runtime,
                         rounds=cfg.rounds, steps=cfg.steps, deadline=cfg.deadline_s, interval=cfg.interval_s,
                         await_bundle=cfg.await_bundle_s, adaptive=cfg.adaptive,
-                        log_level=log_level or cfg.log_level, mqtt_password=password)
+                        log_level=log_level or cfg.log_level, mqtt_password=password, fleet_key=cfg.fleet_key)
 
 
 def _run_device(run: _RunSettings, flush_timeout: float, heartbeat: Any) -> None:
@@ -155,7 +159,8 @@ def _run_device(run: _RunSettings, flush_timeout: float, heartbeat: Any) -> None
             prof = run.profile if isinstance(run.profile, DeviceProfile) else load_profile(run.profile)
             cfg = DeviceConfig(device_id=run.device_id, profile=prof, state_dir=run.state_dir, data_dir=run.data,
                                fleet=run.fleet, runtime=run.runtime, broker=run.broker, adaptive=run.adaptive,
-                               mqtt_protocol=run.mqtt_protocol, mqtt_password=run.mqtt_password)
+                               mqtt_protocol=run.mqtt_protocol, mqtt_password=run.mqtt_password,
+                               fleet_key=run.fleet_key)
             heartbeat(run.state_dir, state="starting", rounds_done=0)
             device = DeviceRuntime(cfg, run.bundle)
         except (ProfileError, BundleError, ValueError, OSError) as exc:

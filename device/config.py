@@ -11,6 +11,7 @@ One TOML file per installed device, e.g. /etc/edgepatch/device.toml:
     bundle = "/var/lib/edgepatch/initial-bundle"   # installed at the first start only
     rounds = 0                          # 0 = until stopped
     interval_s = 60.0
+    fleet_key = "/etc/edgepatch/fleet-signing.pub"   # install only bundles the fleet key signed (docs/security.md)
 
     [broker]                            # omit the table to train offline
     url = "mqtts://broker.example.internal:8883"
@@ -36,7 +37,7 @@ from typing import Any
 from .profile import MQTT_PROTOCOLS, RUNTIMES, DeviceProfile, ProfileError, TlsSettings, load_profile
 
 _TOP_KEYS = {"device_id", "fleet", "profile", "data_dir", "state_dir", "bundle", "runtime", "rounds", "steps",
-             "deadline_s", "interval_s", "await_bundle_s", "adaptive", "log_level", "broker"}
+             "deadline_s", "interval_s", "await_bundle_s", "adaptive", "log_level", "broker", "fleet_key"}
 _BROKER_KEYS = {"url", "protocol", "username", "password_file", "password_env", "ca_file", "cert_file",
                 "key_file"}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -86,6 +87,7 @@ class RunConfig:
     adaptive: bool = True
     log_level: str = "INFO"
     broker: BrokerConfig | None = None
+    fleet_key: Path | None = None  # the fleet's bundle-signing public key (`cloud provision`)
 
     def effective_profile(self) -> DeviceProfile:
         """The firmware profile with this device's broker overrides (user name, TLS files) applied."""
@@ -211,7 +213,8 @@ def parse_config(text: str, source: Path) -> RunConfig:
         rounds=t.get("rounds", int, 0), steps=steps, deadline_s=t.get("deadline_s", float),
         interval_s=t.get("interval_s", float, 0.0), await_bundle_s=t.get("await_bundle_s", float, 0.0),
         adaptive=t.get("adaptive", bool, True), log_level=level,
-        broker=_broker(where, data["broker"], base) if "broker" in data else None)
+        broker=_broker(where, data["broker"], base) if "broker" in data else None,
+        fleet_key=t.path("fleet_key", base))
 
 
 def load_config(path: str | os.PathLike[str]) -> RunConfig:
