@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import sys
 import zipfile
 from collections.abc import Sequence
@@ -79,8 +80,8 @@ def _locate(source: str) -> tuple[Any, str]:
     """The object SOURCE names (called when it is a zero-argument callable) and a name for the model."""
     if source in REFERENCE_MODELS:
         return REFERENCE_MODELS[source](), source
-    if source.lower().endswith(".keras"):
-        return _load_keras_file(Path(source)), Path(source).stem
+    if source.lower().endswith(".keras"):  # the stem names the model (and its bundle's model_id)
+        return _load_keras_file(Path(source)), re.sub(r"[^A-Za-z0-9_.-]", "_", Path(source).stem) or "model"
     where, sep, attr = source.rpartition(":")
     if not sep or not where or not attr:
         raise SpecError(f"unknown model {source!r}: use " + SOURCE_FORMS.format(", ".join(REFERENCE_MODELS)))

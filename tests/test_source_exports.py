@@ -57,7 +57,25 @@ def _keras_resnet() -> tuple[ModelSpec, Params, object]:
     return spec, params, lambda x: np.asarray(model(np.moveaxis(x, 1, -1), training=False))
 
 
-SOURCES = {"torch-resnet": _torch_resnet, "torch-sensor-1d": _torch_sensor, "keras-resnet": _keras_resnet}
+def _keras_file() -> tuple[ModelSpec, Params, object]:
+    """A saved .keras file through load_model, compared with the model object that was saved."""
+    import tempfile
+
+    from edgepatch.export.resolve import load_model
+
+    from .test_model_sources_keras import keras_resnet
+
+    model = keras_resnet(15)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "my resnet.keras"
+        model.save(path)
+        spec, params = load_model(str(path), None)
+    assert spec.name == "my_resnet" and params is not None
+    return spec, params, lambda x: np.asarray(model(np.moveaxis(x, 1, -1), training=False))
+
+
+SOURCES = {"torch-resnet": _torch_resnet, "torch-sensor-1d": _torch_sensor, "keras-resnet": _keras_resnet,
+           "keras-file": _keras_file}
 
 
 def _patched(spec: ModelSpec, params: Params) -> tuple[PatchSpec, Params]:
