@@ -74,7 +74,7 @@ def mqtt_protocol_name(version: str) -> MqttVersion:
     try:
         return MqttVersion.parse(version)
     except MqttConfigError as exc:
-        raise CanoeCliError(f"--mqtt-protocol: {exc}") from None
+        raise CanoeCliError(f"--mqtt-protocol must be one of {[v.value for v in MqttVersion]}: {exc}") from None
 
 
 def open_link(broker: str, mqtt_protocol: str, fleet: str, device_id: str) -> CanoeLink:

@@ -40,8 +40,8 @@ class WireEndpoint:
         self.client.connect(will)
         if not self.client.wait_connected(timeout):
             self.client.disconnect()
-            raise ConnectionError(f"{self.client.settings.client_id}: no broker at {self.client.settings.url} "
-                                  f"within {timeout:.0f} s")
+            s = self.client.settings
+            raise ConnectionError(f"{s.client_id}: no broker at {s.host}:{s.port} ({s.url}) within {timeout:.0f} s")
 
     def stop(self) -> None:
         self.client.disconnect()

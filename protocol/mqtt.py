@@ -50,11 +50,11 @@ class MqttVersion(Enum):
 
     @classmethod
     def parse(cls, value: MqttVersion | str | int) -> MqttVersion:
-        """Accepts every spelling the project has used: 5, "5", "mqttv5", "3.1.1", "311", "mqttv311", 4."""
+        """Accepts every spelling the project has used: 5, "5", "mqttv5", "3.1.1", "311", "mqttv311"."""
         if isinstance(value, MqttVersion):
             return value
         key = str(value).strip().lower().removeprefix("mqtt").removeprefix("v")
-        found = {"5": cls.V5, "5.0": cls.V5, "3.1.1": cls.V311, "311": cls.V311, "4": cls.V311}.get(key)
+        found = {"5": cls.V5, "3.1.1": cls.V311, "311": cls.V311}.get(key)
         if found is None:
             raise MqttConfigError(f"MQTT version {value!r} is not supported: use 5 or 3.1.1")
         return found

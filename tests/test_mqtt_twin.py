@@ -85,7 +85,7 @@ def test_settings_refuse_a_password_over_plain_mqtt_and_name_the_fix():
     assert ok.tls and ok.port == 8883 and "s3cret" not in repr(ok)
     assert MqttSettings(client_id="c", tls_ca="/ca.pem", username="u", password="p").tls  # TLS files imply TLS
     for bad in (dict(client_id=""), dict(client_id="c", port=0), dict(client_id="c", tls_cert="x"),
-                dict(client_id="c", version="4.0")):
+                dict(client_id="c", version="4")):
         with pytest.raises(MqttConfigError):
             MqttSettings(**bad)
     with pytest.raises(MqttConfigError, match="expected mqtt://"):
