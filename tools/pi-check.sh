@@ -46,27 +46,34 @@ pi_mount
 
 W=/opt/pi-check            # inside the root
 HW=$PI_ROOT$W              # the same folder seen from the host
-rm -rf "$HW" "$PI_ROOT/opt/edgepatch-src" "$PI_ROOT/opt/edgepatch-venv"
-mkdir -p "$HW" "$PI_ROOT/opt/edgepatch-src"
-
-echo "pi-check: [1/6] copying the checkout (working tree) into the arm64 root"
-tar -C "$REPO" --exclude=.git --exclude=results --exclude='__pycache__' --exclude='*.egg-info' \
-    --exclude=build --exclude='edgepatch-*' -cf - . | tar -C "$PI_ROOT/opt/edgepatch-src" -xf -
-# pip inside trusts what pip on the host trusts (a host may reach PyPI through a TLS-inspecting proxy).
-HOST_CA=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
-cp -L "$HOST_CA" "$PI_ROOT/etc/ssl/certs/host-ca-bundle.crt"
-IN_ENV=(PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt PIP_DISABLE_PIP_VERSION_CHECK=1)
-
-echo "pi-check: [2/6] pip install edgepatch[device] into a fresh venv (arm64, emulated; a few minutes)"
-pi_chroot python3 -m venv /opt/edgepatch-venv
-EMPTY_MB=$(du -sm "$PI_ROOT/opt/edgepatch-venv" | cut -f1)
-t0=$(date +%s)
-pi_chroot "${IN_ENV[@]}" /opt/edgepatch-venv/bin/pip install -q '/opt/edgepatch-src[device]' \
-  >"$HW/pip.log" 2>&1 || { tail -20 "$HW/pip.log"; pi_die "pip install failed (log: $HW/pip.log)"; }
-echo "pi-check:       installed in $(( $(date +%s) - t0 )) s"
+rm -rf "$HW"
+mkdir -p "$HW"
 VPY=/opt/edgepatch-venv/bin/python
-DEV=/opt/edgepatch-src/tools/pi_check_device.py
-pi_chroot PI_EMPTY_VENV_MB="$EMPTY_MB" "$VPY" "$DEV" install /opt/edgepatch-venv "$W/install.json"
+DEV=/opt/pi-check/pi_check_device.py
+cp "$HERE/pi_check_device.py" "$HW/"
+SAVED_INSTALL="$PI_ROOT/opt/edgepatch-venv.install.json"
+if [ "${PI_REUSE_VENV:-0}" = 1 ] && [ -x "$PI_ROOT$VPY" ] && [ -e "$SAVED_INSTALL" ]; then
+  echo "pi-check: [1-2/6] PI_REUSE_VENV=1: reusing the installed venv and its recorded install size"
+else
+  rm -rf "$PI_ROOT/opt/edgepatch-src" "$PI_ROOT/opt/edgepatch-venv" "$SAVED_INSTALL"
+  mkdir -p "$PI_ROOT/opt/edgepatch-src"
+  echo "pi-check: [1/6] copying the checkout (working tree) into the arm64 root"
+  tar -C "$REPO" --exclude=.git --exclude=results --exclude='__pycache__' --exclude='*.egg-info' \
+      --exclude=build --exclude='edgepatch-*' -cf - . | tar -C "$PI_ROOT/opt/edgepatch-src" -xf -
+  # pip inside trusts what pip on the host trusts (a host may reach PyPI through a TLS-inspecting proxy).
+  HOST_CA=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
+  cp -L "$HOST_CA" "$PI_ROOT/etc/ssl/certs/host-ca-bundle.crt"
+  echo "pi-check: [2/6] pip install edgepatch[device] into a fresh venv (arm64, emulated; several minutes)"
+  pi_chroot python3 -m venv /opt/edgepatch-venv
+  EMPTY_MB=$(du -sm "$PI_ROOT/opt/edgepatch-venv" | cut -f1)
+  t0=$(date +%s)
+  pi_chroot PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    /opt/edgepatch-venv/bin/pip install -q '/opt/edgepatch-src[device]' >"$HW/pip.log" 2>&1 \
+    || { tail -20 "$HW/pip.log"; pi_die "pip install failed (log: $HW/pip.log)"; }
+  echo "pi-check:       installed in $(( $(date +%s) - t0 )) s"
+  pi_chroot PI_EMPTY_VENV_MB="$EMPTY_MB" "$VPY" "$DEV" install /opt/edgepatch-venv /opt/edgepatch-venv.install.json
+fi
+cp "$SAVED_INSTALL" "$HW/install.json"
 
 echo "pi-check: [3/6] import test (no torch, no TensorFlow on the device path)"
 pi_chroot "$VPY" "$DEV" imports "$W/import.json"
@@ -114,5 +121,6 @@ pi_chroot /opt/edgepatch-venv/bin/edgepatch device status --config "$W/device.to
 pi_chroot /opt/edgepatch-venv/bin/edgepatch device predict "$W/predict-x.npz" --state-dir "$W/state" >"$HW/predict.json"
 
 echo "pi-check: [6/6] report"
-"$HOST_PY" "$HERE/pi_check_host.py" report "$HW" "$OUT"
+PI_QEMU_VERSION=$(qemu-aarch64-static --version | head -1) PI_QEMU_CPU=$PI_QEMU_CPU \
+  "$HOST_PY" "$HERE/pi_check_host.py" report "$HW" "$OUT"
 echo "pi-check: wrote $OUT"

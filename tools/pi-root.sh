@@ -70,6 +70,18 @@ pi_mount() {
     PI_MOUNTS=("$PI_ROOT/$m" "${PI_MOUNTS[@]}")
   done
   cp -L /etc/resolv.conf "$PI_ROOT/etc/resolv.conf"
+  # qemu 7.2 (bookworm) passes the host's x86 /proc/cpuinfo through; LiteRT's CPU detection (cpuinfo, for
+  # XNNPACK) then finds no ARM core and crashes (SIGSEGV in Interpreter()). Show it a Pi 4's instead:
+  # Cortex-A72 cores (one per host CPU, matching /sys), the same CPU qemu emulates (PI_QEMU_CPU).
+  local fake="${PI_ROOT}.cpuinfo" i
+  : >"$fake"
+  for i in $(seq 0 $(( $(nproc) - 1 ))); do
+    printf 'processor\t: %d\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n' "$i" >>"$fake"
+  done
+  printf 'Hardware\t: BCM2835\nModel\t\t: Raspberry Pi 4 Model B (emulated by qemu-aarch64)\n' >>"$fake"
+  grep -q " $PI_ROOT/proc/cpuinfo " /proc/mounts && return
+  mount --bind "$fake" "$PI_ROOT/proc/cpuinfo"
+  PI_MOUNTS=("$PI_ROOT/proc/cpuinfo" "${PI_MOUNTS[@]}")
 }
 
 pi_umount() {
@@ -79,4 +91,9 @@ pi_umount() {
 }
 
 # Run a command inside the arm64 root (every process in it is emulated).
-pi_chroot() { chroot "$PI_ROOT" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 "$@"; }
+# QEMU_CPU: qemu-user emulates a Pi 4's core (no SVE/SME/dotprod), so kernels are chosen as on the Pi.
+PI_QEMU_CPU=${PI_QEMU_CPU:-cortex-a72}
+pi_chroot() {
+  chroot "$PI_ROOT" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \
+    QEMU_CPU="$PI_QEMU_CPU" "$@"
+}

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import threading
@@ -83,6 +84,13 @@ def listen(port: int, fleet: str, seconds: float, out: Path) -> None:
     out.write_text(json.dumps(counts))
 
 
+def _host_cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    return ""
+
+
 ROUND_RE = re.compile(r"round (\d+): (\d+) steps in ([0-9.]+)s")
 
 
@@ -102,7 +110,8 @@ def report(work: Path, out: Path) -> None:
     bundle_b = (work / "bundle-b.version").read_text().strip()
     result = {
         "figures_are": "qemu-aarch64 user-mode EMULATION on an x86-64 host; not Raspberry Pi measurements",
-        "host": r.pop("host", ""), **r,
+        "emulator": os.environ.get("PI_QEMU_VERSION", ""), "emulated_cpu": os.environ.get("PI_QEMU_CPU", ""),
+        "host_cpu": _host_cpu(), **r,
         "device_run": {"exit_code": run["exit_code"], "rounds": len(rounds), "steps": steps,
                        "wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"],
                        "step_ms_mean": round(1000 * secs / steps, 1) if steps else None,
@@ -122,7 +131,7 @@ def report(work: Path, out: Path) -> None:
     out.write_text(json.dumps(result, indent=1))
     t = Table("measure (arm64 under qemu emulation — NOT Pi figures)", "value",
               title="edgepatch device on Debian bookworm arm64 (Python " + r["python"] + ")")
-    t.add_row("pip install edgepatch[device] size", f"{r['installed_mb']:.1f} MB")
+    t.add_row("pip install edgepatch\\[device] size", f"{r['installed_mb']:.1f} MB")
     for name, mb in list(r["largest_packages_mb"].items())[:4]:
         t.add_row(f"  {name}", f"{mb:.1f} MB")
     t.add_row("torch / tensorflow installed", ", ".join(r["heavy_installed"]) or "neither")
@@ -136,6 +145,7 @@ def report(work: Path, out: Path) -> None:
               f"{bundle_b[:12]}")
     t.add_row("device predict", f"{result['predict']['n']} predictions, personalized={predict['personalized']}")
     t.add_row("outbox after stop", f"{result['outbox_pending_after_stop']} pending")
+    t.add_row("emulator", f"{result['emulator']} -cpu {result['emulated_cpu']} on {result['host_cpu']}")
     t.add_row("check", "PASSED" if ok else "FAILED")
     Console(width=120).print(t)
     if not ok:
