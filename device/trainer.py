@@ -1,7 +1,7 @@
 """PatchTrainer: trains φ (and only φ) on the device's own data, resource-aware and crash-safe.
 
 Per step: re-decide the variant every few steps (DISTREAL selector), draw a fresh kept filter set and
-gather the small network's frozen weights, take one Adam step on φ in the lite runtime, then commit φ,
+gather the small network's frozen weights, take one Adam step on φ on the engine, then commit φ,
 the Adam slots and the step counter atomically — a power cut loses at most the step in flight.
 Data is split by time: the newest `holdout_fraction` is held out (train on older, test on newer), and
 batches come from a replay window of the most recent `replay_window` training samples.
@@ -152,7 +152,7 @@ class PatchTrainer:
         return decision.variant_id
 
     def step(self, variant_id: str) -> float:
-        """One φ step in the lite runtime on a fresh kept set, committed atomically."""
+        """One φ step on the engine (LiteRT or ExecuTorch) on a fresh kept set, committed atomically."""
         variant = self.bundle.variant(variant_id)
         kept = sample_kept(self.spec, variant, self.rng)
         sliced = slice_params(self.params, self.infos, kept)

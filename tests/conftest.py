@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,3 +70,50 @@ def shifted_digits_devices(tmp_path_factory: pytest.TempPathFactory) -> dict[str
         dirs[device.device_id] = root / device.device_id
         write_device_timeline(device, dirs[device.device_id])
     return dirs
+
+
+# -- Canoe: a base model that never saw classes 7..9 and a helper that knows every class ---------------
+
+@dataclass
+class CanoeWorld:
+    bundle: Any  # protocol.bundle.Bundle
+    base: Any  # device.canoe_boost.TailoredModel, pretrained on classes 0..6 only
+    helper: Any  # a copy fine-tuned on all classes
+    helper_x: Any
+    helper_y: Any
+    test_x: Any
+    test_y: Any
+
+
+def build_canoe_world(bundle_path: Path, runtime: str = "litert") -> CanoeWorld:
+    """Both models trained from scratch on the digits by `runtime`'s full-weight steps."""
+    import numpy as np
+
+    from edgepatch.data.datasets import load_digits
+    from edgepatch.device.canoe_boost import tailored_from_bundle
+    from edgepatch.protocol.bundle import load_bundle
+    from edgepatch.protocol.params import init_params
+
+    bundle = load_bundle(bundle_path)
+    data = load_digits()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(data.y))
+    x, y = data.x[order], data.y[order].astype(np.int64)
+    test, cloud, helper = slice(0, 400), slice(400, 900), slice(900, 1400)
+    base = tailored_from_bundle(bundle, runtime=runtime)
+    base.base = dict(init_params(base.spec, None, seed=1))
+    old = np.flatnonzero(y[cloud] < 7)
+    for _ in range(250):
+        idx = rng.choice(old, base.batch)
+        base.train_step(x[cloud][idx], y[cloud][idx])
+    helper_model = base.copy()
+    for _ in range(300):
+        idx = rng.choice(500, helper_model.batch)
+        helper_model.train_step(x[helper][idx], y[helper][idx])
+    return CanoeWorld(bundle, base, helper_model, x[helper], y[helper], x[test], y[test])
+
+
+@pytest.fixture(scope="session")
+def canoe_world_builder() -> Callable[[Path, str], CanoeWorld]:
+    """`build_canoe_world` for test modules (under --import-mode=importlib they cannot import conftest)."""
+    return build_canoe_world

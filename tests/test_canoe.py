@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,15 +16,12 @@ from edgepatch.cloud.canoe import rank_helpers
 from edgepatch.device.canoe_boost import (
     CanoeEnsemble,
     SliceModel,
-    TailoredModel,
     bundle_variants,
     samme_weights,
-    tailored_from_bundle,
     vote,
 )
 from edgepatch.device.canoe_helper import CanoeHelper, full_model_bytes
 from edgepatch.device.canoe_target import CanoeTarget, DriftDetector
-from edgepatch.protocol.bundle import Bundle, load_bundle
 from edgepatch.protocol.canoe import (
     CanoeError,
     CanoeMeta,
@@ -37,7 +35,6 @@ from edgepatch.protocol.canoe import (
     decode_slice,
     encode_message,
 )
-from edgepatch.protocol.params import init_params
 
 NEW = [7, 8, 9]
 
@@ -133,42 +130,12 @@ def test_slice_file_refuses_pickles_and_wrong_hash() -> None:
 
 # ----------------------------------------------------------------------- real bundle (LiteRT, slow)
 
-@dataclass
-class Scenario:
-    bundle: Bundle
-    base: TailoredModel  # pretrained on classes 0..6 only
-    helper: TailoredModel  # fine-tuned on all classes
-    helper_x: np.ndarray
-    helper_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-
-
-def build_scenario(bundle_path: Path) -> Scenario:
-    from edgepatch.data.datasets import load_digits
-
-    bundle = load_bundle(bundle_path)
-    data = load_digits()
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(data.y))
-    x, y = data.x[order], data.y[order].astype(np.int64)
-    test, cloud, helper = slice(0, 400), slice(400, 900), slice(900, 1400)
-    base = tailored_from_bundle(bundle)
-    base.base = {k: v for k, v in init_params(base.spec, None, seed=1).items()}
-    old = np.flatnonzero(y[cloud] < 7)
-    for _ in range(250):
-        idx = rng.choice(old, base.batch)
-        base.train_step(x[cloud][idx], y[cloud][idx])
-    helper_model = base.copy()
-    for _ in range(300):
-        idx = rng.choice(500, helper_model.batch)
-        helper_model.train_step(x[helper][idx], y[helper][idx])
-    return Scenario(bundle, base, helper_model, x[helper], y[helper], x[test], y[test])
+Scenario = Any  # conftest.CanoeWorld: bundle, base (classes 0..6), helper (all), helper_x/y, test_x/y
 
 
 @pytest.fixture(scope="module")
-def scenario(digits_bundle: Path) -> Scenario:
-    return build_scenario(digits_bundle)
+def scenario(digits_bundle: Path, canoe_world_builder: Callable[[Path, str], Scenario]) -> Scenario:
+    return canoe_world_builder(digits_bundle, "litert")
 
 
 def _helper(sc: Scenario, **kw: object) -> CanoeHelper:
@@ -263,6 +230,9 @@ def test_target_rejects_a_slice_with_a_wrong_hash_and_keeps_learning(scenario: S
                         inline_b64=offer.inline_b64)
     target = _target(scenario)
     target.observe(scenario.helper_x[:64], scenario.helper_y[:64])
+    assert not target.on_reply(CanoeReply(offer.request_id, offer=forged))  # nobody asked: ignored unread
+    assert target.events[-1]["event"] == "unrequested" and target.ensemble.helpers == []
+    target._pending = offer.request_id  # now it answers our pending request: read, and refused for its hash
     assert not target.on_reply(CanoeReply(offer.request_id, offer=forged))
     assert target.ensemble.helpers == [] and target.events[-1]["event"] == "rejected"
     assert "sha256" in target.events[-1]["error"]

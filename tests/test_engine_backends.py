@@ -14,13 +14,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from edgepatch.device.canoe_boost import SliceModel, TailoredModel, bundle_variants, tailored_from_bundle
+from edgepatch.device.canoe_boost import SliceModel, bundle_variants
 from edgepatch.device.canoe_helper import CanoeHelper
 from edgepatch.device.canoe_target import CanoeTarget, DriftDetector
 from edgepatch.device.engine import (
@@ -199,38 +200,10 @@ def test_canoe_cli_opens_the_own_model_on_the_chosen_runtime(bundle: Bundle, bun
     assert result.exit_code == 2 and "unknown runtime 'onnx'" in result.output, result.output
 
 
-@dataclass
-class CanoeWorld:
-    bundle: Bundle
-    base: TailoredModel  # knows classes 0..6
-    helper: TailoredModel  # knows every class
-    helper_x: np.ndarray
-    helper_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-
-
 @pytest.fixture(scope="module")
-def et_world(bundle: Bundle, engines: dict[str, Engine]) -> CanoeWorld:
-    """The test_canoe scenario, every step on the ExecuTorch engine."""
-    from edgepatch.data.datasets import load_digits
-
-    data = load_digits()
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(data.y))
-    x, y = data.x[order], data.y[order].astype(np.int64)
-    test, cloud, helper = slice(0, 400), slice(400, 900), slice(900, 1400)
-    base = tailored_from_bundle(bundle, engines["executorch"])
-    base.base = dict(init_params(base.spec, None, seed=1))
-    old = np.flatnonzero(y[cloud] < 7)
-    for _ in range(250):
-        idx = rng.choice(old, base.batch)
-        base.train_step(x[cloud][idx], y[cloud][idx])
-    helper_model = base.copy()
-    for _ in range(300):
-        idx = rng.choice(500, helper_model.batch)
-        helper_model.train_step(x[helper][idx], y[helper][idx])
-    return CanoeWorld(bundle, base, helper_model, x[helper], y[helper], x[test], y[test])
+def et_world(bundle_dir: Path, canoe_world_builder: Callable[[Path, str], Any]) -> Any:
+    """The test_canoe scenario (conftest.CanoeWorld), every training step on the ExecuTorch engine."""
+    return canoe_world_builder(bundle_dir, "executorch")
 
 
 def _on_classes(pred: np.ndarray, y: np.ndarray, classes: list[int]) -> float:
@@ -238,7 +211,7 @@ def _on_classes(pred: np.ndarray, y: np.ndarray, classes: list[int]) -> float:
     return float((pred[mask] == y[mask]).mean())
 
 
-def test_canoe_slice_and_boosting_on_executorch(et_world: CanoeWorld, engines: dict[str, Engine]) -> None:
+def test_canoe_slice_and_boosting_on_executorch(et_world: Any, engines: dict[str, Engine]) -> None:
     w = et_world
     assert w.base.engine.runtime == "executorch"
     helper = CanoeHelper("dev-h", w.helper, w.helper_x, w.helper_y, bundle_variants(w.bundle), w.bundle.base_version)
