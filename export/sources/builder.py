@@ -167,9 +167,6 @@ class SpecBuilder:
         self.params[f"{src.name}.bias"] = ((b - mean) * scale + shift).astype(np.float32)
         return src
 
-    def kind_of(self, ref: Ref) -> str:
-        return self._kinds.get(ref.name, "input")
-
     # -- result -------------------------------------------------------------------------------------
     def finish(self, out: Ref) -> tuple[ModelSpec, Params]:
         if not self.layers or out.name != self.layers[-1].name:

@@ -20,7 +20,7 @@ import numpy as np
 from edgepatch.protocol.model_spec import ModelSpec, SpecError
 from edgepatch.protocol.params import Params
 
-from .builder import HINTS, INPUT, Ref, SpecBuilder, hint_for, refuse, refuse_all
+from .builder import HINTS, INPUT, Ref, SpecBuilder, channels_last_rows, hint_for, refuse, refuse_all
 
 Refs = dict[int, Ref]  # id(KerasTensor) -> what the description calls it
 Step = Callable[[SpecBuilder, Refs], None]
@@ -114,7 +114,7 @@ def _classify(node: Any, uses: Counter[int], output_id: int) -> list[Step]:
         if len(ins) < 2 or len({tuple(t.shape) for t in ins}) != 1:
             raise refuse(label, type_name, "residual adds join tensors of the same shape")
         return [_add(label, ins, out)]
-    if type_name not in ("Add",) and len(ins) != 1:
+    if len(ins) != 1:
         raise refuse(label, type_name, hint_for(type_name))
     src, in_shape = ins[0], tuple(ins[0].shape)
     if getattr(layer, "data_format", "channels_last") == "channels_first":
@@ -127,7 +127,7 @@ def _classify(node: Any, uses: Counter[int], output_id: int) -> list[Step]:
                                           out_id=id(out) == output_id and uses[id(out)] == 0))
         return steps
     if type_name == "BatchNormalization":
-        return [_norm(node, layer, label, src, out, in_shape, uses)]
+        return [_norm(layer, label, src, out, in_shape, uses)]
     if type_name == "ReLU":
         cfg = layer.get_config()
         if cfg.get("negative_slope", 0.0) or cfg.get("threshold", 0.0) or cfg.get("max_value") not in (None, 6.0, 6):
@@ -195,13 +195,13 @@ def _weighted(layer: Any, type_name: str, label: str, src: Any, out: Any, in_sha
 
         def dense(b: SpecBuilder, refs: Refs) -> None:
             ref = refs[id(src)]
-            weight = w if ref.channels_last is None else _reorder(w, ref.channels_last)
+            weight = w if ref.channels_last is None else channels_last_rows(w, ref.channels_last)
             refs[id(out)] = b.weighted("dense", label, ref, weight, bias, out=int(w.shape[0]))
 
         return dense
     if type_name in ("DepthwiseConv2D", "SeparableConv2D") and layer.depth_multiplier != 1:
         raise refuse(label, type_name, "only depth_multiplier=1")
-    if type_name == "Conv2D" and layer.groups != 1:
+    if type_name in ("Conv1D", "Conv2D") and layer.groups != 1:
         raise refuse(label, type_name, "grouped convs: use groups=1 or DepthwiseConv2D")
     kernel_var = layer.depthwise_kernel if type_name == "SeparableConv2D" else layer.kernel
     k = _numpy(kernel_var)
@@ -226,13 +226,7 @@ def _weighted(layer: Any, type_name: str, label: str, src: Any, out: Any, in_sha
     return conv
 
 
-def _reorder(w: np.ndarray, channels_last: tuple[int, ...]) -> np.ndarray:
-    from .builder import channels_last_rows
-
-    return channels_last_rows(w, channels_last)
-
-
-def _norm(node: Any, layer: Any, label: str, src: Any, out: Any, in_shape: tuple[Any, ...], uses: Counter[int]
+def _norm(layer: Any, label: str, src: Any, out: Any, in_shape: tuple[Any, ...], uses: Counter[int]
           ) -> Step:
     axis = layer.axis if isinstance(layer.axis, int) else (list(layer.axis) + [None])[0]
     producer = src._keras_history.operation
