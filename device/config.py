@@ -97,9 +97,11 @@ class RunConfig:
         mqtt = self.profile.mqtt
         tls = mqtt.tls
         if b.ca_file is not None or b.cert_file is not None:
+            # The device's own TLS files replace the profile's as a set: a fleet that logs in with
+            # passwords (`cloud provision`) gives only ca_file, and no client certificate is sent.
             tls = TlsSettings(ca_file=str(b.ca_file or (tls.ca_file if tls else "")),
-                              cert_file=str(b.cert_file) if b.cert_file else (tls.cert_file if tls else None),
-                              key_file=str(b.key_file) if b.key_file else (tls.key_file if tls else None))
+                              cert_file=str(b.cert_file) if b.cert_file else None,
+                              key_file=str(b.key_file) if b.key_file else None)
         mqtt = dataclasses.replace(mqtt, username=b.username or mqtt.username,
                                    password_env=b.password_env or mqtt.password_env, tls=tls)
         return dataclasses.replace(self.profile, mqtt=mqtt)

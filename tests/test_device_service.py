@@ -85,7 +85,8 @@ def test_config_resolves_paths_and_reads_the_password_file(tmp_path: Path) -> No
     prof = cfg.effective_profile()
     assert prof.mqtt.username == "pi-7" and prof.mqtt.tls is not None
     assert prof.mqtt.tls.ca_file == str(tmp_path / "ca.crt")
-    assert prof.mqtt.tls.cert_file == "/etc/edgepatch/device.crt"  # the profile's, not overridden
+    assert prof.mqtt.tls.cert_file is None  # the device's TLS files replace the profile's client certificate
+    assert cfg.profile.mqtt.tls is not None and cfg.profile.mqtt.tls.cert_file == "/etc/edgepatch/device.crt"
 
 
 @pytest.mark.parametrize(("body", "error"), [
