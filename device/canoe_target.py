@@ -279,6 +279,13 @@ class CanoeTarget:
 
     def on_reply(self, reply: CanoeReply) -> bool:
         """Take a relayed offer into the ensemble. False (logged, counted) when it cannot be used."""
+        if reply.offer is not None and reply.request_id != self._pending:
+            # only an answer to our own pending request joins the ensemble: nobody can push a slice in
+            self.events.append({"event": "unrequested", "request_id": reply.request_id,
+                                "helper": reply.offer.helper})
+            _log_event(self.device_id, "unrequested", logging.WARNING, request_id=reply.request_id,
+                       pending=self._pending, next="ignored")
+            return False
         if reply.request_id == self._pending:
             self._pending = None
         if reply.offer is None or not reply.offer.ok:
