@@ -318,3 +318,32 @@ def test_ingest_over_tls_with_password_stores_the_patch(tls_broker: TlsBroker, t
         link.stop()
         service.stop()
         store.close()
+
+
+# ------------------------------------------------------------------------------ no password in clear text
+
+def test_a_password_is_never_sent_over_plain_mqtt() -> None:
+    """Device link, ingest, Canoe link and companion settings refuse credentials on a plain mqtt:// link
+    before any socket is opened (issue 11): the listener below never sees a connection."""
+    from edgepatch.device.canoe_link import CanoeLink
+    from edgepatch.protocol.mqtt import MqttConfigError, MqttSettings
+
+    with socket.socket() as server:
+        server.bind((HOST, 0))
+        server.listen()
+        server.settimeout(0.3)
+        port = server.getsockname()[1]
+        attempts = [
+            lambda: LinkSettings(fleet=FLEET, device_id="d", host=HOST, port=port, username=USER, password=PASSWORD),
+            lambda: IngestSettings(host=HOST, port=port, username=USER, password=PASSWORD),
+            lambda: CanoeLink(FLEET, "d", settings=MqttSettings.from_url(f"mqtt://{HOST}:{port}", client_id="c",
+                                                                         username=USER, password=PASSWORD)),
+        ]
+        for attempt in attempts:
+            with pytest.raises(MqttConfigError, match=r"refusing to send the MQTT password .* plain mqtt://"):
+                attempt()
+        with pytest.raises(TimeoutError):
+            server.accept()
+    # The same credentials over TLS are accepted (the settings only; the broker tests above connect).
+    assert LinkSettings(fleet=FLEET, device_id="d", host=HOST, port=port, tls=True, username=USER,
+                        password=PASSWORD).mqtt().tls
