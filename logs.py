@@ -72,26 +72,26 @@ def log_dir(explicit: Path | None = None) -> Path:
 
 
 def setup(command: str = "edgepatch", verbose: bool = False, directory: Path | None = None) -> Path | None:
-    """Configure logging and framework output for this process (idempotent); returns the log file
-    (None when verbose: everything is shown instead)."""
+    """Configure logging and framework output for this process (idempotent); returns the log file, or None
+    when everything is shown instead (verbose, or no writable log folder: e.g. a service whose file system
+    is read-only outside its state directory; set $EDGEPATCH_LOG_DIR there)."""
     if "handler" in _state:
         return _state.get("path")  # type: ignore[return-value]
     logging.captureWarnings(True)
     root, own = logging.getLogger(), logging.getLogger("edgepatch")
-    own.setLevel(logging.DEBUG)
-    if verbose:
+    # DEBUG (every variant decision, kB each) only when asked for: the file of a long-running device stays small.
+    own.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log_file, path = (None, None) if verbose else _open_log(directory, command)
+    if log_file is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setLevel(logging.NOTSET if verbose else logging.WARNING)
         root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        _state.update(handler=handler, path=None)
+        root.setLevel(logging.INFO if verbose else logging.WARNING)
+        _state.update(handler=handler, path=None, verbose=verbose)
         return None
     for key, value in FRAMEWORK_ENV.items():
         os.environ.setdefault(key, value)
-    path = log_dir(directory).resolve() / f"{command}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
-    log_file.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {' '.join(sys.argv)}\n")
     sys.stderr.flush()
     terminal = open(os.dup(2), "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8",  # noqa: SIM115
                     errors="backslashreplace")
@@ -106,19 +106,37 @@ def setup(command: str = "edgepatch", verbose: bool = False, directory: Path | N
     handler.setLevel(logging.WARNING)
     own.addHandler(handler)  # on the 'edgepatch' logger: only our records reach the terminal
     own.propagate = True  # the file handler on root sees edgepatch's records too
-    _state.update(handler=handler, path=path)
+    _state.update(handler=handler, path=path, verbose=False)
     return path
+
+
+def _open_log(directory: Path | None, command: str) -> tuple[TextIO | None, Path | None]:
+    path = log_dir(directory).resolve() / f"{command}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+        log_file.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {' '.join(sys.argv)}\n")
+    except OSError:
+        return None, None
+    return log_file, path
 
 
 def show_level(level: str | int) -> None:
     """The level from which edgepatch's own records reach the terminal (commands with --log-level). Without
-    `setup()` (library use) this is a plain `logging.basicConfig`."""
+    `setup()` (library use) this is a plain `logging.basicConfig`; with --verbose everything stays shown."""
+    number = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    if not isinstance(number, int):
+        number = logging.INFO
+        logging.getLogger("edgepatch").warning("unknown log level %r (use DEBUG, INFO, WARNING or ERROR): "
+                                               "showing INFO", level)
     handler = _state.get("handler")
     if handler is None:
-        logging.basicConfig(level=level if isinstance(level, int) else level.upper(), format=LOG_FORMAT)
+        logging.basicConfig(level=number, format=LOG_FORMAT)
         return
-    if _state.get("path") is not None:
-        handler.setLevel(level if isinstance(level, int) else level.upper())  # type: ignore[attr-defined]
+    if not _state.get("verbose"):
+        handler.setLevel(number)  # type: ignore[attr-defined]
+        own = logging.getLogger("edgepatch")
+        own.setLevel(min(own.level, number))
 
 
 def log_path() -> Path | None:

@@ -124,3 +124,52 @@ def test_demo_prints_only_its_own_lines(tmp_path: Path) -> None:
     assert "done in" in proc.stderr and (tmp_path / "demo" / "report.json").is_file()
     # The device processes log their frameworks beside their own output.
     assert list((tmp_path / "demo" / "devices").glob("*/logs/device.log"))
+
+
+SCRIPT = """
+import logging, os, sys, warnings
+from pathlib import Path
+from edgepatch import logs
+print(logs.setup("unit", verbose=sys.argv[2] == "verbose", directory=Path(sys.argv[1])))
+os.write(2, b"I0000 00:00:1.5 1 native.cc:1] C++ noise on fd 2\\n")
+warnings.warn("a framework deprecation", FutureWarning)
+foreign = logging.getLogger("torchao")
+foreign.addHandler(logging.StreamHandler(sys.stderr))  # a library that binds its own handler, like torch
+foreign.warning("Failed to load a kernel library")
+logging.getLogger("tensorflow").warning("a propagated framework warning")
+from rich.console import Console
+Console(stderr=True).print("our progress line")
+logging.getLogger("edgepatch.unit").warning("our own warning")
+logging.getLogger("edgepatch.unit").debug("a device decision")
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "verbose"])
+def test_setup_routes_framework_output_to_the_log_file(tmp_path: Path, mode: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "logs"), mode], capture_output=True,
+                          text=True, timeout=120, check=True)
+    shown, log = proc.stderr, tmp_path / "logs" / "unit.log"
+    assert "our progress line" in shown and "our own warning" in shown
+    noise = ("C++ noise on fd 2", "a framework deprecation", "Failed to load a kernel library",
+             "a propagated framework warning")
+    if mode == "quiet":
+        assert foreign_lines(shown) == [] and not any(n in shown for n in noise), shown
+        assert "a device decision" not in shown
+        logged = log.read_text()
+        assert all(n in logged for n in noise), logged
+        assert proc.stdout.strip() == str(log.resolve())
+    else:
+        assert all(n in shown for n in noise), shown
+        assert "a device decision" in shown  # DEBUG records are shown with --verbose
+        assert len(foreign_lines(shown)) >= 3 and not log.exists()
+
+
+def test_an_unwritable_log_folder_shows_everything_instead_of_failing(tmp_path: Path) -> None:
+    # A systemd unit with ProtectSystem=strict starts in a read-only "/": the command must still run. (A
+    # folder under a regular file cannot be created, even by root, who ignores permission bits.)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(blocker / "logs"), "quiet"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "None" and "our own warning" in proc.stderr
