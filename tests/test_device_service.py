@@ -64,6 +64,22 @@ def test_unit_command_prints_the_same_unit() -> None:
     assert unit_settings(out)["MemoryMax"] == "96M"
 
 
+def test_rendered_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    import shutil
+
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    unit = tmp_path / "edgepatch-device.service"
+    unit.write_text(render_unit(load_profile("raspberry_pi_4"), executable=shutil.which("true") or "/bin/true"))
+    proc = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "edgepatch-device.service" not in proc.stderr, proc.stderr
+    broken = tmp_path / "broken.service"
+    broken.write_text(unit.read_text().replace("Restart=on-failure", "Restart=sometimes"))
+    bad = subprocess.run([tool, "verify", str(broken)], capture_output=True, text=True, timeout=60)
+    assert "broken.service" in bad.stderr and "sometimes" in bad.stderr  # the verifier really reads the file
+
+
 # -- the configuration file -------------------------------------------------------------------------------
 
 def write_config(path: Path, body: str) -> Path:
