@@ -84,7 +84,7 @@ def _locate(source: str) -> tuple[Any, str]:
         return _load_keras_file(Path(source)), re.sub(r"[^A-Za-z0-9_.-]", "_", Path(source).stem) or "model"
     where, sep, attr = source.rpartition(":")
     if not sep or not where or not attr:
-        raise SpecError(f"unknown model {source!r}: use " + SOURCE_FORMS.format(", ".join(REFERENCE_MODELS)))
+        raise SpecError(f"unknown model {source!r}: {_hint(source)}" + SOURCE_FORMS.format(", ".join(REFERENCE_MODELS)))
     module = _import_file(Path(where)) if where.endswith(".py") else _import_module(where, source)
     obj: Any = module
     try:
@@ -100,6 +100,19 @@ def _locate(source: str) -> tuple[Any, str]:
     if _kind_of(obj) is None:
         raise SpecError(f"{source!r} is a {type(obj).__name__}, not a ModelSpec, torch.nn.Module or Keras model")
     return obj, attr.split(".")[-1]
+
+
+def _hint(source: str) -> str:
+    """What to do with a file that is not a model source (the start of the 'unknown model' error)."""
+    suffix = Path(source).suffix.lower()
+    if suffix == ".py":
+        return f"name the model inside it ('{source}:attr'); use "
+    if suffix in (".pt", ".pth", ".ckpt", ".safetensors", ".npz"):
+        return ("a weights file is not a model: pass the model as 'file.py:attr' and this file as --weights; "
+                "use ")
+    if suffix in (".h5", ".hdf5", ".onnx", ".tflite", ".pb"):
+        return f"{suffix} models are not read (resave a Keras model with model.save('model.keras')); use "
+    return "use "
 
 
 def _kind_of(obj: Any) -> str | None:

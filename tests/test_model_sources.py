@@ -300,3 +300,7 @@ def test_reference_names_and_bad_sources() -> None:
         load_model("os:sep", None)
     with pytest.raises(SpecError, match=r"model file missing.py does not exist"):
         load_model("missing.py:net", None)
+    with pytest.raises(SpecError, match=r"unknown model 'net.py': name the model inside it \('net.py:attr'\)"):
+        load_model("net.py", None)
+    with pytest.raises(SpecError, match=r"a weights file is not a model: pass the model as 'file.py:attr'"):
+        load_model("trained.pt", None)
