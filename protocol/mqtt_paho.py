@@ -86,7 +86,8 @@ class PahoClient(MqttClient):
         self._client.disconnect()
         self._client.loop_stop()
         self._started = False
-        self._on_disconnected("disconnected")
+        if self._connected.is_set():  # paho's own on_disconnect may already have said so
+            self._on_disconnected("disconnected")
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 expiry_s: int | None = None, user_properties: Sequence[tuple[str, str]] = (),
