@@ -4,11 +4,12 @@ Private to the manifest modules (manifest.py, manifest_parts.py); everyone else 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import PurePosixPath
 from typing import Any
+
+from .wire import MessageError, loads_strict
 
 SCHEMA_VERSION = 1
 KNOWN_SCHEMA_VERSIONS = (1,)
@@ -123,20 +124,9 @@ def check_relative_path(path: str, ctx: str = "path") -> str:
 
 
 def _loads_strict(text: str | bytes) -> Any:
-    """json.loads that refuses duplicate keys and NaN/Infinity (both ways to smuggle ambiguity in)."""
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in out:
-                raise ManifestError(f"manifest: duplicate key {key!r}")
-            out[key] = value
-        return out
-
-    def no_constants(name: str) -> Any:
-        raise ManifestError(f"manifest: {name} is not valid JSON")
-
+    """The wire codec's strict JSON (duplicate keys, NaN/Infinity, control characters and integers beyond
+    64 bits refused: all ways to smuggle ambiguity in), its refusal worded as a manifest error."""
     try:
-        return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"manifest: not valid JSON ({exc})") from exc
+        return loads_strict(text.encode("utf-8") if isinstance(text, str) else text)
+    except MessageError as exc:
+        raise ManifestError(f"manifest: not valid JSON: {exc.text}") from None

@@ -268,7 +268,7 @@ MANIFEST_EDITS = {
     "created not a time": (_set("created", "yesterday"), r"created: 'yesterday' is not an ISO 8601 time"),
     "model layer out as float": (_set("model/layers/0/out", 16.5), r"model\.layers\[0\]\.out"),
     "patch on unknown layer": (_set("patch/layers", ["conv9"]), r"patch: no layer named 'conv9'"),
-    "convergence NaN": (_set("variants/0/convergence", float("nan")), r"NaN is not valid JSON"),
+    "convergence NaN": (_set("variants/0/convergence", float("nan")), r"not valid JSON: JSON constant NaN"),
 }
 
 
