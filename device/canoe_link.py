@@ -38,7 +38,7 @@ class CanoeLink(WireEndpoint):
         return self.publish_to(canoe_topic(self.fleet, self.device_id, channel), payload, retain)
 
     def publish_to(self, topic: str, payload: object, retain: bool = False) -> int:
-        return self.send(payload, topic=topic, retain=retain)  # type: ignore[arg-type]
+        return self.send(payload, topic=topic, retain=retain)
 
     def publish_metrics(self, values: dict[str, float], *, base_version: str, variant_id: str) -> int:
         """A generic `metrics` message on this device's metrics topic; returns the bytes queued."""

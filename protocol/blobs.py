@@ -34,7 +34,8 @@ class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
     """Follow a redirect only to the same scheme, host and port: a server cannot send a device elsewhere
     (another host, or http after https)."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
         old, new = urllib.parse.urlparse(req.full_url), urllib.parse.urlparse(newurl)
         if (old.scheme, old.netloc) != (new.scheme, new.netloc):
             raise BlobError(f"refusing a redirect from {old.scheme}://{old.netloc} to {new.scheme}://{new.netloc}")

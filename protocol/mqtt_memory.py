@@ -12,6 +12,7 @@ Every path tested here is also tested over a real Mosquitto (the real-part twins
 
 from __future__ import annotations
 
+import functools
 import itertools
 import queue
 import threading
@@ -240,7 +241,7 @@ class MemoryClient(MqttClient):
             backlog, self._offline = self._offline, []
             for topic, payload, qos, retain, done in backlog:  # QoS>0 publishes made while away, in order
                 self.broker._publish(topic, payload, qos, retain)
-                self._post(lambda d=done: d(True, "Success"))
+                self._post(functools.partial(done, True, "Success"))
             self._connected.set()
         self._on_connected(present)
 

@@ -241,6 +241,9 @@ class Payload(Protocol):
 
     def to_json(self) -> dict[str, Any]: ...
 
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Any: ...
+
 
 KINDS: dict[str, Any] = {}  # kind -> payload class (filled by @register in the family modules)
 CHANNEL_KINDS: dict[Channel, set[str]] = {}
