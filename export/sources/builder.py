@@ -67,8 +67,9 @@ def refuse(layer: str, type_name: str, hint: str) -> SpecError:
 def refuse_all(problems: Sequence[SpecError]) -> None:
     """Raise the first refusal, naming how many other layers were refused too (all found before any work)."""
     if problems:
-        more = f" (and {len(problems) - 1} more unsupported layers)" if len(problems) > 1 else ""
-        raise SpecError(f"{problems[0]}{more}")
+        others = [str(exc).split(" is not supported")[0].removeprefix("layer ") for exc in problems[1:]]
+        listed = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+        raise SpecError(f"{problems[0]}" + (f" (also unsupported: {listed})" if others else ""))
 
 
 @dataclass(frozen=True)
