@@ -58,8 +58,21 @@ def _table_console() -> Console:
     return out if out.is_terminal else Console(width=max(out.width, 240))
 
 
-def _log(message: str) -> None:
+def _print_line(message: str) -> None:
     console.print(f"[dim]{message}[/dim]" if message.startswith("  ") else message)
+
+
+def _log(message: str) -> None:
+    """The pipeline's progress: counting messages (epochs, DSE generations) as a bar, the rest as lines."""
+    from edgepatch.logs import StepLog
+
+    global _step_log
+    if _step_log is None:
+        _step_log = StepLog(console, _print_line)
+    _step_log(message)
+
+
+_step_log = None
 
 
 @app.command("export")

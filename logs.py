@@ -19,10 +19,12 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 LOG_DIR_ENV = "EDGEPATCH_LOG_DIR"
@@ -142,3 +144,40 @@ def show_level(level: str | int) -> None:
 def log_path() -> Path | None:
     """The file framework output goes to (None when verbose or not set up)."""
     return _state.get("path")  # type: ignore[return-value]
+
+
+# "epoch 3/15: loss 0.261", "generation 2/3: 4 new, …": a message that counts towards a known total.
+_COUNTER = re.compile(r"^\s*(?P<label>[A-Za-z][A-Za-z _-]*?) (?P<done>\d+)/(?P<total>\d+)\b:?\s*(?P<rest>.*)$")
+
+
+class StepLog:
+    """A `log(message)` callback for long work (the export pipeline's): a run of counting messages
+    ("epoch 3/15: loss 0.261") becomes one rich progress bar instead of a line each; any other message ends
+    the bar (its last state stays on screen) and is printed by `print_line`."""
+
+    def __init__(self, console: Any, print_line: Callable[[str], None]) -> None:
+        self.console, self.print_line = console, print_line
+        self._progress: Any = None
+        self._tasks: dict[str, Any] = {}
+
+    def __call__(self, message: str) -> None:
+        match = _COUNTER.match(message)
+        if match is None:
+            self.close()
+            self.print_line(message)
+            return
+        if self._progress is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("  {task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TextColumn("{task.description}"), console=self.console)
+            self._progress.start()
+        label, done, total = match["label"], int(match["done"]), int(match["total"])
+        if label not in self._tasks:
+            self._tasks[label] = self._progress.add_task(match["rest"], total=total, label=label)
+        self._progress.update(self._tasks[label], completed=done, total=total, description=match["rest"][:80])
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress, self._tasks = None, {}
