@@ -173,3 +173,23 @@ def test_an_unwritable_log_folder_shows_everything_instead_of_failing(tmp_path: 
                           text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "None" and "our own warning" in proc.stderr
+
+
+def test_counting_messages_become_one_progress_bar() -> None:
+    import io
+
+    from rich.console import Console
+
+    from edgepatch.logs import StepLog
+
+    out = io.StringIO()
+    console = Console(file=out, width=120, force_terminal=False)
+    lines: list[str] = []
+    step_log = StepLog(console, lines.append)
+    step_log("pretraining digits_cnn (15 epochs)")
+    for epoch in range(1, 16):
+        step_log(f"  epoch {epoch}/15: loss {1 / epoch:.3f}")
+    step_log("base accuracy: 0.97")
+    assert lines == ["pretraining digits_cnn (15 epochs)", "base accuracy: 0.97"]
+    shown = out.getvalue()
+    assert shown.count("epoch") == 1 and "15/15" in shown and "loss 0.067" in shown, shown
