@@ -73,7 +73,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     else:
         broker = EmbeddedBroker().start()
         host, port, protocol = broker.host, broker.port, broker.protocol
-        console.print(f"[bold]1/5[/bold] embedded MQTT broker (amqtt, MQTT 3.1.1) on {host}:{port}")
+        console.print(f"[bold]1/5[/bold] embedded MQTT broker (amqtt, MQTT 3.1.1) on {host}:{port} — open: no "
+                      "login, no TLS, loopback only (beyond loopback see docs/security.md)")
     try:
         console.print(f"[bold]2/5[/bold] exporting {opts.model} (pretrain offline, DSE, LiteRT programs)")
         bundle0 = out / "bundle-0"
