@@ -305,3 +305,40 @@ def test_reference_names_and_bad_sources() -> None:
         load_model("net.py", None)
     with pytest.raises(SpecError, match=r"a weights file is not a model: pass the model as 'file.py:attr'"):
         load_model("trained.pt", None)
+
+
+# -- through the command line --------------------------------------------------------------------------
+
+BAD_FILE = """
+from torch import nn
+
+net = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.MaxPool1d(2), nn.LSTM(8, 8), nn.Flatten(), nn.Linear(8, 4))
+good = nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4))
+good.input_shape = (3, 16)
+"""
+
+
+@pytest.mark.parametrize(("model", "weights", "expected"), [
+    ("net", None, "error: layer '1' (torch.nn.MaxPool1d) is not supported: use average pooling with stride = "
+                  "kernel (AvgPool / AveragePooling) or a strided conv (also unsupported: '2' (torch.nn.LSTM))"),
+    ("good", b"PK-not-really", "is not a torch state-dict archive"),
+], ids=["unsupported-layer", "bad-weights"])
+def test_export_command_gives_one_line_errors(tmp_path: Path, model: str, weights: bytes | None,
+                                              expected: str) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "cli_user_models.py").write_text(textwrap.dedent(BAD_FILE))
+    args = ["export", "--model", f"{tmp_path / 'cli_user_models.py'}:{model}", "--variants", "1",
+            "--out", str(tmp_path / "bundle")]
+    if weights is not None:
+        (tmp_path / "w.pt").write_bytes(weights)
+        args += ["--weights", str(tmp_path / "w.pt")]
+
+    proc = subprocess.run([sys.executable, "-m", "edgepatch.cli", *args], capture_output=True, text=True,
+                          timeout=300, check=False)
+
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert expected in " ".join(output.split()) and "Traceback" not in output
+    assert not (tmp_path / "bundle").exists()
