@@ -18,6 +18,8 @@ import numpy as np
 
 from edgepatch.protocol.optim import AdamConfig, adam_step
 
+from . import program_bytes
+
 METHOD = "forward"
 _GRADIENTS_INDEX = "__et_training_gradients_index_forward"
 _PARAMETERS_INDEX = "__et_training_parameters_index_forward"
@@ -41,16 +43,7 @@ def _runtime() -> Any:
 
 
 def _program_bytes(pte: bytes | str | Path) -> bytes:
-    if isinstance(pte, (bytes, bytearray, memoryview)):
-        data = bytes(pte)
-    else:
-        path = Path(pte)
-        if not path.is_file():
-            raise FileNotFoundError(f"ExecuTorch program {path} does not exist")
-        data = path.read_bytes()
-    if len(data) < 8 or data[4:8] != b"ET12":
-        raise ExecuTorchRunError("not an ExecuTorch program (.pte): missing the 'ET12' flatbuffer identifier")
-    return data
+    return program_bytes(pte, b"ET12", "ExecuTorch program (.pte)", ExecuTorchRunError)
 
 
 class _Program:

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from . import program_bytes
+
 try:  # ai-edge-litert is the maintained runtime; tflite-runtime 2.14 (numpy < 2) runs the same programs
     from ai_edge_litert.interpreter import Interpreter
 except ImportError:  # pragma: no cover - exercised only on devices with the old wheel
@@ -53,15 +55,7 @@ class LiteRTProgram:
     """One .tflite (bytes or path) with cached signature runners and validated inputs."""
 
     def __init__(self, model_bytes_or_path: bytes | str | Path, num_threads: int | None = None) -> None:
-        if isinstance(model_bytes_or_path, bytes | bytearray):
-            model = bytes(model_bytes_or_path)
-        else:
-            path = Path(model_bytes_or_path)
-            if not path.is_file():
-                raise LiteRTError(f"LiteRT program {path} does not exist")
-            model = path.read_bytes()
-        if len(model) < 8 or model[4:8] != b"TFL3":
-            raise LiteRTError("not a LiteRT program: the flatbuffer identifier 'TFL3' is missing")
+        model = program_bytes(model_bytes_or_path, b"TFL3", "LiteRT program", LiteRTError)
         flex = [op for op in model_op_names(model) if op.startswith(FLEX_PREFIX)]
         if flex:
             raise LiteRTError(f"program needs Flex ops {flex}, which this interpreter cannot run")
