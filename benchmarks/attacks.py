@@ -222,7 +222,7 @@ def attacks(s: Setup) -> list[dict[str, Any]]:
     target.wait(lambda: bool(target.messages), 0.5)
     rows.append(row("unrequested Canoe slice to a target", not target.messages,
                     "broker ACL (only the companion relays)",
-                    f"PUBACK {reason}; the target itself does not check for a pending request"))
+                    f"PUBACK {reason}; a target also ignores replies to no pending request of its own"))
     target.close()
 
     # 12. fake helper histogram on the attacker's own meta topic
