@@ -267,6 +267,50 @@ def test_federated_round_on_executorch_matches_litert(bundle: Bundle) -> None:
         np.testing.assert_array_equal(et.touched[name], lite.touched[name])
 
 
+def test_federated_device_round_on_executorch_over_the_twin(bundle: Bundle, bundle_dir: Path, tmp_path: Path) -> None:
+    """An FlDevice with `runtime: executorch` joins, trains a DISTREAL round (its own selector choosing on
+    ExecuTorch times) and contributes; the server aggregates its update (in-memory MQTT twin)."""
+    import threading
+
+    from edgepatch.cloud.fl.server import Evaluator, FlServer
+    from edgepatch.cloud.fl.strategies import make_strategy
+    from edgepatch.device.fl_client import DeviceSpec, FlDevice
+    from edgepatch.device.resources import ResourceTrace, TracePoint
+    from edgepatch.protocol.mqtt import MqttSettings, make_client
+    from edgepatch.protocol.mqtt_memory import MemoryBroker
+
+    spec = bundle.model_spec
+    x, y = _batch(bundle, 30, n=64)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    ResourceTrace((TracePoint(0.0, 1.0, 512.0),)).save(tmp_path / "trace.csv")
+    device_spec = DeviceSpec("dev-et", "engine", str(bundle_dir), str(tmp_path / "d.npz"), "raspberry_pi_4", 1.0,
+                             1.0, str(tmp_path / "trace.csv"), time.time(), "-", 1, upload_dir=str(tmp_path),
+                             runtime="executorch")
+    assert DeviceSpec.from_json(device_spec.to_json()).runtime == "executorch"
+    broker = MemoryBroker()
+    device = FlDevice(device_spec, broker=broker)
+    assert device.trainer.engine.runtime == "executorch"
+    server = FlServer(broker_host="-", broker_port=1, fleet="engine", bundle=bundle,
+                      strategy=make_strategy("distreal", spec, bundle.manifest.variants), out_dir=tmp_path / "srv",
+                      expected_devices=["dev-et"], evaluator=Evaluator(bundle, x[:16], y[:16]),
+                      init_params=bundle.base_params(), deadline_s=30.0, local_steps=3, lr=0.05,
+                      clock_origin=time.time(), join_timeout_s=10,
+                      client=make_client(MqttSettings(client_id="srv"), broker))
+    server.start()
+    runner = threading.Thread(target=device.run, kwargs={"idle_timeout_s": 10}, daemon=True)
+    runner.start()
+    (record,) = server.run(1)
+    server.stop()
+    runner.join(10)
+    assert not runner.is_alive() and device.rounds_done == 1
+    (dev,) = record.devices
+    assert dev.outcome == "contributed" and dev.steps == 3, dev.reason
+    assert sum(dev.variant_steps.values()) == 3 and set(dev.variant_steps) <= {FULL, HALF}
+    assert record.bytes_up > 0
+    assert device.trainer.selector is not None
+    assert device.trainer.selector.history[-1].inputs["runtime"] == "executorch"
+
+
 class _Steady:
     """All compute and memory free, always (the selector then trades only time against convergence)."""
 
