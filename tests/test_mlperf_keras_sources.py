@@ -93,3 +93,36 @@ def test_mlperf_tiny_keras_definition_converts_and_matches_keras(name: str) -> N
     want = np.asarray(model(np.moveaxis(x, 1, -1), training=False))
     got = reference_logits(spec, params, x)
     assert np.abs(got - want).max() <= TOL * max(1.0, float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("name", ["MobileNet", "MobileNetV2"])
+def test_keras_applications_mobilenets_convert_and_match_keras(name: str) -> None:
+    """keras.applications as users build them (weights=None: no download): MobileNet's top is global pooling
+    with keepdims, a 1×1 conv (read as a dense layer), a Reshape and a softmax; MobileNetV2 has inverted
+    residual adds, ReLU(6.), ZeroPadding2D before strided depthwise convs and a Dense head."""
+    keras.utils.set_random_seed(2)
+    build = getattr(keras.applications, name)
+    model = build(input_shape=(96, 96, 3), alpha=0.25 if name == "MobileNet" else 0.35, weights=None, classes=3)
+    rng = np.random.default_rng(3)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.uniform(-0.3, 0.3, n), rng.uniform(-0.5, 0.5, n),
+                               rng.uniform(0.5, 2.0, n)])
+
+    spec, params = convert_keras(model, name.lower())
+
+    assert spec.layers[-1].kind == "dense" and spec.num_classes == 3
+    assert sum(v.size for v in params.values()) == _folded_count(model) + _bias_free_channels(model)
+    model.layers[-1].activation = keras.activations.linear  # Dense(softmax) or Activation(softmax): logits
+    x = rng.normal(size=(2, *spec.input_shape)).astype(np.float32)
+    want = np.asarray(model(np.moveaxis(x, 1, -1), training=False))
+    got = reference_logits(spec, params, x)
+    assert np.abs(got - want).max() <= TOL * max(1.0, float(np.abs(want).max()))
+
+
+def _bias_free_channels(model: object) -> int:
+    """Zero biases the description adds to convs Keras built without one."""
+    return sum(layer.kernel.shape[-1] if not isinstance(layer, L.DepthwiseConv2D) else layer.kernel.shape[-2]
+               for layer in model.layers  # type: ignore[attr-defined]
+               if isinstance(layer, (L.Conv2D, L.DepthwiseConv2D)) and not layer.use_bias)

@@ -98,3 +98,15 @@ def test_mobilenet_v2_inverted_residuals_convert() -> None:
     kinds = [layer.kind for layer in spec.layers]
     assert kinds.count("dwconv2d") == 3 and kinds.count("relu6") == 7 and kinds.count("add") == 2
     assert_torch_parity(net, spec, params)
+
+
+def test_pointwise_conv_head_after_global_pooling_is_a_dense_layer() -> None:
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Conv2d(8, 4, 1), nn.Flatten())
+    net.input_shape = (3, 10, 10)
+
+    spec, params = convert_module(net, "conv_head")
+
+    assert [layer.kind for layer in spec.layers][-2:] == ["gap", "dense"] and params["layer3.weight"].shape == (4, 8)
+    assert_torch_parity(net, spec, params)

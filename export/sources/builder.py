@@ -136,6 +136,12 @@ class SpecBuilder:
         anything else (e.g. TF's asymmetric "same" at stride 2) becomes a `pad` layer + a "valid" conv.
         """
         kernel = tuple(int(k) for k in weight.shape[2:])
+        if src.flat:  # after global pooling: a 1×1 conv on the pooled vector is a dense layer (MobileNet heads)
+            if kind == "dwconv2d" or set(kernel) != {1} or stride != 1 or any(p != (0, 0) for p in pads):
+                raise SpecError(f"layer {wanted!r}: a {kind} with kernel {kernel} cannot follow global pooling "
+                                "or Flatten (only a 1x1 conv, read as a dense layer)")
+            return self.weighted("dense", wanted, src, weight.reshape(weight.shape[0], -1), bias,
+                                 out=int(weight.shape[0]))
         fields: dict[str, Any] = {"kernel": kernel[0], "stride": int(stride)}
         if len(kernel) == 2 and kernel[1] != kernel[0]:
             fields["kernel_w"] = kernel[1]

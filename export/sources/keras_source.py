@@ -149,9 +149,10 @@ def _classify(node: Any, uses: Counter[int], output_id: int) -> list[Step]:
             fields["kernel_w"] = int(pool[1])
         return [_layer("avgpool", label, src, out, **fields)]
     if type_name in ("GlobalAveragePooling1D", "GlobalAveragePooling2D"):
-        if layer.keepdims:
-            raise refuse(label, type_name, "use keepdims=False (the pooled vector feeds the dense head)")
+        # keepdims=True gives (N, 1, 1, C): the same vector; a 1×1 conv after it becomes a dense layer.
         return [_layer("gap", label, src, out, flat=True)]
+    if type_name == "Reshape":
+        return [_reshape(label, src, out, in_shape, tuple(out.shape))]
     if type_name == "Flatten":
         return [_flatten(label, src, out, in_shape)]
     if type_name in ("ZeroPadding1D", "ZeroPadding2D"):
@@ -283,6 +284,18 @@ def _flatten(label: str, src: Any, out: Any, in_shape: tuple[Any, ...]) -> Step:
             return
         made = b.add("flatten", label, ref, flat=True)
         refs[id(out)] = Ref(made.name, flat=True, channels_last=spatial_channels)
+
+    return step
+
+
+def _reshape(label: str, src: Any, out: Any, in_shape: tuple[Any, ...], out_shape: tuple[Any, ...]) -> Step:
+    """Only (N, 1, …, 1, C) -> (N, C), as after a keepdims global pooling: the same vector."""
+    if len(out_shape) != 2 or len(in_shape) < 3 or set(in_shape[1:-1]) != {1} or out_shape[1] != in_shape[-1]:
+        raise refuse(label, "Reshape", HINTS["reshape"] + f" (this one reshapes {in_shape[1:]} to {out_shape[1:]})")
+
+    def step(b: SpecBuilder, refs: Refs) -> None:
+        ref = refs[id(src)]
+        refs[id(out)] = ref if ref.flat else b.add("flatten", label, ref, flat=True)
 
     return step
 

@@ -83,8 +83,6 @@ def conv_step(node: fx.Node, mod: nn.Conv1d | nn.Conv2d, label: str, type_name: 
 
     def step(b: SpecBuilder, refs: dict[str, Ref]) -> None:
         src = refs[src_name]
-        if src.flat:
-            raise refuse(label, type_name, "a conv cannot follow Flatten or global average pooling")
         refs[node.name] = b.conv(kind, label, src, w, bias, strides[0], pads)
 
     return step
