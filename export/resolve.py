@@ -158,8 +158,10 @@ def _import_file(path: Path) -> Any:
     except Exception as exc:
         del sys.modules[module_name]
         raise SpecError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
-    finally:
+    finally:  # stays importable for factories that import lazily, but no longer shadows anything
         sys.path.remove(str(path.resolve().parent))
+        if str(path.resolve().parent) not in sys.path:
+            sys.path.append(str(path.resolve().parent))
     return module
 
 
