@@ -326,3 +326,63 @@ def test_companion_signs_its_announcements_over_the_provisioned_broker(fleet: Fl
     finally:
         companion.stop()
         device.close()
+
+
+@pytest.mark.slow
+def test_device_run_and_companion_over_the_provisioned_broker_install_a_signed_round(
+        fleet: Fleet, digits_bundle: Path, shifted_digits_devices: dict[str, Path], tmp_path: Path) -> None:
+    """The whole loop on the provisioned broker: `device run --config` (TLS, password file, fleet key) sends
+    its patch, the companion (TLS login, signing key) distils and announces a signed bundle, the device
+    verifies and installs it."""
+    import sys
+
+    from edgepatch.cloud.companion import Companion, CompanionConfig
+    from edgepatch.cloud.provision import companion_mqtt_settings
+    from edgepatch.protocol.bundle import ActiveBundleStore, load_bundle
+
+    creds, dev = fleet.out / "companion", fleet.out / "devices" / "dev-001"
+    companion = Companion(CompanionConfig(
+        bundle=digits_bundle, work_dir=tmp_path / "cloud", fleet=FLEET, aggregator="fedavg_patches",
+        mqtt=companion_mqtt_settings(creds, f"mqtts://127.0.0.1:{fleet.companion_port}"),
+        signing_key=creds / "fleet-signing.key"))
+    config = tmp_path / "device.toml"
+    config.write_text(f"""
+device_id = "dev-001"
+fleet = "{FLEET}"
+profile = "linux_x86_64"
+data_dir = "{next(iter(shifted_digits_devices.values()))}"
+state_dir = "{tmp_path / 'state'}"
+bundle = "{digits_bundle}"
+rounds = 2
+steps = 5
+await_bundle_s = 120.0
+fleet_key = "{dev / 'fleet-signing.pub'}"
+
+[broker]
+url = "mqtts://127.0.0.1:{fleet.device_port}"
+username = "dev-001"
+password_file = "{dev / 'password'}"
+ca_file = "{dev / 'ca.crt'}"
+""")
+    companion.start()
+    proc = subprocess.Popen([sys.executable, "-m", "edgepatch.cli", "device", "run", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not companion.store.latest_patches(companion.current.base_version, FLEET):  # type: ignore[union-attr]
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, f"no patch from the device: {fleet.broker.log_text()[-2000:]}"
+            time.sleep(0.5)
+        companion.distill_and_publish()  # fedavg round -> republished, signed announcement
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        companion.stop()
+    assert proc.returncode == 0, out[-3000:]
+    installed = ActiveBundleStore(tmp_path / "state" / "bundles").current_version()
+    with load_bundle(digits_bundle) as first:
+        assert installed != first.version  # the device moved on ...
+    assert installed == companion.current.version, out[-3000:]  # type: ignore[union-attr]  ... to the signed one
+    assert int((tmp_path / "state" / "bundle-sequence").read_text()) >= 1
+    assert "refused" not in out, out[-3000:]
