@@ -120,7 +120,7 @@ def signing_key(out: Path) -> bytes:
         key = Ed25519PrivateKey.generate()
         write_file(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()), 0o600)
-    pub = key.public_key().public_bytes(serialization.Encoding.PEM,  # type: ignore[union-attr]
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
                                         serialization.PublicFormat.SubjectPublicKeyInfo)
     write_file(out / "companion" / "fleet-signing.pub", pub)
     return pub
