@@ -154,3 +154,18 @@ def test_ray_is_a_required_extra_not_an_optional_skip() -> None:
     assert importlib.util.find_spec("ray") is not None
     with pytest.raises(SimConfigError, match="not connected"):
         DeviceHosts([], 1, "local")
+
+
+@pytest.mark.broker
+def test_local_broker_is_mosquitto_else_the_embedded_amqtt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgepatch.protocol.ports import accepts
+    from edgepatch.sim import brokers
+
+    with brokers.local_broker(tmp_path / "mosquitto") as (host, port, protocol):
+        assert protocol == "5" and accepts(host, port)
+    assert not accepts(host, port), "the Mosquitto it started must stop on exit"
+
+    monkeypatch.setattr(brokers, "find_binary", lambda name="mosquitto": None)
+    with brokers.local_broker(tmp_path / "amqtt") as (host, port, protocol):
+        assert protocol == "311" and accepts(host, port)
+    assert not accepts(host, port), "the embedded broker must stop on exit"
