@@ -1,5 +1,5 @@
 """Load and availability of the simulated devices: which firmware class each device is, its static speed
-(class speed × the log-normal factor of `data.fleet.resource_profiles`), and its availability over time
+(class speed × the log-normal factor of `data.resources.resource_profiles`), and its availability over time
 (a two-state Markov busy/idle chain rendered to a trace file, or trace files given in the config)."""
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ class DeviceLoad:
     device_id: str
     device_class: str  # firmware profile name
     relative_speed: float  # class speed × speed factor (reference device = 1)
-    resources: Any  # data.fleet.DeviceResources: speed factor and Markov load
+    resources: Any  # data.resources.DeviceResources: speed factor and Markov load
 
 
 def fleet_load(cfg: SimConfig) -> tuple[list[DeviceLoad], float]:
     """Every device's class and speed, and the speed this machine stands for (`reference_speed`, default
     the fastest device's). Same seed ⇒ same classes, speeds and load for every strategy."""
-    from edgepatch.data.fleet import resource_profiles
+    from edgepatch.data.resources import resource_profiles
     from edgepatch.device.profile import load_profile
 
     s, d, dv = cfg.simulation, cfg.data, cfg.devices
