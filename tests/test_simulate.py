@@ -169,3 +169,22 @@ def test_local_broker_is_mosquitto_else_the_embedded_amqtt(tmp_path: Path, monke
     with brokers.local_broker(tmp_path / "amqtt") as (host, port, protocol):
         assert protocol == "311" and accepts(host, port)
     assert not accepts(host, port), "the embedded broker must stop on exit"
+
+
+def test_fleet_load_is_seeded_and_covers_every_class_and_traces_follow_the_markov_chain(tmp_path: Path) -> None:
+    from edgepatch.device.resources import ResourceTrace
+    from edgepatch.sim.load import MARKOV_TICKS, availability_trace, fleet_load
+
+    cfg = parse_config({"data": {"n_devices": 12}, "devices": {"busy_slowdown": 4.0, "markov_tick_s": 0.5}})
+    loads, reference = fleet_load(cfg)
+    again, _ = fleet_load(cfg)
+    assert loads == again, "the same seed must give the same fleet for every strategy"
+    assert {load.device_class for load in loads} == set(cfg.devices.classes)
+    assert reference == max(load.relative_speed for load in loads)  # default: the fastest device
+    trace = ResourceTrace.load(availability_trace(loads[0], cfg, tmp_path))
+    busy = loads[0].resources.busy_trace(MARKOV_TICKS)
+    assert len(trace.points) == MARKOV_TICKS and trace.points[1].t == 0.5
+    assert [p.cpu_share for p in trace.points] == [0.25 if b else 1.0 for b in busy]
+
+    with pytest.raises(SimConfigError, match="devices.trace"):
+        availability_trace(loads[0], parse_config({"devices": {"trace": str(tmp_path / "missing.csv")}}), tmp_path)
