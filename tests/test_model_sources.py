@@ -156,6 +156,18 @@ def test_torch_input_shape_is_required_and_can_be_passed() -> None:
     assert_torch_parity(net, spec, params)
 
 
+def test_torch_conversion_leaves_the_callers_module_alone() -> None:
+    net = sensor_sequential().train().double()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    spec, params = convert_module(net, "sensor")  # converted in eval mode, float32, on a copy
+
+    assert net.training and next(net.parameters()).dtype == torch.float64
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(v.dtype == np.float32 for v in params.values())
+    assert_torch_parity(net.float(), spec, params)
+
+
 class _Lstm(nn.Module):
     input_shape = (4, 10)
 

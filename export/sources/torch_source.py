@@ -77,7 +77,7 @@ def convert_module(module: nn.Module, name: str, input_shape: Sequence[int] | No
     the module before converting) or already keyed by the description's parameter names.
     """
     label = label or name
-    module = copy.deepcopy(module).eval()
+    module = copy.deepcopy(module).float().eval()  # a copy: the caller's module keeps its mode and dtype
     try:
         graph = fx.symbolic_trace(module)
     except Exception as exc:
