@@ -90,6 +90,8 @@ def run_simulation(cfg: SimConfig, out_dir: str | Path, broker_url: str | None =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     console = Console(quiet=quiet)
+    if not console.is_terminal:  # piped: rich assumes 80 columns and cuts table cells to '…'
+        console = Console(quiet=quiet, width=max(console.width, 160))
     ray_address = ray_address or cfg.ray_address
     results: dict[str, Any] = {"config": asdict(cfg), "strategies": {}}
     with contextlib.ExitStack() as stack:
