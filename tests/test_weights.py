@@ -78,6 +78,18 @@ def test_torch_state_dict_loads_into_the_module_before_folding(tmp_path: Path, n
     assert_torch_parity(trained, spec, params)  # the file's weights, BN statistics folded, not the source's own
 
 
+def test_state_dict_of_a_data_parallel_wrapper(tmp_path: Path, net_source: tuple) -> None:
+    source, build = net_source
+    trained, state = _trained_state(build)
+    path = tmp_path / "parallel.pt"
+    torch.save({f"module.{k}": v for k, v in state.items()}, path)  # as nn.DataParallel saves it
+
+    spec, params = load_model(source, path)
+
+    assert params is not None
+    assert_torch_parity(trained, spec, params)
+
+
 def test_safetensors_of_a_torch_state_dict_and_of_spec_keys(tmp_path: Path, net_source: tuple) -> None:
     source, build = net_source
     trained, state = _trained_state(build)

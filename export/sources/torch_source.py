@@ -129,6 +129,9 @@ def _type_name(mod: nn.Module) -> str:
 def _load_state(module: nn.Module, weights: Mapping[str, np.ndarray], path: Path | None) -> bool:
     """Load `weights` into `module` if they are keyed like its state dict; False if keyed otherwise."""
     state = {k: v for k, v in module.state_dict().items() if v.is_floating_point()}
+    for wrapper in ("module.", "_orig_mod."):  # saved from DataParallel / torch.compile wrappers
+        if weights and all(k.startswith(wrapper) for k in weights) and not any(k in state for k in weights):
+            weights = {k.removeprefix(wrapper): v for k, v in weights.items()}
     if not any(k in state for k in weights):
         return False  # not the module's keys: maybe the description's own names (checked after converting)
     missing = [k for k in state if k not in weights]
