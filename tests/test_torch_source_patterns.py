@@ -110,3 +110,27 @@ def test_pointwise_conv_head_after_global_pooling_is_a_dense_layer() -> None:
 
     assert [layer.kind for layer in spec.layers][-2:] == ["gap", "dense"] and params["layer3.weight"].shape == (4, 8)
     assert_torch_parity(net, spec, params)
+
+
+class _FunctionalPads(nn.Module):
+    input_shape = (2, 9, 8)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 2, stride=2)
+        self.head = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.pad(x, (1, 1))  # the width only: 9×10
+        x = nn.functional.pad(x, (0, 0, 0, 1), mode="constant", value=0.0)  # one row at the bottom: 10×10
+        return self.head(torch.flatten(torch.relu(self.conv(x)), 1))
+
+
+def test_functional_pads_of_some_axes_only() -> None:
+    torch.manual_seed(3)
+    net = _FunctionalPads()
+
+    spec, params = convert_module(net, "fpads")
+
+    assert [layer.pads for layer in spec.layers[:2]] == [(0, 0, 1, 1), (0, 1, 0, 0)]
+    assert_torch_parity(net, spec, params)

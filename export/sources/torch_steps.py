@@ -158,8 +158,9 @@ def pad_step(node: fx.Node, src: Any, label: str, type_name: str, padding: Any) 
     pads = as_tuple(padding)
     if len(pads) == 1:
         pads = pads * (2 * spatial)
-    if len(pads) != 2 * spatial or min(pads) < 0:
+    if len(pads) % 2 or len(pads) > 2 * spatial or min(pads) < 0:
         raise refuse(label, type_name, "only non-negative zero padding of the spatial axes")
+    pads = pads + (0,) * (2 * spatial - len(pads))  # F.pad(x, (l, r)) on an image pads the width only
     # torch lists the last axis first: (left, right[, top, bottom]); the description lists axes in order.
     pairs = [pads[i:i + 2] for i in range(0, len(pads), 2)][::-1]
     flat = tuple(int(v) for pair in pairs for v in pair)
