@@ -193,3 +193,30 @@ def test_not_a_keras_archive(tmp_path: Path) -> None:
 
     with pytest.raises(SpecError, match=r"is not a Keras archive"):
         load_model(str(path), None)
+
+
+KERAS_FILE = """
+import keras
+from keras import layers as L
+
+
+def build():
+    keras.utils.set_random_seed(6)
+    inp = keras.Input((20, 2))
+    x = L.Conv1D(8, 3, strides=2, padding="same", activation="relu")(inp)
+    x = L.GlobalAveragePooling1D()(x)
+    return keras.Model(inp, L.Dense(3)(x))
+"""
+
+
+def test_file_py_attr_returning_a_keras_model(tmp_path: Path) -> None:
+    import runpy
+
+    path = tmp_path / "keras_user_model.py"
+    path.write_text(KERAS_FILE)
+
+    spec, params = load_model(f"{path}:build", None)
+
+    same_model = runpy.run_path(str(path))["build"]()  # seeded: the same weights as load_model saw
+    assert spec.name == "build" and spec.input_shape == (2, 20) and params is not None
+    assert_keras_parity(same_model, spec, params)
