@@ -4,8 +4,8 @@ Training programs run on the portable kernels, so every layer is written in ops 
 there and is cheap (see executorch_builder's docstring for the measurements behind each choice):
 - activations stay channel-major (C, N, …) from the input up to `flatten` or `gap`, so convolutions are
   shifted strided slices + one plain 2-D matmul (no `convolution_backward`, no broadcasts over the batch);
-- depthwise convolutions are a sum over kernel taps of strided slices times a per-channel weight
-  (their backward is `slice_scatter` + mul), any stride, any kernel shape;
+- depthwise convolutions are strided slices (one per kernel tap) stacked, times the per-channel weight,
+  summed over the taps (their backward is `slice_scatter` + mul), any stride, any kernel shape;
 - zero padding is a concatenation with zeros (`constant_pad_nd`'s backward is a negative pad, which the
   portable kernel rejects); average pooling a sum of strided slices (no `avg_pool2d_backward` kernel);
 - residual adds, relu and relu6 are elementwise and work in either layout.
@@ -52,11 +52,20 @@ def _conv_pads(layer: LayerSpec, dims: int) -> tuple[int, ...]:
 
 
 def _taps(hp: Tensor, ks: tuple[int, ...], stride: int, out: tuple[int, ...]) -> list[Tensor]:
-    """Strided slices of a padded activation, one per kernel tap in row-major (weight) order."""
+    """Strided slices of a padded activation, one per kernel tap in row-major (weight) order. Slices that
+    would cover a whole dim are skipped: export time grows with the joint graph's node count."""
+
+    def cut(t: Tensor, dim: int, start: int, size: int) -> Tensor:
+        stop = start + stride * (size - 1) + 1
+        if start == 0 and stride == 1 and stop == t.shape[dim]:
+            return t
+        index = (slice(None),) * dim + (slice(start, stop, stride),)
+        return t[index]
+
     if len(ks) == 1:
-        return [hp[:, :, i:i + stride * (out[0] - 1) + 1:stride] for i in range(ks[0])]
-    return [hp[:, :, i:i + stride * (out[0] - 1) + 1:stride, j:j + stride * (out[1] - 1) + 1:stride]
-            for i in range(ks[0]) for j in range(ks[1])]
+        return [cut(hp, 2, i, out[0]) for i in range(ks[0])]
+    rows = [cut(hp, 2, i, out[0]) for i in range(ks[0])]
+    return [cut(row, 3, j, out[1]) for row in rows for j in range(ks[1])]
 
 
 def _out_size(h: Tensor, layer: LayerSpec, ks: tuple[int, ...]) -> tuple[int, ...]:
@@ -78,23 +87,23 @@ def _conv_channel_major(layer: LayerSpec, h: Tensor, params: Mapping[str, Tensor
     spatial = 1
     for s in out:
         spatial *= s
-    cols = torch.stack(taps, dim=1).reshape(c * len(taps), n * spatial)  # (c, taps) rows = weight layout
+    stacked = taps[0] if len(taps) == 1 else torch.stack(taps, dim=1)
+    cols = stacked.reshape(c * len(taps), n * spatial)  # (c, taps) rows = weight layout
     out_ch = w.shape[0]
     y = torch.matmul(w.reshape(out_ch, -1), cols) + b.reshape(out_ch, 1)
     return y.reshape(out_ch, n, *out)
 
 
 def _dwconv_channel_major(layer: LayerSpec, h: Tensor, params: Mapping[str, Tensor]) -> Tensor:
-    """Depthwise conv on (C, N, H, W): Σ over taps of a strided slice times its per-channel weight."""
+    """Depthwise conv on (C, N, H, W): the taps stacked last, times the per-channel kernel, summed.
+
+    One stack + mul + sum instead of a mul-add per tap: the joint graph is ≈ 3x smaller, and export time
+    (to_edge) grows with the node count."""
     w, b = params[f"{layer.name}.weight"], params[f"{layer.name}.bias"]  # (C, 1, kh, kw), (C,)
     ks = graph.kernel_size(layer, 2)
     hp = _pad(h, _conv_pads(layer, 2))
-    taps = _taps(hp, ks, layer.stride, _out_size(hp, layer, ks))
-    weights = w.reshape(w.shape[0], -1)  # (C, kh·kw), row-major taps
-    y = b.reshape(-1, 1, 1, 1)
-    for t, tap in enumerate(taps):
-        y = y + tap * weights[:, t].reshape(-1, 1, 1, 1)
-    return y
+    taps = torch.stack(_taps(hp, ks, layer.stride, _out_size(hp, layer, ks)), dim=-1)  # (C, N, Ho, Wo, T)
+    return (taps * w.reshape(w.shape[0], 1, 1, 1, -1)).sum(dim=-1) + b.reshape(-1, 1, 1, 1)
 
 
 def _norm_channel_major(layer: LayerSpec, h: Tensor, params: Mapping[str, Tensor]) -> Tensor:
@@ -132,6 +141,9 @@ def _avgpool_slices(layer: LayerSpec, h: Tensor) -> Tensor:
     for dim, k in zip(range(2, h.dim()), ks, strict=True):
         size = h.shape[dim] // k
         lead = (slice(None),) * dim
+        if size == 1:  # one window along this dim (a global pool): crop once and sum, not k slices
+            h = h[(*lead, slice(0, k))].sum(dim=dim, keepdim=True) if h.shape[dim] != k else h.sum(dim, keepdim=True)
+            continue
         taps = [h[(*lead, slice(i, i + k * (size - 1) + 1, k))] for i in range(k)]
         h = taps[0]
         for tap in taps[1:]:
