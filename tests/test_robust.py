@@ -4,32 +4,19 @@ aborted every round")."""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
-from edgepatch.cloud.momodistill import (
-    AGGREGATORS,
-    CloudData,
-    DeviceContribution,
-    DistillConfig,
-    cloud_logits,
-    run_aggregator,
-)
+from edgepatch.cloud.momodistill import DeviceContribution
 from edgepatch.cloud.robust import RobustConfig, clipped_device_weights, screen_contributions, trimmed_mean
-from edgepatch.data.datasets import load_digits
-from edgepatch.data.fleet import base_split, make_fleet
-from edgepatch.export.pretrain import pretrain_base
 from edgepatch.export.reference_models import default_patch, digits_cnn
-from edgepatch.export.torch_model import forward, to_tensors
-from edgepatch.protocol.params import init_params
 
 SPEC = digits_cnn()
 PATCH = default_patch(SPEC, k=8)
-N_DEVICES = 15  # 3 attackers = 20 %
 
 
 # -- unit -------------------------------------------------------------------------------------------------
@@ -75,67 +62,22 @@ def test_clipped_device_weights_cap_one_devices_share() -> None:
         RobustConfig(trim=0.7)
 
 
-# -- a real round on the digits fleet ---------------------------------------------------------------------
-
-def _train_phi(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, steps: int = 40) -> np.ndarray:
-    tensors = to_tensors(params)
-    phi = torch.zeros(PATCH.k, requires_grad=True)
-    opt = torch.optim.Adam([phi], lr=0.05)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(steps):
-        loss = F.cross_entropy(forward(SPEC, PATCH, tensors, xt, phi), yt)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return phi.detach().numpy().astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def world() -> dict:
-    torch.set_num_threads(1)
-    cloud, rest = base_split(load_digits(), 0.2, seed=0)
-    fleet = make_fleet(rest, N_DEVICES, alpha=0.5, shift="gain_offset", seed=0, samples_per_device=50,
-                       shift_strength=2.0)
-    params = init_params(SPEC, PATCH, 0)
-    params.update(pretrain_base(SPEC, cloud.x, cloud.y, epochs=8, seed=0))
-    honest = [DeviceContribution(d.device_id, _train_phi(params, d.train.x, d.train.y)) for d in fleet]
-    test_x = np.concatenate([d.holdout.x for d in fleet])
-    test_y = np.concatenate([d.holdout.y for d in fleet])
-    return {"cloud": CloudData(cloud.x, cloud.y, cloud.x), "params": params, "honest": honest,
-            "test": (test_x, test_y)}
-
-
-CFG = DistillConfig(mode="proxy", phi_source="device", step1_epochs=3, step2_epochs=3, beta=0.5)
-
-
-def _accuracy(world: dict, devices: list[DeviceContribution]) -> tuple[float, dict[str, float]]:
-    result = run_aggregator("momodistill", SPEC, PATCH, world["params"], devices, world["cloud"], CFG)
-    assert all(np.all(np.isfinite(v)) for v in result.params.values())
-    x, y = world["test"]
-    return float((cloud_logits(SPEC, PATCH, result, x).argmax(1) == y).mean()), result.metrics
-
+# -- a real round on the digits fleet (benchmarks/robust_round.py, loaded by path: one implementation) ------
 
 @pytest.mark.slow
-def test_twenty_percent_adversarial_phi_neither_abort_nor_move_the_round(world: dict) -> None:
-    honest: list[DeviceContribution] = world["honest"]
-    k = PATCH.k
-    broken = {0: np.full(k, 3e38, np.float32), 1: np.full(k, np.nan, np.float32), 2: np.zeros(k + 5, np.float32)}
-    attacked = [DeviceContribution(d.device_id, broken[i]) if i in broken else d for i, d in enumerate(honest)]
-    # without the screen, the 3e38 φ alone poisons the round (what issue 11 saw)
-    poisoned = AGGREGATORS["momodistill"].run(SPEC, PATCH, world["params"], [attacked[0], *honest[3:]],
-                                              world["cloud"], CFG)
-    assert not all(np.all(np.isfinite(v)) for v in poisoned.params.values())
+def test_twenty_percent_adversarial_phi_neither_abort_nor_move_the_round() -> None:
+    import importlib.util
 
-    base, _ = _accuracy(world, honest[3:])  # the honest 80 % alone
-    acc, metrics = _accuracy(world, attacked)
-    print(f"cloud accuracy honest-only {base:.4f}, with 20 % broken φ {acc:.4f}")
-    assert metrics["devices_dropped"] == 3.0
-    assert abs(acc - base) <= 0.01
-
-    # finite but large: 20 % send 1000× their φ (norm far above the fleet's, below the oversized limit)
-    scaled = [DeviceContribution(d.device_id, d.phi * 1000.0) if i < 3 else d for i, d in enumerate(honest)]
-    acc_scaled, metrics = _accuracy(world, scaled)
-    full, _ = _accuracy(world, honest)
-    print(f"cloud accuracy honest {full:.4f}, with 20 % scaled φ {acc_scaled:.4f}")
-    assert metrics["devices_clipped"] >= 3.0
-    assert abs(acc_scaled - full) <= 0.01
+    where = Path(__file__).parents[1] / "benchmarks" / "robust_round.py"
+    spec = importlib.util.spec_from_file_location("_robust_round", where)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.run(n_devices=15)
+    print(json.dumps(r))
+    assert r["adversarial"] == 3
+    assert not r["unscreened_finite"]  # without the screen one 3e38 φ poisons the round (issue 11)
+    assert r["broken"]["finite"] and r["broken"]["dropped"] == 3  # no abort, all three dropped
+    assert abs(r["broken"]["accuracy"] - r["honest_only"]["accuracy"]) <= 0.01
+    assert r["scaled"]["finite"] and r["scaled"]["clipped"] >= 3
+    assert abs(r["scaled"]["accuracy"] - r["all_honest"]["accuracy"]) <= 0.01
