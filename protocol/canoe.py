@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -53,6 +55,23 @@ CHANNELS = ("meta", "request", "task", "offer", "reply")
 ERROR_CODES = frozenset({"unknown_classes", "no_helper", "no_data", "helper_failed", "bad_request"})
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 CanoeMessage = Message  # one envelope for every family
+
+
+class CanoeFieldError(MessageError, CanoeError):
+    """A Canoe payload that must not be used: a MessageError (with its reason) for the codec, and a
+    CanoeError for the Canoe code that catches those."""
+
+
+def _canoe_errors(from_json: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(from_json)
+    def checked(cls: Any, obj: dict[str, Any]) -> Any:
+        try:
+            return from_json(cls, obj)
+        except CanoeFieldError:
+            raise
+        except MessageError as exc:
+            raise CanoeFieldError(exc.reason, exc.text) from None
+    return checked
 
 
 # ------------------------------------------------------------------------------------------- topics
@@ -153,6 +172,7 @@ class CanoeMeta:
                 "class_accuracy": [float(a) for a in self.class_accuracy], "online": bool(self.online)}
 
     @classmethod
+    @_canoe_errors
     def from_json(cls, obj: dict[str, Any]) -> CanoeMeta:
         w = "canoe_meta"
         only(obj, {"label_histogram", "class_accuracy", "online"}, w)
@@ -182,6 +202,7 @@ class CanoeRequest:
                 "reference_accuracy": float(self.reference_accuracy), "reason": self.reason}
 
     @classmethod
+    @_canoe_errors
     def from_json(cls, obj: dict[str, Any]) -> CanoeRequest:
         w = "canoe_request"
         only(obj, {"request_id", "classes", "label_histogram", "window_accuracy", "reference_accuracy", "reason"}, w)
@@ -209,6 +230,7 @@ class CanoeTask:
                 "variant_id": self.variant_id}
 
     @classmethod
+    @_canoe_errors
     def from_json(cls, obj: dict[str, Any]) -> CanoeTask:
         w = "canoe_task"
         only(obj, {"request_id", "target", "classes", "variant_id"}, w)
@@ -242,6 +264,7 @@ class CanoeOffer:
                 "error": self.error}
 
     @classmethod
+    @_canoe_errors
     def from_json(cls, obj: dict[str, Any]) -> CanoeOffer:
         w = "canoe_offer"
         only(obj, {"request_id", "target", "helper", "sha256", "size", "inline_b64", "reference", "error"}, w)
@@ -288,6 +311,7 @@ class CanoeReply:
                 "error": self.error}
 
     @classmethod
+    @_canoe_errors
     def from_json(cls, obj: dict[str, Any]) -> CanoeReply:
         w = "canoe_reply"
         only(obj, {"request_id", "offer", "error"}, w)
