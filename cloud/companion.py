@@ -112,6 +112,7 @@ class Companion:
         self.failures = 0  # consecutive failed rounds (reset by a published one)
         self.last_error: str | None = None
         self._retry_at = 0.0  # monotonic time before which no round is tried after a failure
+        self._used: dict[str, str] = {}  # device -> content hash of its patch the last round aggregated
 
     def _mqtt(self, client_id: str) -> MqttSettings:
         """The settings of one companion client: the shared broker, TLS and credentials, its own id."""
@@ -233,7 +234,10 @@ class Companion:
                 self._requested.clear()
                 log.warning("distillation requested but %s", self.blocked)
             return False
-        reported = len(self.store.latest_patches(self.current.base_version, self.cfg.fleet))
+        # Only patches no round has used yet: an aggregator that leaves W alone (fedavg_patches) keeps the
+        # base version, and the same patches must not trigger round after round.
+        latest = self.store.latest_patches(self.current.base_version, self.cfg.fleet)
+        reported = sum(1 for d, (_, meta) in latest.items() if self._used.get(d) != meta["content_hash"])
         if reported == 0:
             return False
         if self._requested.is_set():
@@ -286,6 +290,7 @@ class Companion:
         bundle = self.current
         spec, patch = bundle.model_spec, bundle.patch_spec
         patches = self.store.latest_patches(bundle.base_version, self.cfg.fleet)
+        used = {device_id: meta["content_hash"] for device_id, (_, meta) in patches.items()}
         devices = [DeviceContribution(device_id, np.asarray(phi, np.float32))
                    for device_id, (phi, _) in sorted(patches.items())]
         cloud = self.cloud_data
@@ -308,6 +313,7 @@ class Companion:
                  "parent_base": bundle.base_version, "base_version": manifest.base_version,
                  "bundle": ann.version, "metrics": result.metrics}
         self.history.append(entry)
+        self._used.update(used)
         log.info("distillation round %d over %d devices in %.1f s", entry["round"], len(devices), seconds)
         return entry
 
