@@ -11,7 +11,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +31,15 @@ from edgepatch.protocol.messages import (
 )
 from edgepatch.protocol.topics import Channel, bundle_topic, device_topic, fleet_filter
 
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: tests/ is not on the path
+from polling import wait_until  # noqa: E402
+
 FLEET = "lab"
 SHA = "ab" * 32
 
 
 def patch(i: int) -> PatchUpdate:
     return PatchUpdate(phi=np.full(16, i, dtype=np.float32), steps=i, samples=32 * i, holdout_acc=0.5, loss=1.0 / (i + 1))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class Receiver:

@@ -12,9 +12,10 @@ import logging
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from edgepatch.protocol.messages import Message, PatchUpdate, decode
 from edgepatch.protocol.ports import free_port
 from edgepatch.protocol.topics import Channel, device_topic
 from edgepatch.sim.brokers import MosquittoBroker, find_binary
+
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: tests/ is not on the path
+from polling import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.broker
 
@@ -113,14 +117,6 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
 
 def patch(i: int) -> PatchUpdate:
     return PatchUpdate(phi=np.arange(16, dtype=np.float32) * i, steps=i, samples=32 * i, holdout_acc=0.75,

@@ -8,9 +8,9 @@ Real-part twins of the same paths over Mosquitto: test_link_mosquitto.py (device
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,16 +33,11 @@ from edgepatch.protocol.mqtt import Incoming, MqttConfigError, MqttSettings, Mqt
 from edgepatch.protocol.mqtt_memory import MemoryBroker, MemoryClient
 from edgepatch.protocol.topics import Channel, bundle_topic, device_topic, fleet_filter
 
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: tests/ is not on the path
+from polling import wait_until  # noqa: E402
+
 FLEET = "lab"
 SHA = "ab" * 32
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.002)
 
 
 def client(broker: MemoryBroker, client_id: str, **kw) -> MemoryClient:
