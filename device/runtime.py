@@ -23,7 +23,7 @@ import numpy as np
 from edgepatch.protocol.bundle import ActiveBundleStore, Bundle
 from edgepatch.protocol.manifest import BundleError
 from edgepatch.protocol.messages import BundleAnnouncement, Message, PatchUpdate
-from edgepatch.protocol.shards import read_shards
+from edgepatch.protocol.shards import ShardError, list_shards, read_shards
 from edgepatch.protocol.signing import AnnouncementGate, SignatureError
 from edgepatch.protocol.transport import broker_uses_tls, parse_broker
 
@@ -102,8 +102,29 @@ class DeviceRuntime:
                 raise
             log.error("bundle %s refused, keeping the installed one: %s", path, exc)
 
+    def _data_signature(self) -> tuple[tuple[str, int, int], ...]:
+        try:
+            shards = list_shards(self.cfg.data_dir)
+        except ShardError:
+            return ()
+        return tuple((p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in shards)
+
+    def refresh_data(self) -> bool:
+        """Re-read the shards if the data directory changed (a long-running service gets new samples
+        while it runs); the trainer keeps φ, its optimizer and the selector's calibration."""
+        signature = self._data_signature()
+        if signature == self._data_seen:
+            return False
+        self.data = load_local_data(self.cfg.data_dir, self.bundle, self.cfg.holdout_fraction)
+        self.trainer.data = self.data
+        self._data_seen = signature
+        log.info("local data changed: %d train / %d holdout samples", len(self.data.train_x),
+                 len(self.data.holdout_x))
+        return True
+
     def _activate(self, bundle: Bundle) -> None:
         self.bundle = bundle
+        self._data_seen = self._data_signature()
         self.data = load_local_data(self.cfg.data_dir, bundle, self.cfg.holdout_fraction)
         engine = open_engine(bundle, self.runtime, self.cfg.profile.threads)
         rows = [row.to_dict() for row in bundle.manifest.variants]
@@ -195,6 +216,7 @@ class DeviceRuntime:
     # -- rounds ----------------------------------------------------------------------------------
     def run_round(self, steps: int, deadline_s: float | None = None) -> RoundReport:
         self.poll_announcements()
+        self.refresh_data()
         before = self.trainer.holdout_accuracy()
         done = 0
 

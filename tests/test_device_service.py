@@ -312,3 +312,30 @@ url = "mqtt://127.0.0.1:{mosquitto.port}"
             assert len(outbox) == 0
     finally:
         listener.close()
+
+
+@pytest.mark.slow
+def test_running_device_picks_up_new_shards_between_rounds(
+        digits_bundle: Path, shifted_digits_devices: dict[str, Path], tmp_path: Path) -> None:
+    """A service runs for weeks while the sensor pipeline adds shards: each round sees the current data."""
+    import shutil
+
+    from edgepatch.device.runtime import DeviceConfig, DeviceRuntime
+
+    source = next(iter(shifted_digits_devices.values()))
+    shards = sorted(source.glob("*.npz"))
+    assert len(shards) >= 2
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(shards[0], data / shards[0].name)
+    device = DeviceRuntime(DeviceConfig(device_id="d1", profile=load_profile("linux_x86_64"), state_dir=tmp_path / "s",
+                                        data_dir=data, adaptive=False), digits_bundle)
+    device.run_round(2)
+    before = len(device.data.train_x) + len(device.data.holdout_x)
+    assert device.refresh_data() is False  # nothing changed: no re-read
+    for shard in shards[1:]:
+        shutil.copy(shard, data / shard.name)
+    device.run_round(2)
+    after = len(device.trainer.data.train_x) + len(device.trainer.data.holdout_x)
+    assert after > before
+    assert device.trainer.state.step == 4  # φ and the step count carried over the reload
