@@ -29,7 +29,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from edgepatch.cloud.provision import ProvisionOptions, companion_mqtt_settings, provision
-from edgepatch.protocol.messages import BundleAnnouncement, PatchUpdate, encode, make_message
+from edgepatch.protocol.messages import BundleAnnouncement, PatchUpdate, decode, encode, make_message
 from edgepatch.protocol.mqtt import Incoming, MqttConfigError, MqttSettings, make_client
 from edgepatch.protocol.ports import free_port
 from edgepatch.protocol.signing import AnnouncementGate, BundleSigner, SignatureError, signed_bytes
@@ -225,10 +225,8 @@ def attacks(s: Setup) -> list[dict[str, Any]]:
                     f"PUBACK {reason}; a target also ignores replies to no pending request of its own"))
     target.close()
 
-    # 12. fake helper histogram on the attacker's own meta topic
-    reason = dev0.publish(f"{P}/dev-000/canoe/meta", b'{"histogram": "every class, 10^6 samples"}', retain=True)
-    rows.append(row("fake helper histogram (attacker first helper)", False, "not closed",
-                    f"PUBACK {reason}: a device may still claim any histogram on its own topic"))
+    # 12. fake helper histogram: the attacker claims every class and never answers
+    rows.append(fake_histogram(s, dev0))
     dev0.close()
 
     # 13-14. poisoned φ in a round
@@ -243,6 +241,52 @@ def attacks(s: Setup) -> list[dict[str, Any]]:
     rows.append(row("device password over plain mqtt://", verdict, "MqttSettings refuses; no plain listener",
                     "nothing sent"))
     return rows
+
+
+def fake_histogram(s: Setup, attacker: Peer, requests: int = 5) -> dict[str, Any]:
+    """The companion's Canoe matcher on the provisioned broker; dev-001 is an honest helper, dev-002 asks."""
+    from edgepatch.cloud.canoe import CanoeCompanion
+    from edgepatch.protocol.canoe import CanoeMeta, CanoeOffer, CanoeRequest, CanoeTask
+
+    def send(peer: Peer, device: str, payload: Any, seq: int) -> str:
+        m = make_message(payload, device_id=device, fleet=FLEET, base_version="", variant_id="", seq=seq)
+        return peer.publish(m.topic(), encode(m))
+
+    comp = CanoeCompanion(FLEET, "127.0.0.1", s.companion_port, 10, timeout_s=0.5,
+                          settings=s.companion_settings.replace(client_id=f"edgepatch-canoe-companion-{FLEET}"))
+    comp.start()
+    honest, target = s.peer("dev-001"), s.peer("dev-002")
+    attacker.subscribe(f"{P}/dev-000/canoe/task")
+    honest.subscribe(f"{P}/dev-001/canoe/task")
+    blob = b"slice"
+    answered: set[str] = set()
+
+    def answer(c: Any, u: Any, m: Any) -> None:
+        task = decode(m.topic, m.payload).payload
+        if isinstance(task, CanoeTask) and task.request_id not in answered:
+            answered.add(task.request_id)
+            offer = CanoeOffer(task.request_id, task.target, "dev-001", __import__("hashlib").sha256(blob).hexdigest(),
+                               len(blob), inline_b64=base64.b64encode(blob).decode())
+            msg = make_message(offer, device_id="dev-001", fleet=FLEET, base_version="", variant_id="", seq=100)
+            c.publish(msg.topic(), encode(msg), qos=1)
+
+    honest.client.on_message = answer
+    try:
+        send(attacker, "dev-000", CanoeMeta([10**6] * 10, [1.0] * 10), 1)
+        send(honest, "dev-001", CanoeMeta([0] * 7 + [40, 40, 40], [0.9] * 10), 1)
+        attacker.wait(lambda: len(comp.metas) >= 2)
+        for i in range(requests):
+            send(target, "dev-002", CanoeRequest(f"dev-002-r{i}", [7, 8, 9], [1] * 10, 0.2, 0.9, "bench"), i + 1)
+            attacker.wait(lambda i=i: f"dev-002-r{i}" in answered, 5.0)
+        first = len(attacker.messages)
+    finally:
+        honest.close()
+        target.close()
+        comp.stop()
+    return row("fake helper histogram (attacker first helper)", first <= 1 and len(answered) == requests,
+               "companion: strikes for failed helpers",
+               f"attacker tried first in {first} of {requests} requests (one {comp.timeout_s} s timeout); "
+               f"honest slices relayed: {comp.stats['offers_relayed']}")
 
 
 def phi_rows() -> list[dict[str, Any]]:

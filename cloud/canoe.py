@@ -5,7 +5,9 @@ per-class accuracy, online flag) and answers each `canoe/request`:
 1. classes outside the model's label set → an `unknown_classes` error reply to the target;
 2. candidates = other devices, online, holding samples of the requested classes, ranked by
    Σ_{c ∈ classes} hist[c] · acc[c] (acc = 1 when unknown), i.e. who has seen most of what is missing;
-   none → a `no_helper` reply (the target keeps learning alone);
+   none → a `no_helper` reply (the target keeps learning alone). Histograms are claims: a helper that
+   timed out, answered with an error or whose slice a target weighed at α <= 0 gets a strike, and helpers
+   with fewer strikes are tried first (issue 11: a fake histogram made an attacker first for every request);
 3. relay the task to the best candidate (`<helper>/canoe/task`); if no offer arrives within `timeout_s`
    (helper offline) or it answers with an error, try the next; when all failed, reply `no_helper`;
 4. relay the offer to the target (`<target>/canoe/reply`) and count its slice bytes.
@@ -61,7 +63,7 @@ def rank_helpers(metas: dict[str, CanoeMeta], classes: list[int], target: str, e
         if device == target or not meta.online or (exclude and device in exclude):
             continue
         hist = meta.label_histogram
-        acc = meta.class_accuracy
+        acc = [min(1.0, max(0.0, a)) for a in meta.class_accuracy]  # a claim: never above 1
         score = sum(hist[c] * (acc[c] if c < len(acc) else 1.0) for c in classes if c < len(hist))
         if score > 0:
             ranked.append((device, float(score)))
@@ -98,6 +100,11 @@ class CanoeCompanion:
         self.ensembles: dict[str, dict[str, Any]] = {}  # target -> latest reported weights
         self._members: dict[str, dict[str, Any]] = {}  # weight metric name -> {helper, request_id, ...}
         self._pending: dict[str, _Pending] = {}
+        # Histograms are claims (a device may publish any on its own meta topic): a helper that timed out,
+        # answered with an error, or whose slice a target weighed at α <= 0 gets a strike, and helpers
+        # with fewer strikes are tried first, so a device claiming every class is first at most once.
+        self.strikes: dict[str, int] = {}
+        self._struck: set[str] = set()  # members already counted
         self._lock = threading.Lock()
         if client is None:
             settings = settings or MqttSettings(host=host, port=port, version=protocol,
@@ -164,7 +171,8 @@ class CanoeCompanion:
             self._reply(target, CanoeReply(request.request_id, error=f"unknown_classes: {exc}"))
             return
         with self._lock:
-            candidates = [d for d, _ in rank_helpers(self.metas, classes, target)]
+            candidates = sorted((d for d, _ in rank_helpers(self.metas, classes, target)),
+                                key=lambda d: self.strikes.get(d, 0))  # stable: score order within a tier
         if not candidates:
             error = f"no online device has samples of classes {classes}"
             with self._lock:
@@ -216,6 +224,7 @@ class CanoeCompanion:
                 return
             self._count("timeouts")
             pending.record["timeouts"] = pending.record.get("timeouts", 0) + 1
+            self.strikes[helper] = self.strikes.get(helper, 0) + 1
         log.warning("canoe: helper %s did not answer %s within %.1f s; trying the next", helper, request_id,
                     self.timeout_s)
         self._try_next(request_id)
@@ -230,6 +239,7 @@ class CanoeCompanion:
                 return  # late answer from a helper we already gave up on, or unknown request
             if not offer.ok:
                 self._count("helper_errors")
+                self.strikes[msg.device_id] = self.strikes.get(msg.device_id, 0) + 1
             else:
                 if pending.timer:
                     pending.timer.cancel()
@@ -269,6 +279,9 @@ class CanoeCompanion:
             members = []
             for name, alpha in sorted(alphas.items(), key=lambda kv: (kv[0] != weight_metric_name("own"), kv[0])):
                 known = self._members.get(name, {})
+                if known.get("helper") and alpha <= 0 and name not in self._struck:  # the target found it useless
+                    self._struck.add(name)
+                    self.strikes[known["helper"]] = self.strikes.get(known["helper"], 0) + 1
                 members.append({"metric": name, "member": "own" if name == weight_metric_name("own")
                                 else known.get("member", name[len(WEIGHT_PREFIX):]),
                                 "helper": known.get("helper"), "request_id": known.get("request_id"),

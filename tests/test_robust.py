@@ -81,3 +81,58 @@ def test_twenty_percent_adversarial_phi_neither_abort_nor_move_the_round() -> No
     assert abs(r["broken"]["accuracy"] - r["honest_only"]["accuracy"]) <= 0.01
     assert r["scaled"]["finite"] and r["scaled"]["clipped"] >= 3
     assert abs(r["scaled"]["accuracy"] - r["all_honest"]["accuracy"]) <= 0.01
+
+
+# -- Canoe: a device claiming every class is the first helper at most once (in-memory broker twin; the
+#    real-broker path of CanoeCompanion is tests/test_canoe_mqtt.py) -------------------------------------
+
+def test_canoe_helper_claiming_everything_is_demoted_after_it_fails() -> None:
+    import base64
+    import hashlib
+    import time
+
+    from edgepatch.cloud.canoe import CanoeCompanion
+    from edgepatch.protocol.canoe import CanoeMeta, CanoeOffer, CanoeRequest, CanoeTask, canoe_topic
+    from edgepatch.protocol.endpoint import WireEndpoint
+    from edgepatch.protocol.mqtt import MqttSettings, make_client
+    from edgepatch.protocol.mqtt_memory import MemoryBroker
+
+    broker = MemoryBroker()
+    comp = CanoeCompanion("lab", "127.0.0.1", 1883, 10, timeout_s=0.3,
+                          client=make_client(MqttSettings(client_id="comp"), broker))
+    comp.start()
+    peers = {d: WireEndpoint(make_client(MqttSettings(client_id=d), broker), fleet="lab", device_id=d)
+             for d in ("dev-000", "dev-001", "dev-002")}
+    tasks: dict[str, list[str]] = {"dev-000": [], "dev-001": []}
+    blob = b"slice"
+
+    def honest_answer(msg) -> None:  # type: ignore[no-untyped-def]
+        task = msg.payload
+        assert isinstance(task, CanoeTask)
+        tasks["dev-001"].append(task.request_id)
+        peers["dev-001"].send(CanoeOffer(task.request_id, task.target, "dev-001", hashlib.sha256(blob).hexdigest(),
+                                         len(blob), inline_b64=base64.b64encode(blob).decode()))
+
+    peers["dev-000"].subscribe(canoe_topic("lab", "dev-000", "task"),
+                               lambda m: tasks["dev-000"].append(m.payload.request_id))  # never answers
+    peers["dev-001"].subscribe(canoe_topic("lab", "dev-001", "task"), honest_answer)
+    for peer in peers.values():
+        peer.start()
+    try:
+        peers["dev-000"].send(CanoeMeta([10**6] * 10, [5.0] * 10))  # claims everything, accuracy "5"
+        peers["dev-001"].send(CanoeMeta([0] * 7 + [40, 40, 40], [0.9] * 10))
+        deadline = time.monotonic() + 5
+        while len(comp.metas) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for i in range(4):
+            peers["dev-002"].send(CanoeRequest(f"r{i}", [7, 8, 9], [1] * 10, 0.2, 0.9, "test"))
+            deadline = time.monotonic() + 5
+            while f"r{i}" not in tasks["dev-001"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert tasks["dev-000"] == ["r0"]  # first helper once; after its timeout, never first again
+        assert tasks["dev-001"] == ["r0", "r1", "r2", "r3"]
+        assert comp.strikes == {"dev-000": 1} and comp.stats["offers_relayed"] == 4
+    finally:
+        for peer in peers.values():
+            peer.stop()
+        comp.stop()
