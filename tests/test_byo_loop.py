@@ -205,3 +205,25 @@ def test_failing_rounds_are_counted_shown_and_backed_off(user: Path, mosquitto: 
     finally:
         code = serve.stop()
     assert code == 0, serve.text()[-3000:]
+
+
+def test_without_data_fedavg_patches_runs_once_per_set_of_patches(user: Path, mosquitto: Any) -> None:
+    """No `--data`: the companion says so at start-up, and `fedavg_patches` (φ alone) still aggregates —
+    once for the patches it got, not again every second on the same ones (W, hence the base, is unchanged)."""
+    bundle = _export("spec", user)
+    broker = f"mqtt://127.0.0.1:{mosquitto.port}"
+    serve = Serve(["--bundle", bundle, "--aggregator", "fedavg_patches", "--broker", broker, "--work-dir",
+                   "cloud-fedavg", "--fleet", "fedavg", "--distill-after", "1"], user / "serve-fedavg.log", cwd=user)
+    try:
+        serve.wait_for("companion serving")
+        assert "distillation: fedavg_patches (mode proxy) on no data" in serve.text(), serve.text()
+        ok(run_cli("device", "run", "--bundle", bundle, "--data", "device", "--state-dir", "dev-fedavg",
+                   "--broker", broker, "--fleet", "fedavg", "--device-id", "d1", "--rounds", "1", "--steps", "5",
+                   cwd=user, timeout=300))
+        serve.wait_metric("edgepatch_distillation_runs_total", 1, timeout=120)
+        time.sleep(4.0)  # four turns of the companion's loop
+        assert metric(serve.url, "edgepatch_distillation_runs_total") == 1, serve.text()[-3000:]
+        assert metric(serve.url, "edgepatch_distillation_failures_total") == 0
+    finally:
+        code = serve.stop()
+    assert code == 0 and "Traceback" not in serve.text(), serve.text()[-3000:]
