@@ -386,3 +386,26 @@ ca_file = "{dev / 'ca.crt'}"
     assert installed == companion.current.version, out[-3000:]  # type: ignore[union-attr]  ... to the signed one
     assert int((tmp_path / "state" / "bundle-sequence").read_text()) >= 1
     assert "refused" not in out, out[-3000:]
+
+
+def test_provision_command_writes_rotates_revokes_and_refuses_bad_input(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edgepatch.cloud.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "fleet"
+    ok = runner.invoke(app, ["provision", "--out", str(out), "--fleet", "shop", "--devices", "2",
+                             "--device", "cam-7", "--host", "broker.example.com"])
+    assert ok.exit_code == 0, ok.output
+    assert sorted(p.name for p in (out / "devices").iterdir()) == ["cam-7", "dev-000", "dev-001"]
+    assert (out / "devices/cam-7/broker.url").read_text().strip() == "mqtts://broker.example.com:8883"
+    before = (out / "devices/dev-001/password").read_text()
+    assert runner.invoke(app, ["provision", "--out", str(out), "--rotate", "dev-001"]).exit_code == 0
+    assert (out / "devices/dev-001/password").read_text() != before
+    assert runner.invoke(app, ["provision", "--out", str(out), "--revoke", "cam-7"]).exit_code == 0
+    assert not (out / "devices/cam-7").exists()
+    bad = runner.invoke(app, ["provision", "--out", str(tmp_path / "x"), "--device", "edgepatch-companion-x"])
+    assert bad.exit_code == 2 and "reserved" in bad.output and "Traceback" not in bad.output
+    none = runner.invoke(app, ["provision", "--out", str(tmp_path / "y")])
+    assert none.exit_code == 2 and "--devices N or --device ID" in " ".join(none.output.split())
