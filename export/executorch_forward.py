@@ -14,7 +14,7 @@ The frozen inference form keeps `norm` and `dense` in shapes XNNPACK delegates. 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from edgepatch.export import torch_model
 from edgepatch.protocol import graph
 from edgepatch.protocol.graph import MODEL_INPUT
 from edgepatch.protocol.model_spec import LayerSpec, ModelSpec, PatchSpec
+from edgepatch.protocol.patch_kinds import PatchBuilders
 
 _ELEMENTWISE = ("relu", "relu6")
 
@@ -118,19 +119,30 @@ def _norm_channel_major(layer: LayerSpec, h: Tensor, params: Mapping[str, Tensor
     return centred * torch.rsqrt(var + torch_model.NORM_EPS) * w + b
 
 
-def _patch_channel_major(h: Tensor, patch: PatchSpec, params: Mapping[str, Tensor], layer: str,
-                         phi: Tensor) -> Tensor:
-    """`torch_model.apply_patch` for a channel-major activation (same θ = θ̄ + Θ·φ maths)."""
-    if patch.kind == "film":
-        extra = (1,) * (h.dim() - 1)
-        scale = torch_model.patch_theta(params, layer, "scale", phi).reshape(-1, *extra)
-        shift = torch_model.patch_theta(params, layer, "shift", phi).reshape(-1, *extra)
-        return h * (1.0 + scale) + shift
+APPLY_PATCH_CHANNEL_MAJOR: PatchBuilders[Callable[..., Tensor]] = PatchBuilders("ExecuTorch channel-major")
+
+
+@APPLY_PATCH_CHANNEL_MAJOR.register("film")
+def _film(h: Tensor, params: Mapping[str, Tensor], layer: str, phi: Tensor) -> Tensor:
+    extra = (1,) * (h.dim() - 1)
+    scale = torch_model.patch_theta(params, layer, "scale", phi).reshape(-1, *extra)
+    shift = torch_model.patch_theta(params, layer, "shift", phi).reshape(-1, *extra)
+    return h * (1.0 + scale) + shift
+
+
+@APPLY_PATCH_CHANNEL_MAJOR.register("lowrank")
+def _lowrank(h: Tensor, params: Mapping[str, Tensor], layer: str, phi: Tensor) -> Tensor:
     down = torch_model.patch_theta(params, layer, "down", phi)  # (r, C)
     up = torch_model.patch_theta(params, layer, "up", phi)  # (C, r)
     flat = h.reshape(h.shape[0], -1)  # (C, N·spatial): the patch is a per-position channel mix
     z = torch.clamp_min(down @ flat, 0.0)
     return h + (up @ z).reshape(h.shape)
+
+
+def _patch_channel_major(h: Tensor, patch: PatchSpec, params: Mapping[str, Tensor], layer: str,
+                         phi: Tensor) -> Tensor:
+    """`torch_model.apply_patch` for a channel-major activation (same θ = θ̄ + Θ·φ maths)."""
+    return APPLY_PATCH_CHANNEL_MAJOR.get(patch.kind)(h, params, layer, phi)
 
 
 def _avgpool_slices(layer: LayerSpec, h: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ import tensorflow as tf
 from edgepatch.protocol import graph
 from edgepatch.protocol.graph import MODEL_INPUT
 from edgepatch.protocol.model_spec import LayerSpec, ModelSpec, PatchSpec
+from edgepatch.protocol.patch_kinds import PatchBuilders
 
 NORM_EPS = 1e-5  # same as export/torch_model.py
 
@@ -145,18 +146,29 @@ def _theta(params: Tensors, layer: str, part: str, phi: tf.Tensor) -> tf.Tensor:
     return bar + tf.reshape(flat, bar.shape)
 
 
-def _apply_patch(h: tf.Tensor, patch: PatchSpec, params: Tensors, layer: str, phi: tf.Tensor) -> tf.Tensor:
-    """Patch on channels-last activations (NHWC, or (N, F) after a dense layer)."""
-    if patch.kind == "film":
-        scale = _theta(params, layer, "scale", phi)
-        shift = _theta(params, layer, "shift", phi)
-        return h * (1.0 + scale) + shift
+APPLY_PATCH: PatchBuilders[Callable[..., tf.Tensor]] = PatchBuilders("TensorFlow")
+
+
+@APPLY_PATCH.register("film")
+def _film(h: tf.Tensor, params: Tensors, layer: str, phi: tf.Tensor) -> tf.Tensor:
+    scale = _theta(params, layer, "scale", phi)
+    shift = _theta(params, layer, "shift", phi)
+    return h * (1.0 + scale) + shift
+
+
+@APPLY_PATCH.register("lowrank")
+def _lowrank(h: tf.Tensor, params: Tensors, layer: str, phi: tf.Tensor) -> tf.Tensor:
     down = _theta(params, layer, "down", phi)  # (r, C)
     up = _theta(params, layer, "up", phi)  # (C, r)
     c = h.shape[-1]
     flat = tf.reshape(h, [-1, c])
     z = tf.maximum(tf.matmul(flat, down, transpose_b=True), 0.0)
     return h + tf.reshape(tf.matmul(z, up, transpose_b=True), tf.shape(h))
+
+
+def _apply_patch(h: tf.Tensor, patch: PatchSpec, params: Tensors, layer: str, phi: tf.Tensor) -> tf.Tensor:
+    """Patch on channels-last activations (NHWC, or (N, F) after a dense layer), by the registered builder."""
+    return APPLY_PATCH.get(patch.kind)(h, params, layer, phi)
 
 
 def _layer(layer: LayerSpec, h: tf.Tensor, params: Tensors, dims: int, other: tf.Tensor | None = None) -> tf.Tensor:

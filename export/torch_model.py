@@ -5,7 +5,7 @@ Every other builder (TensorFlow twin, ExecuTorch) is checked against this forwar
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from edgepatch.protocol import graph
 from edgepatch.protocol.graph import MODEL_INPUT
 from edgepatch.protocol.model_spec import LayerSpec, ModelSpec, PatchSpec, param_infos, patch_parts
+from edgepatch.protocol.patch_kinds import PatchBuilders
 
 NORM_EPS = 1e-5
 
@@ -24,17 +25,29 @@ def patch_theta(params: Mapping[str, Tensor], layer: str, part: str, phi: Tensor
     return params[f"{layer}.patch.{part}"] + params[f"{layer}.patch.{part}_basis"] @ phi
 
 
-def apply_patch(h: Tensor, patch: PatchSpec, params: Mapping[str, Tensor], layer: str, phi: Tensor) -> Tensor:
+APPLY_PATCH: PatchBuilders[Callable[..., Tensor]] = PatchBuilders("torch")
+
+
+@APPLY_PATCH.register("film")
+def _film(h: Tensor, params: Mapping[str, Tensor], layer: str, phi: Tensor) -> Tensor:
     extra = (1,) * (h.dim() - 2)  # broadcast per-channel vectors over spatial axes
-    if patch.kind == "film":
-        scale = patch_theta(params, layer, "scale", phi).reshape(1, -1, *extra)
-        shift = patch_theta(params, layer, "shift", phi).reshape(1, -1, *extra)
-        return h * (1.0 + scale) + shift
+    scale = patch_theta(params, layer, "scale", phi).reshape(1, -1, *extra)
+    shift = patch_theta(params, layer, "shift", phi).reshape(1, -1, *extra)
+    return h * (1.0 + scale) + shift
+
+
+@APPLY_PATCH.register("lowrank")
+def _lowrank(h: Tensor, params: Mapping[str, Tensor], layer: str, phi: Tensor) -> Tensor:
     down = patch_theta(params, layer, "down", phi)  # (r, C)
     up = patch_theta(params, layer, "up", phi)  # (C, r)
     hc = h.movedim(1, -1)  # channels last for the matmuls
     z = torch.clamp_min(hc @ down.t(), 0.0)
     return h + (z @ up.t()).movedim(-1, 1)
+
+
+def apply_patch(h: Tensor, patch: PatchSpec, params: Mapping[str, Tensor], layer: str, phi: Tensor) -> Tensor:
+    """The patch of `layer` on a batch-first activation, by the kind's registered torch builder."""
+    return APPLY_PATCH.get(patch.kind)(h, params, layer, phi)
 
 
 def pad_spatial(h: Tensor, pads: tuple[int, ...]) -> Tensor:

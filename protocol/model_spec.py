@@ -25,13 +25,13 @@ from typing import Any
 
 from . import graph
 from .graph import CONV_KINDS, MODEL_INPUT
+from .patch_kinds import PatchKindError, patch_kind
 
 LAYER_KINDS = ("conv2d", "dwconv2d", "conv1d", "dense", "relu", "relu6", "avgpool", "flatten", "norm", "gap",
                "add", "pad")
 # Layers whose output channels DISTREAL may drop (filters), and where patches may attach.
 DROPPABLE_KINDS = CONV_KINDS
 PATCHABLE_KINDS = ("conv2d", "dwconv2d", "conv1d", "dense")
-PATCH_KINDS = ("film", "lowrank")
 PADDINGS = ("same", "valid")
 _KERNEL_KINDS = ("conv2d", "dwconv2d", "conv1d", "avgpool")
 
@@ -249,8 +249,10 @@ class PatchSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
-        if self.kind not in PATCH_KINDS:
-            raise SpecError(f"unknown patch kind {self.kind!r}; allowed: {', '.join(PATCH_KINDS)}")
+        try:
+            patch_kind(self.kind)
+        except PatchKindError as exc:
+            raise SpecError(str(exc)) from None
         if self.k < 1 or self.rank < 1:
             raise SpecError("patch k and rank must be >= 1")
         if not self.layers:
@@ -293,10 +295,8 @@ class ParamInfo:
 
 
 def patch_parts(kind: str, channels: int, rank: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of one patch's parts on a layer with `channels` output channels."""
-    if kind == "film":
-        return {"scale": (channels,), "shift": (channels,)}
-    return {"down": (rank, channels), "up": (channels, rank)}
+    """Shapes of one patch's parts on a layer with `channels` output channels (see patch_kinds.py)."""
+    return patch_kind(kind).parts(channels, rank)
 
 
 def param_infos(spec: ModelSpec, patch: PatchSpec | None = None) -> dict[str, ParamInfo]:
@@ -327,18 +327,12 @@ def param_infos(spec: ModelSpec, patch: PatchSpec | None = None) -> dict[str, Pa
             infos[f"{n}.bias"] = ParamInfo((layer.out,), (None,))
         if patch is not None and n in patch.layers:
             channels, source = spec.shape_of(n)[0], spec.channel_source(n).axis()
-            for part, shape in patch_parts(patch.kind, channels, patch.rank).items():
-                axes = tuple(source if d == channels and _is_channel_axis(patch.kind, part, i) else None
-                             for i, d in enumerate(shape))
+            kind = patch_kind(patch.kind)
+            for part, shape in kind.parts(channels, patch.rank).items():
+                axes = tuple(source if i in kind.channel_axes[part] else None for i in range(len(shape)))
                 infos[f"{n}.patch.{part}"] = ParamInfo(shape, axes, "bar")
                 infos[f"{n}.patch.{part}_basis"] = ParamInfo((*shape, patch.k), (*axes, None), "basis")
     return infos
-
-
-def _is_channel_axis(kind: str, part: str, axis: int) -> bool:
-    if kind == "film":
-        return True
-    return (part == "down" and axis == 1) or (part == "up" and axis == 0)
 
 
 def dumps(obj: ModelSpec | PatchSpec) -> str:

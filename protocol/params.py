@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .model_spec import ModelSpec, PatchSpec, param_infos
+from .patch_kinds import patch_kind
 
 Params = dict[str, np.ndarray]
 
@@ -26,8 +27,9 @@ class ParamsError(ValueError):
 def init_params(spec: ModelSpec, patch: PatchSpec | None = None, seed: int = 0) -> Params:
     """He-initialized base weights; patches with θ̄ chosen so that φ = 0 leaves the model unchanged.
 
-    FiLM: θ̄ = 0 (scale 1 + 0, shift 0). Low-rank: θ̄_down random, θ̄_up = 0, so the residual is zero
-    but its gradient is not. The basis Θ is a random projection scaled by 1/sqrt(k).
+    Parts a kind lists as `random_parts` start random, the others at zero (patch_kinds.py). FiLM: θ̄ = 0
+    (scale 1 + 0, shift 0). Low-rank: θ̄_down random, θ̄_up = 0, so the residual is zero but its gradient
+    is not. The basis Θ is a random projection scaled by 1/sqrt(k).
     """
     rng = np.random.default_rng(seed)
     params: Params = {}
@@ -36,8 +38,8 @@ def init_params(spec: ModelSpec, patch: PatchSpec | None = None, seed: int = 0) 
         if info.role == "basis":
             value = rng.normal(0.0, 1.0 / np.sqrt(shape[-1]), size=shape)
         elif info.role == "bar":
-            value = rng.normal(0.0, 1.0 / np.sqrt(shape[1]), size=shape) if name.endswith(".down") \
-                else np.zeros(shape)
+            random = patch is not None and name.rsplit(".", 1)[1] in patch_kind(patch.kind).random_parts
+            value = rng.normal(0.0, 1.0 / np.sqrt(shape[-1]), size=shape) if random else np.zeros(shape)
         elif name.endswith(".weight") and len(shape) >= 2:
             fan_in = int(np.prod(shape[1:]))
             value = rng.normal(0.0, np.sqrt(2.0 / fan_in), size=shape)

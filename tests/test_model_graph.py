@@ -245,3 +245,27 @@ def test_sliced_residual_network_equals_the_full_one_with_dropped_filters_zeroed
     full = tm.forward(spec, patch, tm.to_tensors(zeroed), x, phi)
     small = tm.forward(half.spec(spec), patch, tm.to_tensors(slice_params(params, infos, kept)), x, phi)
     torch.testing.assert_close(small, full, atol=1e-4, rtol=1e-4)
+
+
+# -- the patch-kind registry ---------------------------------------------------------------------------
+
+
+def test_patch_kinds_are_registered_with_shapes_and_unknown_kinds_fail() -> None:
+    from edgepatch.export import torch_model as tm
+    from edgepatch.protocol.params import init_params
+    from edgepatch.protocol.patch_kinds import PatchBuilders, PatchKindError, patch_kind, patch_kind_names
+
+    assert patch_kind_names()[:2] == ("film", "lowrank")
+    assert patch_kind("lowrank").parts(16, 4) == {"down": (4, 16), "up": (16, 4)}
+    with pytest.raises(SpecError, match="unknown patch kind 'adapter'; registered: film, lowrank"):
+        PatchSpec("adapter", ("conv1",), 4)
+    with pytest.raises(PatchKindError, match="unknown patch kind 'adapter'"):
+        tm.APPLY_PATCH.get("adapter")
+    # a declared kind without a builder in some framework is an error there, not another kind's maths
+    builders: PatchBuilders = PatchBuilders("probe")
+    builders.register("film")(lambda *a: None)
+    with pytest.raises(PatchKindError, match="no probe builder for patch kind 'lowrank'; registered: film"):
+        builders.get("lowrank")
+    spec = REFERENCE_MODELS["digits_cnn"]()
+    params = init_params(spec, PatchSpec("lowrank", ("conv1",), 4), seed=0)
+    assert np.abs(params["conv1.patch.down"]).sum() > 0 and not params["conv1.patch.up"].any()
