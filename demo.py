@@ -59,6 +59,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     from edgepatch.data.fleet import base_split, make_fleet, write_device_timeline
     from edgepatch.device.runtime import load_local_data
     from edgepatch.export.pipeline import ExportOptions, export_bundle
+    from edgepatch.logs import StepLog
     from edgepatch.protocol.bundle import load_bundle
     from edgepatch.protocol.mqtt import MqttVersion
     from edgepatch.protocol.transport import parse_broker
@@ -78,9 +79,11 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     try:
         console.print(f"[bold]2/5[/bold] exporting {opts.model} (pretrain offline, DSE, LiteRT programs)")
         bundle0 = out / "bundle-0"
+        step_log = StepLog(console, lambda m: console.print(f"    {m}"))  # epochs, generations: one bar each
         export_bundle(ExportOptions(model=opts.model, variants=opts.variants, runtimes=opts.runtimes,
                                     dse_generations=2, dse_population=6, dse_steps=20, dse_seeds=(0, 1),
-                                    seed=opts.seed), bundle0, lambda m: console.print(f"    {m}"))
+                                    seed=opts.seed), bundle0, step_log)
+        step_log.close()
         with load_bundle(bundle0) as b:
             spec, base0 = b.model_spec, b.base_params()
             variant_ids = [r.id for r in b.manifest.variants]
