@@ -154,6 +154,13 @@ def test_export_variant_search_without_data_says_so(user_dir: Path) -> None:
     assert "variant search" in err and "--data" in err and "--variants" in err, err
 
 
+def test_explore_without_data_says_so(user_dir: Path) -> None:
+    err = one_line_error(run_cli("explore", "--model", "mymodels:tiny1d", "--weights", "w.npz", "--out", "dse",
+                                 cwd=user_dir))
+    assert "'tiny1d' needs data for the variant search" in err and "--data PATH" in err, err
+    assert not (user_dir / "dse").exists()
+
+
 def test_explicit_variants_need_no_data(tiny_bundle: Path) -> None:
     from edgepatch.protocol.bundle import load_bundle
 
