@@ -131,7 +131,7 @@ def load_labelled(path: str | Path, input_shape: Sequence[int] | None = None,
         if not list_shards(path):
             raise DataError(f"{path}: the directory holds no *.npz shards")
         try:  # the devices' own reader: the same checks as on a device, errors naming the shard
-            x, y, _ = read_shards(path, input_shape, num_classes)  # type: ignore[arg-type]
+            x, y, _ = read_shards(path, input_shape, num_classes)
         except ShardError as exc:
             raise DataError(str(exc)) from exc
         if len(x) == 0:

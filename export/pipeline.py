@@ -84,8 +84,7 @@ def no_data_error(spec: ModelSpec, what: str) -> NoDataError:
     return NoDataError(
         f"model {spec.name!r} needs data {what}: pass --data PATH (a shard directory or an .npz with x of "
         f"shape (N, {', '.join(map(str, spec.input_shape))}) and y in [0, {spec.num_classes})), or --weights "
-        "FILE and explicit "
-        "--variants (e.g. 1,0.5) to export it without data")
+        "FILE and explicit --variants (e.g. 1,0.5) to export it without data")
 
 
 def load_source(opts: ExportOptions) -> tuple[ModelSpec, Params | None]:
@@ -250,8 +249,11 @@ def export_bundle(opts: ExportOptions, out: Path, log: Log = _quiet) -> Manifest
         raise ValueError(f"unknown runtimes {sorted(bad)}; choose from {', '.join(RUNTIMES)}")
     log(f"model {spec.name}: input {spec.input_shape}, {len(spec.layers)} layers; "
         f"{patch.kind} patches on {', '.join(patch.layers)} (k={patch.k})")
-    if given is None and opts.data is None and opts.model not in REFERENCE_MODELS:
-        raise no_data_error(spec, "to pretrain (it has no weights)")  # before any work
+    if opts.data is None and opts.model not in REFERENCE_MODELS:  # say so before any work
+        if given is None:
+            raise no_data_error(spec, "to pretrain (it has no weights)")
+        if opts.variants == "auto":
+            raise no_data_error(spec, "for the variant search (--variants auto)")
     data = export_data(spec, opts) if (given is None or opts.variants == "auto" or opts.data) else None
     base = base_weights(spec, opts, data, log, given)
     params = {**base, **shared_patch_params(spec, patch, opts)}
@@ -264,8 +266,8 @@ def export_bundle(opts: ExportOptions, out: Path, log: Log = _quiet) -> Manifest
     writer.set_train(TrainConfig(batch=opts.batch, infer_batch=opts.infer_batch, adam=AdamConfig(lr=opts.phi_lr),
                                  phi_lr=opts.phi_lr))
     writer.set_variants(rows)
-    for kind, data in artifacts.items():
-        writer.add_bytes(kind, data)
+    for kind, blob in artifacts.items():
+        writer.add_bytes(kind, blob)
     if dse_info:
         writer.add_file("dse_front_png", dse_info.pop("dse_png"))
         writer.add_bytes("dse_table_json", json.dumps(dse_info["dse"], indent=1).encode())
