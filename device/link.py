@@ -40,7 +40,15 @@ from edgepatch.protocol.messages import (
     encode,
     make_message,
 )
-from edgepatch.protocol.mqtt import Incoming, MqttClient, MqttSettings, MqttVersion, Will, make_client
+from edgepatch.protocol.mqtt import (
+    Incoming,
+    MqttClient,
+    MqttSettings,
+    MqttVersion,
+    Will,
+    make_client,
+    wait_on,
+)
 from edgepatch.protocol.topics import Channel, TopicError, bundle_topic, check_name, device_topic, parse_topic
 from edgepatch.protocol.wire import CHANNEL_KINDS
 
@@ -144,15 +152,8 @@ class DeviceLink:
 
     def wait_drained(self, timeout: float) -> bool:
         """True once every outbox entry has been acknowledged by the broker."""
-        deadline = time.monotonic() + timeout
-        with self._ack_event:
-            while len(self.outbox):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                # Short slices: entries can also leave by expiry or eviction, which do not notify.
-                self._ack_event.wait(min(remaining, 0.1))
-        return True
+        # Short slices (wait_on): entries can also leave by expiry or eviction, which do not notify.
+        return wait_on(self._ack_event, lambda: not len(self.outbox), timeout)
 
     def send(self, payload: Payload, *, channel: Channel | None = None, retain: bool = False) -> Message:
         """Build a message (next persistent seq), commit it to the outbox, publish if connected."""

@@ -210,14 +210,7 @@ class MqttClient(ABC):
 
     def flush(self, timeout: float) -> bool:
         """Wait until every queued publish was acknowledged (or refused); True when none is left."""
-        deadline = time.monotonic() + timeout
-        with self._pending:
-            while self._pending_count > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._pending.wait(min(left, 0.1))
-        return True
+        return wait_on(self._pending, lambda: self._pending_count == 0, timeout)
 
     # -- helpers for implementations ----------------------------------------------------------------
     def _on_connected(self, session_present: bool) -> None:
@@ -259,6 +252,20 @@ class MqttClient(ABC):
             fn(*args)
         except Exception:  # a handler's bug must not kill the client's thread
             log.exception("MQTT client %s: error in callback %r", self.settings.client_id, fn)
+
+
+def wait_on(condition: threading.Condition, done: Callable[[], bool], timeout: float, slice_s: float = 0.1
+            ) -> bool:
+    """Wait on `condition` until `done()` (True) or `timeout` (False). Short slices: state can also change
+    without a notify (e.g. an outbox entry expiring)."""
+    deadline = time.monotonic() + timeout
+    with condition:
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            condition.wait(min(left, slice_s))
+    return True
 
 
 def make_client(settings: MqttSettings, broker: MemoryBroker | None = None) -> MqttClient:

@@ -56,6 +56,8 @@ class MemoryBroker:
             clients = [s.client for s in self._sessions.values() if s.client is not None]
             for s in self._sessions.values():
                 s.client = None
+            # Only persistent sessions survive a broker restart (with persistence on, as in the tests' Mosquitto).
+            self._sessions = {k: v for k, v in self._sessions.items() if v.persistent}
         for c in clients:
             c._lost("broker down")
 

@@ -158,7 +158,7 @@ def patch(i: int) -> PatchUpdate:
 def test_device_link_on_the_twin_delivers_survives_an_outage_and_leaves_a_will(tmp_path):
     started = time.perf_counter()
     broker = MemoryBroker()
-    cloud = client(broker, "cloud")
+    cloud = client(broker, "cloud", persistent=True)  # like the ingest: nothing is lost while it reconnects
     seen = Collector()
     cloud.subscribe(fleet_filter(FLEET, Channel.PATCH), seen)
     cloud.connect()
