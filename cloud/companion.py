@@ -199,7 +199,7 @@ class Companion:
         self.failures += 1
         delay = min(self.cfg.retry_max_s, self.cfg.retry_s * 2 ** (self.failures - 1))
         self._retry_at = time.monotonic() + delay
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"  # one line, however it was raised
         self.metrics.distill_failures.inc()
         self._requested.set()  # a requested round stays requested until one succeeds
         log.error("distillation round failed (%d in a row): %s; the current bundle stays published, next try "
