@@ -19,7 +19,7 @@ import numpy as np
 
 from .model_spec import ModelSpec, PatchSpec, SpecError, param_infos
 from .variants import KeptSets, Variant
-from .wire import MessageError, int_list, text
+from .wire import MessageError, int_list, loads_strict, text
 
 SLICE_FORMAT = "canoe-slice/1"
 MAX_SLICE_BYTES = 64 * 2**20
@@ -82,9 +82,9 @@ def decode_slice(data: bytes, *, expected_sha256: str | None = None) -> CanoeSli
     if "__header__" not in arrays:
         raise CanoeError("slice file has no __header__")
     try:
-        header = json.loads(arrays.pop("__header__").tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CanoeError(f"slice header is not JSON: {exc}") from None
+        header = loads_strict(arrays.pop("__header__").tobytes())  # the wire's strict JSON, as every message
+    except MessageError as exc:
+        raise CanoeError(f"slice header: {exc}") from None
     if not isinstance(header, dict) or header.get("format") != SLICE_FORMAT:
         raise CanoeError(f"slice header format must be {SLICE_FORMAT!r}")
     try:

@@ -308,3 +308,15 @@ def test_dead_message_types_are_gone():
     assert not hasattr(messages, "HelpRequest") and not hasattr(messages, "HelpOffer")
     assert not any(k.startswith("help") for k in known_kinds())
     assert not any("help" in c.value for c in Channel)
+
+
+def test_slice_file_header_uses_the_same_strict_json():
+    import io
+
+    from edgepatch.protocol.canoe import CanoeError, decode_slice
+
+    header = b'{"format": "canoe-slice/1", "format": "canoe-slice/1"}'
+    buf = io.BytesIO()
+    np.savez(buf, __header__=np.frombuffer(header, dtype=np.uint8))
+    with pytest.raises(CanoeError, match="duplicate key"):
+        decode_slice(buf.getvalue())
