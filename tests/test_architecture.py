@@ -10,6 +10,7 @@ dependency, it only moves the moment it is paid. Relative imports are resolved t
     cloud     (companion, FL server)      imports all of the above; its companion path not the export
                                           toolchain (only export.torch_model, the reference forward)
     sim       (the simulator)             imports anything: a composition root, like cli.py and demo.py
+    logs.py   (quiet output)              stdlib only, usable from every layer but protocol
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ FORBIDDEN = {
     "device": {"export", "cloud", "sim", "cli", "demo"},
     "export": {"cloud", "sim", "cli", "demo"},
     "cloud": {"sim", "cli", "demo"},
+    "logs": {"protocol", "data", "device", "export", "cloud", "sim", "cli", "demo"},  # stdlib only
 }
 
 # The companion path: every cloud module the long-running service loads, and what they load in turn.
