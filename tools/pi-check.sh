@@ -120,6 +120,22 @@ pi_chroot /opt/edgepatch-venv/bin/edgepatch device status --config "$W/device.to
 pi_chroot /opt/edgepatch-venv/bin/edgepatch device status --config "$W/device.toml" --text
 pi_chroot /opt/edgepatch-venv/bin/edgepatch device predict "$W/predict-x.npz" --state-dir "$W/state" >"$HW/predict.json"
 
+echo "pi-check: [5b/6] arm64: SIGTERM mid-round (as systemctl stop): must exit 0 within TimeoutStopSec"
+sed -e 's/^rounds = .*/rounds = 0/' -e 's/^steps = .*/steps = 500/' "$HW/device.toml" >"$HW/device-run-forever.toml"
+rm -f "$HW/state/service.json"
+pi_chroot "$VPY" "$DEV" run "$W/sigterm.json" "$W/sigterm.log" -- \
+  /opt/edgepatch-venv/bin/edgepatch device run --config "$W/device-run-forever.toml" &
+RUN_JOB=$!
+for _ in $(seq 600); do grep -q '"running"' "$HW/state/service.json" 2>/dev/null && break; sleep 0.5; done
+sleep "${PI_SIGTERM_AFTER:-20}"   # some emulated steps into the round
+DEVICE_PID=$("$HOST_PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' "$HW/state/service.json")
+t0=$(date +%s.%N)
+kill -TERM "$DEVICE_PID"   # qemu-user shares the host's pid namespace: the guest pid is this pid
+wait "$RUN_JOB" || true
+"$HOST_PY" -c 'import json, sys, time; print(json.dumps({"stop_seconds": time.time() - float(sys.argv[1])}))' \
+  "$t0" >"$HW/sigterm-stop.json"
+cat "$HW/sigterm.log"
+
 echo "pi-check: [6/6] report"
 PI_QEMU_VERSION=$(qemu-aarch64-static --version | head -1) PI_QEMU_CPU=$PI_QEMU_CPU \
   "$HOST_PY" "$HERE/pi_check_host.py" report "$HW" "$OUT"

@@ -108,6 +108,10 @@ def report(work: Path, out: Path) -> None:
     predict = json.loads((work / "predict.json").read_text())
     heard = json.loads((work / "heard.json").read_text())
     bundle_b = (work / "bundle-b.version").read_text().strip()
+    term = json.loads((work / "sigterm.json").read_text())
+    term.update(json.loads((work / "sigterm-stop.json").read_text()))
+    stopped = re.search(r"stopped by SIGTERM after (\d+) committed steps", " ".join((work / "sigterm.log").read_text().split()))
+    term["committed_steps_in_stopped_round"] = int(stopped.group(1)) if stopped else None
     result = {
         "figures_are": "qemu-aarch64 user-mode EMULATION on an x86-64 host; not Raspberry Pi measurements",
         "emulator": os.environ.get("PI_QEMU_VERSION", ""), "emulated_cpu": os.environ.get("PI_QEMU_CPU", ""),
@@ -122,10 +126,14 @@ def report(work: Path, out: Path) -> None:
         "state_step": (status["state"] or {}).get("step"),
         "outbox_pending_after_stop": status["outbox"]["pending"],
         "predict": {"n": len(predict["predictions"]), "personalized": predict["personalized"]},
+        "sigterm_mid_round": {"exit_code": term["exit_code"], "stop_seconds": round(term["stop_seconds"], 1),
+                              "committed_steps_in_stopped_round": term["committed_steps_in_stopped_round"],
+                              "timeout_stop_s": 30},
     }
     ok = (run["exit_code"] == 0 and result["bundle_update"]["adopted"] and not r["heavy_modules"]
           and not r["heavy_installed"] and result["predict"]["n"] == 8 and heard.get("patch", 0) >= len(rounds)
-          and result["outbox_pending_after_stop"] == 0)
+          and result["outbox_pending_after_stop"] == 0 and term["exit_code"] == 0 and term["stop_seconds"] < 30
+          and term["committed_steps_in_stopped_round"] is not None)
     result["passed"] = ok
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
@@ -144,6 +152,9 @@ def report(work: Path, out: Path) -> None:
     t.add_row("bundle update over MQTT", f"{'adopted' if result['bundle_update']['adopted'] else 'NOT adopted'} "
               f"{bundle_b[:12]}")
     t.add_row("device predict", f"{result['predict']['n']} predictions, personalized={predict['personalized']}")
+    sg = result["sigterm_mid_round"]
+    t.add_row("SIGTERM mid-round", f"exit {sg['exit_code']} after {sg['stop_seconds']} s (TimeoutStopSec 30 s), "
+              f"{sg['committed_steps_in_stopped_round']} steps of the round committed")
     t.add_row("outbox after stop", f"{result['outbox_pending_after_stop']} pending")
     t.add_row("emulator", f"{result['emulator']} -cpu {result['emulated_cpu']} on {result['host_cpu']}")
     t.add_row("check", "PASSED" if ok else "FAILED")
