@@ -209,3 +209,17 @@ def test_companion_without_data_says_which_aggregators_can_run(tiny_bundle: Path
         assert fedavg.blocked is None  # φ alone is enough
     finally:
         fedavg.store.close()
+    # An unlabelled proxy set (a shard directory; labels ignored) is all MoMoDistill's proxy mode needs, but
+    # not enough for model_over_data, which trains on labels.
+    x, y = breast_cancer_3x10()
+    write_shard(tmp_path / "proxy" / "p.npz", x[:50], y[:50], np.arange(50.0))
+    proxied = Companion(CompanionConfig(bundle=tiny_bundle, work_dir=tmp_path / "p", proxy=tmp_path / "proxy"))
+    try:
+        assert proxied.blocked is None and proxied.cloud_data.proxy_x is not None
+        assert proxied.cloud_data.proxy_x.shape == (50, 3, 10) and proxied.cloud_data.x is None
+        assert proxied.startup_note().startswith("distillation: momodistill (mode proxy) on 50 proxy samples")
+    finally:
+        proxied.store.close()
+    with pytest.raises(ValueError, match="'model_over_data' .* needs labelled data \\(--data\\)"):
+        Companion(CompanionConfig(bundle=tiny_bundle, work_dir=tmp_path / "m", proxy=tmp_path / "proxy",
+                                  aggregator="model_over_data", distill_after=1))
