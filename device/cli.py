@@ -154,6 +154,7 @@ def _run_device(run: _RunSettings, flush_timeout: float, heartbeat: Any) -> None
     device = None
     done = 0
     last: dict[str, Any] = {}
+    finished = False  # the loop ended by itself or by a signal, not by an exception
     try:
         try:
             prof = run.profile if isinstance(run.profile, DeviceProfile) else load_profile(run.profile)
@@ -191,12 +192,14 @@ def _run_device(run: _RunSettings, flush_timeout: float, heartbeat: Any) -> None
                 console.print(f"bundle {'adopted: ' + device.bundle.version[:12] if adopted else 'unchanged'}")
             if run.interval and more:
                 stop.wait(run.interval)  # a stop cuts the pause short
+        finished = True
     finally:
         if device is not None:
             drained = device.link.wait_drained(flush_timeout) if device.link is not None else True
             device.stop()
             state = device.trainer.state
-            heartbeat(run.state_dir, state="stopped", reason=received[-1] if received else "rounds done",
+            reason = received[-1] if received else ("rounds done" if finished else "error (see the log)")
+            heartbeat(run.state_dir, state="stopped" if finished else "failed", reason=reason,
                       rounds_done=done, step=state.step, bundle=device.bundle.version,
                       outbox_drained=drained, last_round=last)
             if not drained:
