@@ -273,3 +273,41 @@ def test_federated_round_on_the_twin(digits_bundle: Path, tmp_path: Path):
     assert record.contributed == 1 and record.devices[0].outcome == "contributed", record.devices[0].reason
     assert record.bytes_up > 0 and not server.link.rejects
     assert time.perf_counter() - started < 1.0
+
+
+# ------------------------------------------------------------------------------------------ ingest (twin)
+
+def test_ingest_on_the_twin_acks_after_commit_and_gets_a_failed_batch_again(tmp_path: Path):
+    from edgepatch.cloud.ingest import IngestService, IngestSettings
+    from edgepatch.cloud.store import PatchStore
+
+    store = PatchStore(tmp_path / "ingest.db")
+    started = time.perf_counter()  # the ingest's work, not SQLAlchemy's import and schema creation
+    broker = MemoryBroker()
+    settings = IngestSettings(fleet=FLEET, max_delay_s=0.005, reconnect_min_delay=0.05)
+    service = IngestService(store, settings, client=make_client(settings.mqtt(), broker))
+    failures = {"left": 1}
+    commit = store.commit_batch
+
+    def flaky_commit(*args, **kw):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError("disk full (simulated)")
+        return commit(*args, **kw)
+
+    store.commit_batch = flaky_commit  # type: ignore[method-assign]
+    service.start()
+    assert service.wait_subscribed(1)
+    device = client(broker, "dev-1")
+    device.connect()
+    assert device.wait_connected(1)
+    sent = [make_message(patch(i), device_id="dev-1", fleet=FLEET, base_version="b1", variant_id="v50", seq=i)
+            for i in range(5)]
+    for msg in sent:
+        device.publish(msg.topic(), encode(msg))
+    wait_until(lambda: store.count("patches") == 5, 2, "every patch stored after the failed commit")
+    service.stop()
+    device.disconnect()
+    assert service.stats.commit_failures == 1 and service.stats.connects >= 2  # dropped, redelivered
+    assert service.stats.duplicates == 0 and service.stats.acked >= 5
+    assert time.perf_counter() - started < 1.0
