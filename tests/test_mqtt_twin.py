@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from edgepatch.cloud.canoe import CanoeCompanion
+from edgepatch.cloud.ingest import IngestService, IngestSettings
+from edgepatch.cloud.store import PatchStore
 from edgepatch.device.canoe_link import CanoeLink
 from edgepatch.device.link import DeviceLink, LinkSettings
 from edgepatch.device.outbox import Outbox
@@ -278,9 +280,6 @@ def test_federated_round_on_the_twin(digits_bundle: Path, tmp_path: Path):
 # ------------------------------------------------------------------------------------------ ingest (twin)
 
 def test_ingest_on_the_twin_acks_after_commit_and_gets_a_failed_batch_again(tmp_path: Path):
-    from edgepatch.cloud.ingest import IngestService, IngestSettings
-    from edgepatch.cloud.store import PatchStore
-
     store = PatchStore(tmp_path / "ingest.db")
     started = time.perf_counter()  # the ingest's work, not SQLAlchemy's import and schema creation
     broker = MemoryBroker()
