@@ -56,6 +56,17 @@ def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def digits_bundle_both(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same bundle with LiteRT and ExecuTorch programs (the Engine tests run both runtimes on it)."""
+    from edgepatch.export.pipeline import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "digits-both"
+    export_bundle(ExportOptions(variants="1,0.5", runtimes=("litert", "executorch"), pretrain_epochs=8,
+                                dse_steps=5, dse_seeds=(0,)), out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def shifted_digits_devices(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Shard directories of 3 devices whose digits carry a per-device gain/offset and pixel permutation."""
     from edgepatch.data.datasets import load_digits
