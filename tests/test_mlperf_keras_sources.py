@@ -67,6 +67,15 @@ def resnet8() -> object:
 MODELS = {"ds_cnn": ds_cnn, "mobilenet_v1_025": mobilenet_v1_025, "resnet8": resnet8}
 
 
+def randomize_norms(model: object, rng: np.random.Generator) -> None:
+    """BatchNorm statistics and affine parts away from their defaults, so that folding is really tested."""
+    for layer in model.layers:  # type: ignore[attr-defined]
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.uniform(-0.3, 0.3, n), rng.uniform(-0.5, 0.5, n),
+                               rng.uniform(0.5, 2.0, n)])
+
+
 def _folded_count(model: object) -> int:
     """Keras' parameter count without BatchNorm's 4 per channel (every conv here has its own bias)."""
     norms = sum(4 * layer.gamma.shape[0] for layer in model.layers if isinstance(layer, L.BatchNormalization))
@@ -78,11 +87,7 @@ def test_mlperf_tiny_keras_definition_converts_and_matches_keras(name: str) -> N
     keras.utils.set_random_seed(0)
     model = MODELS[name]()
     rng = np.random.default_rng(1)
-    for layer in model.layers:
-        if isinstance(layer, L.BatchNormalization):
-            n = layer.gamma.shape[0]
-            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.uniform(-0.3, 0.3, n), rng.uniform(-0.5, 0.5, n),
-                               rng.uniform(0.5, 2.0, n)])
+    randomize_norms(model, rng)
 
     spec, params = convert_keras(model, name)
 
@@ -95,6 +100,35 @@ def test_mlperf_tiny_keras_definition_converts_and_matches_keras(name: str) -> N
     assert np.abs(got - want).max() <= TOL * max(1.0, float(np.abs(want).max()))
 
 
+HAND_WRITTEN = {"ds_cnn": "ds_cnn_kws", "mobilenet_v1_025": "mobilenet_v1_vww", "resnet8": "resnet8_cifar"}
+_WEIGHTED = ("conv2d", "conv1d", "dwconv2d", "dense")
+
+
+@pytest.mark.parametrize("name", sorted(HAND_WRITTEN))
+def test_hand_written_mlperf_descriptions_compute_what_keras_computes(name: str) -> None:
+    """export/reference_models.py transcribes these models by hand; with the Keras model's weights (converted,
+    then renamed layer by layer in order), the hand-written description gives Keras' own logits: same wiring,
+    padding, strides and pooling, not just the same parameter shapes."""
+    from edgepatch.export.reference_models import MLPERF_MODELS
+
+    keras.utils.set_random_seed(0)
+    model = MODELS[name]()
+    randomize_norms(model, np.random.default_rng(5))
+    converted, params = convert_keras(model, name)
+    hand = MLPERF_MODELS[HAND_WRITTEN[name]]()
+    pairs = list(zip([layer.name for layer in converted.layers if layer.kind in _WEIGHTED],
+                     [layer.name for layer in hand.layers if layer.kind in _WEIGHTED], strict=True))
+
+    renamed = {f"{theirs}.{part}": params[f"{ours}.{part}"] for ours, theirs in pairs for part in ("weight", "bias")}
+
+    model.layers[-1].activation = keras.activations.linear
+    x = np.random.default_rng(4).normal(size=(2, *hand.input_shape)).astype(np.float32)
+    want = np.asarray(model(np.moveaxis(x, 1, -1), training=False))
+    got = reference_logits(hand, renamed, x)  # raises if any renamed shape does not fit the hand description
+    assert hand.input_shape == converted.input_shape
+    assert np.abs(got - want).max() <= TOL * max(1.0, float(np.abs(want).max()))
+
+
 @pytest.mark.parametrize("name", ["MobileNet", "MobileNetV2"])
 def test_keras_applications_mobilenets_convert_and_match_keras(name: str) -> None:
     """keras.applications as users build them (weights=None: no download): MobileNet's top is global pooling
@@ -104,11 +138,7 @@ def test_keras_applications_mobilenets_convert_and_match_keras(name: str) -> Non
     build = getattr(keras.applications, name)
     model = build(input_shape=(96, 96, 3), alpha=0.25 if name == "MobileNet" else 0.35, weights=None, classes=3)
     rng = np.random.default_rng(3)
-    for layer in model.layers:
-        if isinstance(layer, L.BatchNormalization):
-            n = layer.gamma.shape[0]
-            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.uniform(-0.3, 0.3, n), rng.uniform(-0.5, 0.5, n),
-                               rng.uniform(0.5, 2.0, n)])
+    randomize_norms(model, rng)
 
     spec, params = convert_keras(model, name.lower())
 
