@@ -330,3 +330,42 @@ ca_file = "{dev / 'ca.crt'}"
     assert installed == companion.current.version, out[-3000:]  # type: ignore[union-attr]  ... to the signed one
     assert int((tmp_path / "state" / "bundle-sequence").read_text()) >= 1
     assert "refused" not in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_cloud_serve_with_credentials_announces_signed_bundles(fleet: Fleet, digits_bundle: Path,
+                                                               tmp_path: Path) -> None:
+    import signal
+    import sys
+
+    from edgepatch.protocol.messages import BundleAnnouncement, decode
+    from edgepatch.protocol.signing import BundleVerifier
+
+    device = connect(fleet, "dev-002")
+    assert device.subscribe(f"{PREFIX}/bundle") == "Granted QoS 1"
+    settle()
+    retained = len(device.messages)  # an earlier test's companion may have left its announcement
+    log = tmp_path / "serve.log"
+    with open(log, "w") as sink:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "edgepatch.cli", "cloud", "serve", "--bundle", str(digits_bundle), "--fleet", FLEET,
+             "--credentials", str(fleet.out / "companion"), "--broker", f"mqtts://127.0.0.1:{fleet.companion_port}",
+             "--http-port", "0", "--work-dir", str(tmp_path / "cloud")], stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: len(device.messages) > retained or serve.poll() is not None, 120, "the announcement")
+        assert serve.poll() is None, log.read_text()[-3000:]
+        ann = decode(device.messages[-1][0], device.messages[-1][1]).payload
+        assert isinstance(ann, BundleAnnouncement)
+        verifier = BundleVerifier.from_file(fleet.out / "devices" / "dev-002" / "fleet-signing.pub")
+        assert verifier.verify(FLEET, ann.to_json(), active_sequence=0) == ann.sequence
+        # SIGTERM only once serve says it is serving (its handler is installed after start-up)
+        wait_until(lambda: "companion serving" in log.read_text() or serve.poll() is not None, 60, "serve up")
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+        device.close()
+    assert serve.returncode == 0, log.read_text()[-3000:]
+    assert "password" not in " ".join(serve.args)  # the secret never was on the command line
