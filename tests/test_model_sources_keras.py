@@ -187,6 +187,24 @@ def test_keras_unsupported_layers_are_refused_by_name(build: object, expected: s
         load_model_object(build())  # type: ignore[operator]
 
 
+def test_subclassed_and_unbuilt_keras_models_are_refused() -> None:
+    class Subclassed(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.flat, self.head = L.Conv1D(4, 3), L.Flatten(), L.Dense(3)
+
+        def call(self, x: object) -> object:
+            return self.head(self.flat(self.conv(x)))
+
+    model = Subclassed()
+    model(np.zeros((1, 10, 2), np.float32))
+
+    with pytest.raises(SpecError, match=r"is a subclassed Subclassed: its layers are wired in call\(\)"):
+        load_model_object(model)
+    with pytest.raises(SpecError, match=r"has no input shape yet: start it with keras.Input"):
+        load_model_object(keras.Sequential([L.Conv1D(4, 3), L.Flatten(), L.Dense(3)]))
+
+
 def test_not_a_keras_archive(tmp_path: Path) -> None:
     path = tmp_path / "model.keras"
     path.write_bytes(b"definitely not a zip")

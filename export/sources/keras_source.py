@@ -30,7 +30,12 @@ _CONVS = ("Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Dense")
 
 def keras_graph(model: Any, label: str) -> Any:
     """The functional graph behind `model` (a Sequential keeps one once it knows its input shape)."""
-    graph = getattr(model, "_functional", None) if type(model).__name__ == "Sequential" else model
+    sequential = type(model).__name__ == "Sequential"
+    if not sequential and not hasattr(model, "_nodes_by_depth"):
+        raise SpecError(f"Keras model {label} is a subclassed {type(model).__name__}: its layers are wired in "
+                        "call(), which edgepatch cannot read; build it with keras.Input and the functional API, "
+                        "or as keras.Sequential")
+    graph = getattr(model, "_functional", None) if sequential else model
     if graph is None or not getattr(graph, "inputs", None):
         raise SpecError(f"Keras model {label} has no input shape yet: start it with keras.Input(shape=...)")
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
