@@ -4,10 +4,12 @@ reused, and MobileNetV2 inverted residuals (expand, strided depthwise, ReLU6, li
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from edgepatch.export.sources.torch_source import convert_module
+from edgepatch.protocol.model_spec import SpecError
 
 from .test_model_sources import assert_torch_parity, randomize_norms
 
@@ -134,3 +136,22 @@ def test_functional_pads_of_some_axes_only() -> None:
 
     assert [layer.pads for layer in spec.layers[:2]] == [(0, 0, 1, 1), (0, 1, 0, 0)]
     assert_torch_parity(net, spec, params)
+
+
+class _InPlace(nn.Module):
+    input_shape = (2, 8)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, padding=1)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        h.relu_()  # changes h in place: invisible to torch.fx, so converting it silently would be wrong
+        return self.head(torch.flatten(h, 1))
+
+
+def test_unassigned_in_place_op_is_refused_not_dropped() -> None:
+    with pytest.raises(SpecError, match=r"layer 'relu_' \(in-place relu_\) is not supported: assign its result"):
+        convert_module(_InPlace(), "inplace")

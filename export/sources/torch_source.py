@@ -257,6 +257,9 @@ def _classify_function(node: fx.Node) -> Step:
     label = node.name
     src = args[0] if args else None
     method = node.op == "call_method"
+    if method and str(fn).endswith("_") and not node.users:  # torch.fx does not see in-place effects
+        raise refuse(label, f"in-place {fn}", f"assign its result (x = x.{str(fn)[:-1]}()): the traced graph "
+                     "does not see a tensor changed in place")
     if fn in _RELU_FNS or (method and fn in ("relu", "relu_")):
         return simple(node, src, "relu", label)
     if fn is F.relu6:
