@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Float,
     Index,
@@ -18,6 +19,13 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.engine import Connection
+
+# 64-bit everywhere the validator accepts 64-bit integers (protocol/wire.py: seq, steps, samples are
+# checked against [0, 2^63-1]); a 32-bit column made one `seq = 2^31` patch fail its whole batch on
+# PostgreSQL. Surrogate ids are 64-bit too; on SQLite they stay INTEGER so they alias the rowid (an
+# autoincrementing BIGINT primary key is not a rowid alias there and would never be filled in).
+Int64 = BigInteger().with_variant(Integer(), "sqlite")
+PAYLOAD_PREFIX_BYTES = 256  # what a reject or quarantine record keeps of the payload (plus sha256 and size)
 
 
 def store_tables(prefix: str) -> tuple[MetaData, dict[str, Table]]:
@@ -32,33 +40,35 @@ def store_tables(prefix: str) -> tuple[MetaData, dict[str, Table]]:
         Column("last_state", String(16)),
         Column("variant_id", String(256)),
         Column("base_version", String(256)),
-        Column("bytes_in", Integer, nullable=False, default=0),
-        Column("patches", Integer, nullable=False, default=0),
+        Column("bytes_in", BigInteger, nullable=False, default=0),
+        Column("patches", BigInteger, nullable=False, default=0),
         Column("holdout_acc", Float),
     )
     patches = Table(
         f"{p}patches", md,
-        Column("id", Integer, primary_key=True, autoincrement=True),
+        # `id` is the arrival order the store assigns: a device's latest patch is its highest id, never its
+        # highest claimed `seq` (a device could claim seq = 2^63-1 once and pin its "latest" forever).
+        Column("id", Int64, primary_key=True, autoincrement=True),
         Column("fleet", String(64), nullable=False),
         Column("device_id", String(64), nullable=False),
         Column("base_version", String(256), nullable=False),
         Column("variant_id", String(256), nullable=False),
-        Column("seq", Integer, nullable=False),
+        Column("seq", BigInteger, nullable=False),
         Column("content_hash", String(64), nullable=False),
         Column("phi", LargeBinary, nullable=False),
-        Column("k", Integer, nullable=False),
-        Column("steps", Integer, nullable=False),
-        Column("samples", Integer, nullable=False),
+        Column("k", BigInteger, nullable=False),
+        Column("steps", BigInteger, nullable=False),
+        Column("samples", BigInteger, nullable=False),
         Column("holdout_acc", Float, nullable=False),
         Column("loss", Float, nullable=False),
         Column("sent_at", Float, nullable=False),
         Column("received_at", Float, nullable=False),
         UniqueConstraint("content_hash", name=f"{p}uq_patches_hash"),
-        Index(f"{p}ix_patches_device", "base_version", "fleet", "device_id", "seq"),
+        Index(f"{p}ix_patches_device", "base_version", "fleet", "device_id", "id"),
     )
     metrics = Table(
         f"{p}metrics", md,
-        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("id", Int64, primary_key=True, autoincrement=True),
         Column("fleet", String(64), nullable=False),
         Column("device_id", String(64), nullable=False),
         Column("name", String(64), nullable=False),
@@ -75,17 +85,44 @@ def store_tables(prefix: str) -> tuple[MetaData, dict[str, Table]]:
         Column("reference", Text, nullable=False),
         Column("created_at", Float, nullable=False),
         Column("announced_at", Float),
+        # What the ingest checks patches against: a patch must name a registered base version and carry
+        # exactly `k` floats (NULL for bundles registered without them).
+        Column("base_version", String(256)),
+        Column("k", BigInteger),
+        Index(f"{p}ix_bundles_base", "base_version"),
     )
+    # Refused messages (validation or admission) and quarantined ones (accepted, but the database would not
+    # store them): never the whole payload, only its first PAYLOAD_PREFIX_BYTES, sha256 and size; both
+    # expire after the store's retention (`PatchStore.expire`).
     rejects = Table(
         f"{p}rejects", md,
-        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("id", Int64, primary_key=True, autoincrement=True),
         Column("reason", String(32), nullable=False),
         Column("topic", Text, nullable=False),
         Column("t", Float, nullable=False),
         Column("detail", Text, nullable=False),
+        Column("payload_prefix", LargeBinary),
+        Column("payload_sha256", String(64)),
+        Column("payload_size", BigInteger),
+        Index(f"{p}ix_rejects_t", "t"),
+    )
+    quarantine = Table(
+        f"{p}quarantine", md,
+        Column("id", Int64, primary_key=True, autoincrement=True),
+        Column("reason", String(64), nullable=False),
+        Column("kind", String(32), nullable=False),
+        Column("fleet", String(64), nullable=False),
+        Column("device_id", String(64), nullable=False),
+        Column("content_hash", String(64), nullable=False),
+        Column("t", Float, nullable=False),
+        Column("detail", Text, nullable=False),
+        Column("payload_prefix", LargeBinary, nullable=False),
+        Column("payload_sha256", String(64), nullable=False),
+        Column("payload_size", BigInteger, nullable=False),
+        Index(f"{p}ix_quarantine_t", "t"),
     )
     return md, {"devices": devices, "patches": patches, "metrics": metrics, "bundles": bundles,
-                "rejects": rejects}
+                "rejects": rejects, "quarantine": quarantine}
 
 
 def sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -75,15 +75,17 @@ def test_add_patch_dedupes_by_content_hash(store: PatchStore) -> None:
 
 
 def test_latest_patches_per_device_and_base_version(store: PatchStore) -> None:
-    for seq in (1, 3, 2):  # arrival order differs from seq order: latest means highest seq
+    # Arrival order differs from seq order: latest means last ARRIVED (the store's id), not the highest
+    # claimed seq - a device claiming seq = 2^53 once must not pin its "latest" forever (issue 11).
+    for seq in (1, 2**53, 2):
         store.add_patch(patch_msg("dev-1", seq))
     store.add_patch(patch_msg("dev-2", 5, k=8, acc=0.9))
     store.add_patch(patch_msg("dev-2", 9, base="b2"))
     latest = store.latest_patches(base_version="b1")
     assert set(latest) == {"dev-1", "dev-2"}
     phi, meta = latest["dev-1"]
-    assert meta["seq"] == 3 and phi.dtype == np.float32
-    np.testing.assert_array_equal(phi, np.arange(16, dtype=np.float32) * 3)
+    assert meta["seq"] == 2 and phi.dtype == np.float32
+    np.testing.assert_array_equal(phi, np.arange(16, dtype=np.float32) * 2)
     assert latest["dev-2"][0].shape == (8,) and latest["dev-2"][1]["holdout_acc"] == pytest.approx(0.9)
     assert store.latest_patches(base_version="b2")["dev-2"][1]["seq"] == 9
     assert store.latest_patches()["dev-2"][1]["base_version"] == "b2"
