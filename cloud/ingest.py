@@ -21,9 +21,13 @@ in-flight window is full (it will send no more until we ack) or when the socket 
 `linger_s`. Messages are validated on the client's thread and queued; the ingest loop batches them and
 sends the acks; the commit itself runs on a writer thread (one batch in flight), so the fsync of batch N
 overlaps receiving and validating batch N+1. A failed commit drops the connection, so the broker
-redelivers the batch (the store dedupes what was stored after all).
+redelivers the batch (the store dedupes what was stored after all) - but only when the database itself
+failed (connection lost, locked): a batch the database refuses for its rows' sake (a value a column will
+not hold) is retried row by row, the refused rows go to the `quarantine` table with the database's reason
+and everything is acknowledged, so one poison message never stalls the stream (issue 12).
 
-Bad messages never crash the loop: each is logged with its `MessageError.reason`, counted in
+Bad messages never crash the loop: each is logged with its `MessageError.reason` (or the admission
+reason of `policy`, cloud/ingest_policy.py: unknown device, unknown base version, wrong φ size), counted in
 `edgepatch_ingest_rejects_total{reason}`, written to the `rejects` table and acknowledged (otherwise the
 broker would redeliver it forever). A zero-length retained publish on `state`/`lwt` is a device clearing its
 retained will, not an error: it is acknowledged and ignored.
@@ -37,6 +41,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from edgepatch.protocol.messages import MAX_MESSAGE_BYTES, Message, MessageError, decode
 from edgepatch.protocol.mqtt import Incoming, MqttClient, MqttSettings, MqttVersion, make_client
@@ -44,6 +49,9 @@ from edgepatch.protocol.topics import Channel, check_name, fleet_filter, shared_
 
 from .metrics import CloudMetrics
 from .store import BatchResult, PatchStore, Received, Reject
+
+if TYPE_CHECKING:
+    from .ingest_policy import IngestPolicy
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +134,7 @@ class IngestStats:
     batches: int = 0
     acked: int = 0
     commit_failures: int = 0
+    quarantined: int = 0  # accepted, but the database refused them: in the quarantine table
     connects: int = 0
     reject_reasons: dict[str, int] = field(default_factory=dict)
 
@@ -141,8 +150,10 @@ InFlight = tuple[Future[tuple[BatchResult, float]], list[_Pending], list[Receive
 
 class IngestService:
     def __init__(self, store: PatchStore, settings: IngestSettings | None = None, *,
-                 metrics: CloudMetrics | None = None, client: MqttClient | None = None) -> None:
+                 metrics: CloudMetrics | None = None, client: MqttClient | None = None,
+                 policy: IngestPolicy | None = None) -> None:
         self.store = store
+        self.policy = policy  # admission after validation (cloud/ingest_policy.py): devices, base, φ size
         self.settings = settings or IngestSettings()
         self.metrics = metrics or CloudMetrics()
         self.stats = IngestStats()
@@ -254,21 +265,23 @@ class IngestService:
         try:
             try:
                 message = decode(msg.topic, msg.payload, max_bytes=self.settings.max_message_bytes)
-                item = Received(message, len(msg.payload), now)
+                refusal = self.policy.admit(message) if self.policy is not None else None
+                item = (Received(message, len(msg.payload), now, raw=bytes(msg.payload)) if refusal is None
+                        else self._reject(*refusal, msg.topic, now, msg.payload))
             except MessageError as exc:
                 if exc.reason == "empty" and msg.topic.rsplit("/", 1)[-1] in (Channel.STATE, Channel.LWT):
                     item = None
                 else:
-                    item = self._reject(exc.reason, msg.topic, exc.text, now)
+                    item = self._reject(exc.reason, msg.topic, exc.text, now, msg.payload)
         except Exception as exc:  # noqa: BLE001 - defensive: decode() should only raise MessageError
             log.exception("unexpected error validating a message on %r", msg.topic)
-            item = self._reject("bad_field", msg.topic, f"internal error: {exc!r}", now)
+            item = self._reject("bad_field", msg.topic, f"internal error: {exc!r}", now, msg.payload)
         self._arrivals.put(_Pending(msg, item))
 
-    def _reject(self, reason: str, topic: str, text: str, now: float) -> Reject:
+    def _reject(self, reason: str, topic: str, text: str, now: float, payload: bytes = b"") -> Reject:
         log.warning("reject reason=%s topic=%s detail=%s", reason, topic, text[:200],
                     extra={"event": "reject", "reason": reason, "topic": topic})
-        return Reject(reason, str(topic), text, now)
+        return Reject.of(reason, str(topic), text, now, payload)  # keeps a prefix, sha256 and size only
 
     # ------------------------------------------------------------------------------------------ commit
 
@@ -287,7 +300,7 @@ class IngestService:
 
     def _timed_commit(self, accepted: list[Received], rejects: list[Reject]) -> tuple[BatchResult, float]:
         t0 = time.perf_counter()
-        result = self.store.commit_batch(accepted, rejects)
+        result = self.store.commit_or_quarantine(accepted, rejects)  # poison rows quarantined, not retried
         return result, time.perf_counter() - t0
 
     def _poll_commit(self, wait: bool = False) -> None:
@@ -314,6 +327,9 @@ class IngestService:
             if p.incoming.qos > 0 and self.client.ack(p.incoming):
                 self.stats.acked += 1
         self._account(batch, accepted, rejects, result.duplicates, result.new_patches)
+        if result.quarantined:  # stored in `quarantine` and acknowledged above: never redelivered
+            self.stats.quarantined += len(result.quarantined)
+            self.metrics.rejects.labels(reason="quarantined").inc(len(result.quarantined))
 
     def _account(self, batch: list[_Pending], accepted: list[Received], rejects: list[Reject],
                  duplicates: int, new_patches: list[Message]) -> None:
