@@ -77,6 +77,9 @@ class LinkSettings:
     session_expiry_s: int = 7 * 24 * 3600  # MQTT 5: broker keeps our subscription across outages
     metrics_expiry_s: int | None = 3600  # MQTT 5: stale metrics are worthless, let the broker drop them
     patch_expiry_s: int | None = None  # patches never expire
+    # MQTT 5: the broker drops anything bigger for us (a 200 MiB retained "announcement" never reaches the
+    # device); every valid message is far smaller (wire.MAX_MESSAGE_BYTES). 3.1.1 cannot say so: decode refuses.
+    max_packet_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
         check_name(self.fleet, "fleet")
@@ -93,7 +96,7 @@ class LinkSettings:
                             version=self.protocol, tls=self.tls, tls_ca=self.tls_ca, tls_cert=self.tls_cert,
                             tls_key=self.tls_key, username=self.username, password=self.password,
                             keepalive=self.keepalive, persistent=True, session_expiry_s=self.session_expiry_s,
-                            reconnect_min_delay=self.reconnect_min_delay,
+                            max_packet_bytes=self.max_packet_bytes, reconnect_min_delay=self.reconnect_min_delay,
                             reconnect_max_delay=self.reconnect_max_delay)
 
 

@@ -90,6 +90,7 @@ class MqttSettings:
     session_expiry_s: int = 7 * 24 * 3600  # MQTT 5, persistent sessions only
     receive_maximum: int | None = None  # MQTT 5: unacked messages the broker may have in flight to us
     manual_ack: bool = False  # PUBACK only when the application calls ack() (e.g. after a commit)
+    max_packet_bytes: int | None = None  # MQTT 5: the broker must not send us bigger packets (it drops them)
     reconnect_min_delay: float = 1.0
     reconnect_max_delay: float = 60.0
 
@@ -104,6 +105,8 @@ class MqttSettings:
             raise MqttConfigError("tls_cert and tls_key go together")
         if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay:
             raise MqttConfigError("need 0 < reconnect_min_delay <= reconnect_max_delay")
+        if self.max_packet_bytes is not None and not 1024 <= self.max_packet_bytes <= 268_435_455:
+            raise MqttConfigError(f"max_packet_bytes {self.max_packet_bytes} outside [1024, 268435455]")
         if self.password is not None and not self.tls:
             raise MqttConfigError(
                 f"refusing to send the MQTT password for {self.username!r} over plain mqtt:// to "

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .mqtt import Incoming, MqttClient, MqttSettings, PublishDone, Will
+from .mqtt import Incoming, MqttClient, MqttSettings, MqttVersion, PublishDone, Will
 from .topics import topic_matches
 
 RETRY_S = 0.02  # reconnect attempts while the twin broker is down
@@ -174,6 +174,9 @@ class MemoryBroker:
                 if session.persistent and qos > 0:
                     session.queued.append((topic, payload, qos, retain))
                 return
+            limit = client.settings.max_packet_bytes
+            if limit is not None and client.settings.version is MqttVersion.V5 and len(payload) + len(topic) > limit:
+                return  # MQTT 5 Maximum Packet Size: the broker discards what the client refused to receive
             mid = next(self._mids)
             if client.settings.manual_ack and qos > 0:
                 session.unacked[mid] = (topic, payload, qos)

@@ -77,6 +77,8 @@ class PahoClient(MqttClient):
                 props.SessionExpiryInterval = s.session_expiry_s
             if s.receive_maximum is not None:
                 props.ReceiveMaximum = s.receive_maximum
+            if s.max_packet_bytes is not None:
+                props.MaximumPacketSize = s.max_packet_bytes
         clean_start: Any = (not s.persistent) if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY
         self._client.connect_async(s.host, s.port, keepalive=s.keepalive, clean_start=clean_start, properties=props)
 

@@ -368,3 +368,22 @@ def test_link_started_while_broker_is_down_delivers_once_it_is_up(mosquitto, tmp
     finally:
         link.stop()
         rx.close()
+
+
+def test_mqtt5_link_is_never_sent_an_oversized_retained_announcement(mosquitto, tmp_path):
+    """MQTT 5 Maximum Packet Size: Mosquitto drops a 1 MiB retained payload for the device instead of sending
+    it (issue 12: a huge retained "announcement" took every device's memory); the next valid one arrives."""
+    raw_publish(mosquitto, bundle_topic(FLEET), b"x" * (1 << 20), retain=True)
+    bundles: list[Message] = []
+    link = make_link(mosquitto, tmp_path, on_bundle=bundles.append)
+    try:
+        link.start()
+        assert link.wait_connected(5)
+        ann = make_message(BundleAnnouncement("b2", "https://x/b2/", SHA, 10, {"a": SHA}), device_id="cloud",
+                           fleet=FLEET, seq=1)
+        raw_publish(mosquitto, bundle_topic(FLEET), encode(ann), retain=True)
+        wait_until(lambda: bundles, 5, "the valid announcement")
+        assert [b.payload for b in bundles] == [ann.payload]
+        assert not link.rejects  # the big one was never delivered (not received and then refused)
+    finally:
+        link.stop()

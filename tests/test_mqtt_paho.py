@@ -88,15 +88,15 @@ def test_ingest_commit_failure_over_mosquitto_redelivers_and_loses_nothing(mosqu
     settings = IngestSettings(host=mosquitto.host, port=mosquitto.port, fleet=FLEET, max_delay_s=0.005)
     service = IngestService(store, settings)
     failures = {"left": 1}
-    commit = store.commit_batch
+    commit = store.commit_or_quarantine  # what the ingest calls per batch
 
     def flaky_commit(*args: Any, **kw: Any) -> Any:
         if failures["left"]:
             failures["left"] -= 1
-            raise OSError("disk full (simulated)")
+            raise OSError("database unreachable (simulated)")
         return commit(*args, **kw)
 
-    store.commit_batch = flaky_commit  # type: ignore[method-assign]
+    store.commit_or_quarantine = flaky_commit  # type: ignore[method-assign]
     service.start()
     assert service.wait_subscribed(10)
     device = paho(mosquitto, "dev-1")

@@ -286,15 +286,15 @@ def test_ingest_on_the_twin_acks_after_commit_and_gets_a_failed_batch_again(tmp_
     settings = IngestSettings(fleet=FLEET, max_delay_s=0.005, reconnect_min_delay=0.05)
     service = IngestService(store, settings, client=make_client(settings.mqtt(), broker))
     failures = {"left": 1}
-    commit = store.commit_batch
+    commit = store.commit_or_quarantine  # what the ingest calls per batch
 
     def flaky_commit(*args, **kw):
         if failures["left"]:
             failures["left"] -= 1
-            raise OSError("disk full (simulated)")
+            raise OSError("database unreachable (simulated)")
         return commit(*args, **kw)
 
-    store.commit_batch = flaky_commit  # type: ignore[method-assign]
+    store.commit_or_quarantine = flaky_commit  # type: ignore[method-assign]
     service.start()
     assert service.wait_subscribed(1)
     device = client(broker, "dev-1")
@@ -311,3 +311,22 @@ def test_ingest_on_the_twin_acks_after_commit_and_gets_a_failed_batch_again(tmp_
     # Messages of the dropped connection that were committed anyway come again: stored once (by hash).
     assert service.stats.new_patches == 5 and store.count("patches") == 5 and service.stats.acked >= 5
     assert time.perf_counter() - started < 1.0
+
+
+def test_twin_honours_the_mqtt5_maximum_packet_size_of_the_device_link(tmp_path):
+    broker = MemoryBroker()
+    publisher = client(broker, "cloud")
+    publisher.connect()
+    assert publisher.wait_connected(1)
+    publisher.publish(bundle_topic(FLEET), b"x" * (1 << 20), retain=True)
+    bundles: list[Message] = []
+    link = make_link(broker, tmp_path, on_bundle=bundles.append)
+    link.start()
+    assert link.wait_connected(1) and broker.settle()
+    ann = make_message(BundleAnnouncement("b2", "https://x/b2/", SHA, 10, {"a": SHA}), device_id="cloud",
+                       fleet=FLEET, seq=1)
+    publisher.publish(bundle_topic(FLEET), encode(ann), retain=True)
+    assert broker.settle()
+    assert [b.payload for b in bundles] == [ann.payload] and not link.rejects
+    link.stop()
+    publisher.disconnect()
