@@ -339,3 +339,21 @@ def test_running_device_picks_up_new_shards_between_rounds(
     after = len(device.trainer.data.train_x) + len(device.trainer.data.holdout_x)
     assert after > before
     assert device.trainer.state.step == 4  # φ and the step count carried over the reload
+
+
+def test_the_pi_guides_configuration_loads(tmp_path: Path) -> None:
+    """docs/raspberry-pi.md's device.toml, with its folders moved under tmp_path, is a valid configuration."""
+    guide = (REPO / "docs" / "raspberry-pi.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", guide, flags=re.S)
+    assert block
+    text = "\n".join(line.strip() for line in block.group(1).splitlines())
+    etc, var = tmp_path / "etc", tmp_path / "var"
+    etc.mkdir()
+    (etc / "mqtt-password").write_text("pw\n")
+    (etc / "mqtt-password").chmod(0o640)
+    text = text.replace("/etc/edgepatch/", f"{etc}/").replace("/var/lib/edgepatch/", f"{var}/")
+    cfg = load_config(write_config(tmp_path / "device.toml", text))
+    assert cfg.profile.name == "raspberry_pi_4" and cfg.rounds == 0 and cfg.fleet_key == etc / "fleet-signing.pub"
+    assert cfg.broker is not None and cfg.broker.password(cfg.profile) == "pw"
+    tls = cfg.effective_profile().mqtt.tls
+    assert tls is not None and tls.ca_file == str(etc / "ca.crt") and tls.cert_file is None
