@@ -1,4 +1,4 @@
-"""The companion's small web face (stdlib ThreadingHTTPServer):
+"""The companion's small web face (stdlib http.server on a bounded pool, cloud/web_server.py):
 
     GET /metrics                    Prometheus text exposition (the service's dedicated registry)
     GET /fleet                      HTML table of the fleet: device, state, bundle, variant, last seen,
@@ -25,7 +25,6 @@ import logging
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -34,6 +33,7 @@ from edgepatch.protocol.topics import check_name
 
 from .metrics import CONTENT_TYPE_LATEST, CloudMetrics
 from .store import PatchStore
+from .web_server import BoundedHTTPServer, OneRequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +55,24 @@ def file_sha256(path: Path) -> str:
 
 class FleetWeb:
     def __init__(self, store: PatchStore, metrics: CloudMetrics | None = None, *, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, public_url: str | None = None, workers: int = 8, max_idle: int = 1000,
+                 idle_timeout_s: float = 30.0, request_timeout_s: float = 10.0) -> None:
+        """`host`: the address to listen on (0.0.0.0 for every interface); `public_url`: the address devices
+        are told (bundle URLs), e.g. https://fleet.example.com behind a proxy; default http://host:port.
+        Threads, idle connections and their timeouts are bounded (cloud/web_server.py)."""
         self.store = store
         self.metrics = metrics or CloudMetrics()
         self.host = host
         self.port = port
+        if public_url is not None and not public_url.startswith(("http://", "https://")):
+            raise ValueError(f"public URL {public_url!r} must start with http:// or https://")
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.limits = {"workers": workers, "max_idle": max_idle, "idle_timeout_s": idle_timeout_s,
+                       "request_timeout_s": request_timeout_s}
         self._bundles: dict[str, Path] = {}
         self._etags: dict[tuple[Path, int, int], str] = {}  # (path, mtime_ns, size) -> sha256
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: BoundedHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._sections: dict[str, tuple[SectionData, SectionHtml | None]] = {}
 
@@ -108,16 +117,14 @@ class FleetWeb:
         class Handler(_Handler):
             web = app
 
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
-        self._server.daemon_threads = True
+        self._server = BoundedHTTPServer((self.host, self.port), Handler, **self.limits)
         self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="edgepatch-web", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve, name="edgepatch-web", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
             self._server = None
         if self._thread is not None:
             self._thread.join(5)
@@ -125,7 +132,12 @@ class FleetWeb:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """The address devices are told: `public_url`, else where the server listens."""
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def server(self) -> BoundedHTTPServer | None:
+        return self._server
 
     # -------------------------------------------------------------------------------------------- views
 
@@ -205,7 +217,7 @@ Bytes in: {data['bytes_in']}. Bytes out: {int(data['bytes_out'])}. Rejected mess
         return cached
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(OneRequestHandler):
     web: FleetWeb
     server_version = "edgepatch-cloud"
     protocol_version = "HTTP/1.1"
