@@ -27,6 +27,7 @@ from edgepatch.protocol.shards import ShardError, list_shards, read_shards
 from edgepatch.protocol.signing import AnnouncementGate, SignatureError
 from edgepatch.protocol.transport import broker_uses_tls, parse_broker
 
+from .adoption import AdoptionGate, GateDecision, GateSettings, served_phi
 from .engine import open_engine
 from .fetch import fetch_bundle
 from .profile import DeviceProfile
@@ -62,6 +63,7 @@ class DeviceConfig:
     adaptive: bool = True  # DISTREAL variant selection; False = always the full variant
     mqtt_password: str | None = None  # read from a file by device/config.py; None = the profile's env var
     fleet_key: Path | None = None  # the fleet's bundle-signing public key: only signed, newer bundles install
+    gate: GateSettings = GateSettings()  # adoption gate: a new bundle must not make this device worse
 
 
 def load_local_data(data_dir: Path, bundle: Bundle, holdout_fraction: float) -> LocalData:
@@ -78,6 +80,9 @@ class DeviceRuntime:
         self.bundles = ActiveBundleStore(cfg.state_dir / "bundles")
         if bundle_path is not None:
             self._install_local(bundle_path)
+        self.adoption = AdoptionGate(cfg.state_dir, cfg.gate, self.runtime, cfg.profile.threads, cfg.seed)
+        # A decision recorded before a crash is carried out before anything reads the active bundle.
+        self.adoption.apply(self.bundles, DeviceStateStore(cfg.state_dir / "state"))
         bundle = self.bundles.current()
         if bundle is None:
             raise BundleError(f"no bundle installed in {cfg.state_dir}; pass --bundle")
@@ -87,9 +92,12 @@ class DeviceRuntime:
         self.gate = None if cfg.fleet_key is None else AnnouncementGate(
             cfg.fleet_key, cfg.fleet, cfg.state_dir / "bundle-sequence")
         self.link: Any = None
+        self.gate_report: dict[str, float] = {}  # the last gate decision, until it has been published
         # Set from a signal handler; checked only between steps, so a step is never cut in half.
         self.stop_requested = threading.Event()
         self._activate(bundle)
+        if self.adoption.pending_version() is not None:  # killed during a shadow fit: finish it now
+            self._gate_pending()
         if cfg.broker:
             self._start_link()
 
@@ -135,6 +143,7 @@ class DeviceRuntime:
                                     seed=self.cfg.seed)
         if self.link is not None:
             self.link.base_version = bundle.base_version
+        self._refresh_served_phi()
         log.info("active bundle %s (base %s), %d train / %d holdout samples, runtime %s",
                  bundle.version[:12], bundle.base_version[:12], len(self.data.train_x),
                  len(self.data.holdout_x), self.runtime)
@@ -152,21 +161,59 @@ class DeviceRuntime:
                 log.error("bundle %s refused before fetching, keeping %s: %s", ann.version,
                           self.bundle.version[:12], exc)
                 return False
+        if self.cfg.gate.enabled and ann.manifest_sha256 in self.adoption.rejected_versions():
+            return False  # this device's gate already rejected exactly this bundle
         tmp = Path(tempfile.mkdtemp(prefix="edgepatch-fetch-"))
         try:
             candidate, stats = fetch_bundle(ann.reference, ann.manifest_sha256, tmp, self.bundle,
                                             min(MAX_BUNDLE_BYTES, ann.size + 1024))
             self.bytes_downloaded += stats.downloaded_bytes
-            installed = self.bundles.install(candidate, expected_version=ann.manifest_sha256)
+            if self.cfg.gate.enabled:
+                self.adoption.stage(candidate, ann.manifest_sha256)
+            else:
+                installed = self.bundles.install(candidate, expected_version=ann.manifest_sha256)
         except (BundleError, OSError, ValueError) as exc:
             log.error("bundle %s refused, keeping %s: %s", ann.version, self.bundle.version[:12], exc)
             return False
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if self.cfg.gate.enabled:
+            decision = self._gate_pending()
+            if decision is None or not decision.adopt:
+                return False
+        else:
+            self._activate(installed)
         if self.gate is not None:
             self.gate.installed(sequence)
-        self._activate(installed)
         return True
+
+    def _gate_pending(self) -> GateDecision | None:
+        """Shadow-fit, score and decide on the staged candidate; switch only if the gate adopts it.
+        The active bundle and trainer keep serving until the switch."""
+        try:
+            self.adoption.evaluate(self.trainer, lambda b: load_local_data(self.cfg.data_dir, b,
+                                                                             self.cfg.holdout_fraction))
+        except (BundleError, OSError, ValueError) as exc:
+            log.error("adoption gate failed on the staged bundle, keeping %s: %s", self.bundle.version[:12], exc)
+            return None
+        decision = self.adoption.apply(self.bundles, self.trainer.store)
+        if decision is not None and decision.adopt:
+            installed = self.bundles.current()
+            assert installed is not None
+            self._activate(installed)
+        if decision is not None:  # reported now, or with the next round's metrics when not yet linked
+            self.gate_report = decision.metrics()
+            if self.link is not None:
+                self.link.publish_metrics(self.gate_report)
+                self.gate_report = {}
+        return decision
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Logits as served: the active bundle with φ only while φ beats φ = 0 on the holdout."""
+        return self.trainer.predict(x, self.served_phi)
+
+    def _refresh_served_phi(self) -> None:
+        self.served_phi = served_phi(self.trainer)
 
     def wait_for_new_bundle(self, timeout: float) -> bool:
         """Block until an announced bundle newer than the active one is installed (True) or timeout."""
@@ -231,6 +278,8 @@ class DeviceRuntime:
             raise RoundInterrupted(0)
         report = self.trainer.train_round(steps, deadline_s, on_step=check_stop)
         report.holdout_acc_before, report.holdout_acc_after = before, self.trainer.holdout_accuracy()
+        self._refresh_served_phi()
+        self.adoption.prune_rollback(self.bundles)
         if self.link is not None:
             self.link.variant_id = self.trainer.state.variant_id
             acc = report.holdout_acc_after
@@ -241,5 +290,7 @@ class DeviceRuntime:
             base_acc = self.trainer.holdout_accuracy(np.zeros_like(self.trainer.phi))
             self.link.publish_metrics({"holdout_acc": 0.0 if np.isnan(acc) else acc,
                                        "holdout_acc_base": 0.0 if np.isnan(base_acc) else base_acc,
-                                       "round_seconds": report.seconds, "steps": float(report.steps)})
+                                       "round_seconds": report.seconds, "steps": float(report.steps),
+                                       **self.gate_report})
+            self.gate_report = {}
         return report
