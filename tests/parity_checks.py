@@ -37,13 +37,16 @@ def dag_probe() -> ModelSpec:
     ))
 
 
-def live_params(spec: ModelSpec, patch: PatchSpec | None, seed: int) -> Params:
-    """init_params with θ̄ perturbed (init makes patches no-ops) so every patch path is exercised."""
+def live_params(spec: ModelSpec, patch: PatchSpec | None, seed: int, scale: float = 0.2) -> Params:
+    """init_params with θ̄ and biases perturbed (init makes patches no-ops) so every patch path is exercised.
+
+    Deep models need a small `scale` (and φ): untrained low-rank patches compound layer after layer, and
+    logits in the hundreds make a 1e-4 tolerance smaller than float32's resolution."""
     rng = np.random.default_rng(seed)
     params = init_params(spec, patch, seed)
     for name, info in param_infos(spec, patch).items():
         if info.role == "bar" or (info.role == "base" and name.endswith(".bias")):
-            params[name] = (params[name] + rng.normal(0.0, 0.2, info.shape)).astype(np.float32)
+            params[name] = (params[name] + rng.normal(0.0, scale, info.shape)).astype(np.float32)
     return params
 
 
@@ -82,12 +85,12 @@ def assert_grads_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], 
 
 
 def check_litert_variant(program: object, spec: ModelSpec, patch: PatchSpec, variant: Variant, params: Params,
-                         batch_size: int, seed: int, adam: AdamConfig) -> None:
+                         batch_size: int, seed: int, adam: AdamConfig, phi_scale: float = 0.3) -> None:
     """LiteRT trainable program: infer, train_phi (with in-graph Adam) and train_full vs torch."""
     rng = np.random.default_rng(seed)
     sliced = slice_params(params, param_infos(spec, patch), sample_kept(spec, variant, rng))
     x, y = batch(spec, batch_size, rng)
-    phi = rng.normal(0.0, 0.3, patch.k).astype(np.float32)
+    phi = rng.normal(0.0, phi_scale, patch.k).astype(np.float32)
     m = rng.normal(0.0, 0.01, patch.k).astype(np.float32)
     v = rng.uniform(1e-4, 1e-3, patch.k).astype(np.float32)
     ref = torch_reference(spec, patch, variant, sliced, x, y, phi)
