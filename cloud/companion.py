@@ -278,9 +278,9 @@ class Companion:
         return ann
 
     def distill_and_publish(self) -> dict[str, Any]:
-        """One MoMoDistill round on the stored φ of the current base, then re-export and publish."""
+        """One MoMoDistill round on the stored φ of the current base, then republish (cloud/republish.py) and publish."""
         from edgepatch.cloud.momodistill import DeviceContribution, DistillConfig, run_aggregator
-        from edgepatch.export.pipeline import republish_bundle
+        from edgepatch.cloud.republish import republish_bundle
 
         assert self.current is not None
         bundle = self.current

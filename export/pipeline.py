@@ -166,23 +166,30 @@ def choose_variants(spec: ModelSpec, base: Params, opts: ExportOptions, data: La
 
 
 def build_programs(spec: ModelSpec, patch: PatchSpec, params: Params, variants: Sequence[Variant],
-                   opts: ExportOptions, log: Log = _quiet) -> dict[str, bytes]:
-    """Artifact kind → bytes for every runtime asked for."""
+                   opts: ExportOptions, log: Log = _quiet, layouts: dict[str, Any] | None = None
+                   ) -> dict[str, bytes]:
+    """Artifact kind → bytes for every runtime asked for; `layouts` receives each frozen program's weight
+    layout (export/frozen.py), so republishing writes new weights into it instead of reconverting."""
+    from .frozen import build_frozen
+
     artifacts: dict[str, bytes] = {}
+    layouts = {} if layouts is None else layouts
     adam = AdamConfig(lr=opts.phi_lr)
     if "litert" in opts.runtimes:
         from .tflite_builder import build_inference_tflite, build_trainable_tflite
 
         t0 = time.perf_counter()
         artifacts["litert_trainable"] = build_trainable_tflite(spec, patch, list(variants), opts.batch, adam)
-        artifacts["litert_infer"] = build_inference_tflite(spec, patch, params, opts.infer_batch)
+        artifacts["litert_infer"], layouts["litert_infer"] = build_frozen(
+            build_inference_tflite, spec, patch, params, opts.infer_batch)
         log(f"LiteRT: {len(variants)} variants x 3 signatures + frozen inference "
             f"({time.perf_counter() - t0:.1f} s)")
     if "executorch" in opts.runtimes:
         from .executorch_builder import build_inference_pte, build_train_full_pte, build_train_phi_pte
 
         t0 = time.perf_counter()
-        artifacts["executorch_infer"] = build_inference_pte(spec, patch, params, opts.infer_batch)
+        artifacts["executorch_infer"], layouts["executorch_infer"] = build_frozen(
+            build_inference_pte, spec, patch, params, opts.infer_batch)
         for variant in variants:
             artifacts[f"executorch_train_phi:{variant.id}"] = build_train_phi_pte(spec, patch, variant, opts.batch)
             artifacts[f"executorch_train_full:{variant.id}"] = build_train_full_pte(spec, variant, opts.batch)
@@ -259,7 +266,8 @@ def export_bundle(opts: ExportOptions, out: Path, log: Log = _quiet) -> Manifest
     params = {**base, **shared_patch_params(spec, patch, opts)}
     rows, dse_info = choose_variants(spec, base, opts, data, log)
     variants = [row.variant for row in rows]
-    artifacts = build_programs(spec, patch, params, variants, opts, log)
+    layouts: dict[str, Any] = {}
+    artifacts = build_programs(spec, patch, params, variants, opts, log, layouts)
     rows = measure_programs(spec, patch, params, artifacts, rows, opts.batch, opts.infer_batch)
     writer = BundleWriter(out, spec.name).set_model(spec, patch).add_params(params)
     writer.set_labels(LabelSpec(spec.num_classes))
@@ -267,7 +275,7 @@ def export_bundle(opts: ExportOptions, out: Path, log: Log = _quiet) -> Manifest
                                  phi_lr=opts.phi_lr))
     writer.set_variants(rows)
     for kind, blob in artifacts.items():
-        writer.add_bytes(kind, blob)
+        writer.add_bytes(kind, blob, weights=layouts.get(kind))
     if dse_info:
         writer.add_file("dse_front_png", dse_info.pop("dse_png"))
         writer.add_bytes("dse_table_json", json.dumps(dse_info["dse"], indent=1).encode())
@@ -276,34 +284,3 @@ def export_bundle(opts: ExportOptions, out: Path, log: Log = _quiet) -> Manifest
     log(f"bundle written to {out} (base version {manifest.base_version[:12]})")
     return manifest
 
-
-def republish_bundle(previous: Path, params: Params, out: Path, *, runtimes: Sequence[str] | None = None,
-                     meta: Mapping[str, Any] | None = None, log: Log = _quiet) -> Manifest:
-    """A new bundle from new parameters (e.g. after MoMoDistill), keeping the previous bundle's model,
-    patch layout, variant table and training settings; programs are rebuilt and re-timed.
-
-    The variant table is not re-explored: the architecture did not change, so the Pareto set of keep
-    ratios still holds (its costs are measured again on the new programs).
-    """
-    from edgepatch.protocol.bundle import load_bundle
-
-    from .bundle_writer import BundleWriter
-
-    with load_bundle(previous) as old:
-        manifest = old.manifest
-        kinds = {entry.kind.split(":")[0] for entry in manifest.artifacts.values()}
-    spec, patch, train = manifest.model, manifest.patch, manifest.train
-    check_params(params, spec, patch)
-    if runtimes is None:
-        runtimes = tuple(r for r in RUNTIMES if any(k.startswith(r) for k in kinds))
-    opts = ExportOptions(model=spec.name, runtimes=tuple(runtimes), batch=train.batch,
-                         infer_batch=train.infer_batch, phi_lr=train.phi_lr)
-    rows = list(manifest.variants)
-    artifacts = build_programs(spec, patch, params, [row.variant for row in rows], opts, log)
-    rows = measure_programs(spec, patch, params, artifacts, rows, train.batch, train.infer_batch)
-    writer = BundleWriter(out, manifest.model_id).set_model(spec, patch).add_params(params)
-    writer.set_input(manifest.input).set_labels(manifest.labels).set_train(train).set_variants(rows)
-    for kind, data in artifacts.items():
-        writer.add_bytes(kind, data)
-    writer.set_meta(**{**manifest.meta, "parent_base_version": manifest.base_version, **(meta or {})})
-    return writer.finish()

@@ -59,6 +59,7 @@ class _Pending:
     path: str
     data: bytes | None = None
     source: Path | None = None
+    weights: dict[str, Any] | None = None  # a frozen program's weight layout (protocol/weight_layout.py)
 
 
 class BundleWriter:
@@ -110,16 +111,17 @@ class BundleWriter:
         return self
 
     # -- artifacts ----------------------------------------------------------------------------------
-    def add_bytes(self, kind: str, data: bytes, name: str | None = None, path: str | None = None
-                  ) -> BundleWriter:
-        return self._add(kind, name, path, _Pending(kind, "", data=bytes(data)))
+    def add_bytes(self, kind: str, data: bytes, name: str | None = None, path: str | None = None,
+                  weights: Mapping[str, Any] | None = None) -> BundleWriter:
+        """`weights`: where the program holds each parameter, for frozen programs (rewritable in place)."""
+        return self._add(kind, name, path, _Pending(kind, "", data=bytes(data), weights=_copy(weights)))
 
-    def add_file(self, kind: str, source: str | Path, name: str | None = None, path: str | None = None
-                 ) -> BundleWriter:
+    def add_file(self, kind: str, source: str | Path, name: str | None = None, path: str | None = None,
+                 weights: Mapping[str, Any] | None = None) -> BundleWriter:
         source = Path(source)
         if not source.is_file():
             raise BundleError(f"artifact {name or kind!r}: {source} is not a file")
-        return self._add(kind, name, path, _Pending(kind, "", source=source))
+        return self._add(kind, name, path, _Pending(kind, "", source=source, weights=_copy(weights)))
 
     def add_params(self, params: Mapping[str, np.ndarray]) -> BundleWriter:
         """Split a full parameter set by role: W → params_base, θ̄ and Θ → params_shared."""
@@ -141,7 +143,7 @@ class BundleWriter:
         name = name or kind.replace(":", "_")
         rel = path or DEFAULT_PATHS[base].format(vid=vid)
         check_relative_path(rel, f"artifacts.{name}.path")
-        self._pending[name] = _Pending(kind, rel, pending.data, pending.source)
+        self._pending[name] = _Pending(kind, rel, pending.data, pending.source, pending.weights)
         return self
 
     # -- writing ------------------------------------------------------------------------------------
@@ -213,7 +215,11 @@ def _write_artifact(root: Path, pending: _Pending) -> ArtifactEntry:
                     size += len(chunk)
         dst.flush()
         os.fsync(dst.fileno())
-    return ArtifactEntry(pending.path, digest.hexdigest(), size, pending.kind)
+    return ArtifactEntry(pending.path, digest.hexdigest(), size, pending.kind, pending.weights)
+
+
+def _copy(weights: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if weights is None else {name: [list(spot) for spot in spots] for name, spots in weights.items()}
 
 
 def _write_synced(path: Path, data: bytes) -> None:

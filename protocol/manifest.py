@@ -35,14 +35,23 @@ from .manifest_fields import (
     _str,
     check_relative_path,
 )
-from .manifest_parts import ArtifactEntry, InputSpec, LabelSpec, TrainConfig, VariantRow, split_kind
-from .model_spec import LayerSpec, ModelSpec, PatchSpec, SpecError
+from .manifest_parts import (
+    ArtifactEntry,
+    InputSpec,
+    LabelSpec,
+    TrainConfig,
+    VariantRow,
+    artifact_runtime,
+    split_kind,
+)
+from .model_spec import LayerSpec, ModelSpec, PatchSpec, SpecError, param_infos
+from .weight_layout import LayoutError, check_layout
 
 # The public names of the manifest schema live here, whichever of the three modules defines them.
 __all__ = [
     "INPUT_DTYPES", "KNOWN_SCHEMA_VERSIONS", "LAYOUTS", "MANIFEST_NAME", "REQUIRED_KINDS", "SCHEMA_VERSION",
     "SINGLE_KINDS", "VARIANT_KINDS", "ArtifactEntry", "BundleError", "InputSpec", "LabelSpec", "Manifest",
-    "ManifestError", "TrainConfig", "VariantRow", "check_relative_path", "manifest_summary", "split_kind",
+    "ManifestError", "TrainConfig", "VariantRow", "artifact_runtime", "check_relative_path", "manifest_summary", "split_kind",
 ]
 
 
@@ -122,6 +131,12 @@ class Manifest:
                 raise ManifestError(f"{ctx}.path: {entry.path!r} is also the path of {paths[entry.path]!r}")
             if entry.kind in kinds:
                 raise ManifestError(f"{ctx}.kind: {entry.kind!r} appears twice (also {kinds[entry.kind]!r})")
+            if entry.weights is not None:
+                try:
+                    shapes = {n: i.shape for n, i in param_infos(self.model, self.patch).items()}
+                    check_layout(entry.weights, shapes, entry.bytes, f"{ctx}.weights")
+                except LayoutError as exc:
+                    raise ManifestError(str(exc)) from None
             paths[entry.path], kinds[entry.kind] = name, name
         for kind in REQUIRED_KINDS:
             if kind not in kinds:

@@ -243,17 +243,35 @@ class ArtifactEntry:
     sha256: str
     bytes: int
     kind: str
+    # Frozen programs: where each weight sits in the file (protocol/weight_layout.py), so the cloud and
+    # devices can write new weights in place instead of reconverting / downloading. Checked by Manifest.
+    weights: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "sha256": self.sha256, "bytes": self.bytes, "kind": self.kind}
+        out = {"path": self.path, "sha256": self.sha256, "bytes": self.bytes, "kind": self.kind}
+        return out if self.weights is None else {**out, "weights": self.weights}
 
     @classmethod
     def from_dict(cls, data: Any, ctx: str) -> ArtifactEntry:
         d = _obj(data, ctx)
-        _only_keys(d, ctx, ("path", "sha256", "bytes", "kind"))
+        _only_keys(d, ctx, ("path", "sha256", "bytes", "kind"), ("weights",))
+        weights = d.get("weights")
+        if weights is not None:
+            weights = _obj(weights, _where(ctx, "weights"))
         return cls(check_relative_path(d["path"], _where(ctx, "path")),
                    _str(d["sha256"], _where(ctx, "sha256"), _SHA_RE),
-                   _int(d["bytes"], _where(ctx, "bytes"), 0), _str(d["kind"], _where(ctx, "kind")))
+                   _int(d["bytes"], _where(ctx, "bytes"), 0), _str(d["kind"], _where(ctx, "kind")), weights)
+
+    @property
+    def runtime(self) -> str | None:
+        """The runtime that runs this artifact ('litert', 'executorch'); None = every device needs it
+        (parameters) or no device does (reports)."""
+        return artifact_runtime(self.kind)
+
+
+def artifact_runtime(kind: str) -> str | None:
+    base = split_kind(kind)[0]
+    return next((rt for rt in ("litert", "executorch") if base.startswith(rt + "_")), None)
 
 
 def split_kind(kind: str) -> tuple[str, str | None]:

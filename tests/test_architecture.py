@@ -39,10 +39,6 @@ COMPANION_ROOTS = ("edgepatch.cloud.companion",)
 # What the companion may use from export/: the torch reference forward MoMoDistill trains through. Every
 # other export module is the conversion toolchain (TensorFlow, ExecuTorch, LiteRT builders, DSE).
 COMPANION_MAY_USE = {"edgepatch.export", "edgepatch.export.torch_model"}
-# TEMPORARY, narrow: republishing a distilled bundle re-runs the export pipeline from inside the
-# companion (cloud/companion.py, `republish_bundle`). Issue 14 item 7 wants it behind a seam (a republisher
-# injected by the composition root); until that lands this one edge is allowed and nothing else.
-COMPANION_ALLOWED_EDGES = {("edgepatch.cloud.companion", "edgepatch.export.pipeline")}
 
 
 def module_name(path: Path) -> str:
@@ -105,8 +101,7 @@ def _closure(roots: tuple[str, ...]) -> dict[str, str]:
     while todo:
         current = todo.pop()
         for target in GRAPH.get(current, ()):
-            allowed_edge = (current, target) in COMPANION_ALLOWED_EDGES
-            if target not in seen and not allowed_edge and target in GRAPH:
+            if target not in seen and target in GRAPH:
                 seen[target] = current
                 todo.append(target)
     return seen
@@ -117,12 +112,6 @@ def test_companion_path_does_not_load_the_export_toolchain() -> None:
     bad = sorted(f"{via} imports {m}" for m, via in reached.items()
                  if _layer(m) == "export" and m not in COMPANION_MAY_USE)
     assert not bad, "the companion path reaches the export toolchain:\n  " + "\n  ".join(bad)
-
-
-def test_the_temporary_allowance_is_still_needed() -> None:
-    # When the companion stops importing the pipeline, this fails: delete COMPANION_ALLOWED_EDGES then.
-    for src, dst in COMPANION_ALLOWED_EDGES:
-        assert dst in GRAPH[src], f"{src} no longer imports {dst}: remove the allowance"
 
 
 def test_no_module_over_the_size_limit() -> None:

@@ -1,0 +1,82 @@
+"""Republishing a bundle with new weights (after MoMoDistill) in seconds, without the export toolchain.
+
+Nothing is reconverted. Every program whose bytes do not depend on the weight values — the LiteRT
+trainable program and the ExecuTorch training programs take the weights as inputs — is copied as is, so
+its sha256 is unchanged and devices reuse their copy. The frozen inference programs (LiteRT infer.tflite,
+ExecuTorch infer.pte: weights baked in) carry their weight layout in the manifest (export/frozen.py);
+the new weights are written into the existing bytes at those places (protocol/weight_layout.py). The
+variant table is kept whole, timings included: the programs that were timed are the same programs.
+
+A frozen program without a layout (a bundle exported before layouts existed) cannot be rewritten and is
+left out of the new bundle, with a warning: devices then run inference from the trainable program's infer
+signature with the weights as inputs (slower, same logits) until the next full export.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from edgepatch.protocol.bundle import load_bundle
+from edgepatch.protocol.bundle_writer import BundleWriter
+from edgepatch.protocol.manifest import Manifest, artifact_runtime, split_kind
+from edgepatch.protocol.model_spec import param_infos
+from edgepatch.protocol.params import Params, check_params
+from edgepatch.protocol.weight_layout import check_layout, write_weights
+
+log = logging.getLogger("edgepatch.cloud.republish")
+
+# Written anew from the parameters; everything else is either reused or rewritten in place.
+PARAM_KINDS = ("params_base", "params_shared")
+# Describe the export's variant search over the old base: not carried into a distilled bundle.
+EXPORT_ONLY_KINDS = ("dse_front_png", "dse_table_json", "report_json")
+RUNTIMES = ("litert", "executorch")
+
+
+def republish_bundle(previous: str | Path, params: Params, out: str | Path, *,
+                     runtimes: Sequence[str] | None = None, meta: Mapping[str, Any] | None = None) -> Manifest:
+    """A new verified bundle at `out`: `previous` with `params` (every role) as its weights.
+
+    `runtimes` keeps only those runtimes' programs (default: all the previous bundle has).
+    """
+    t0 = time.perf_counter()
+    unknown = set(runtimes or ()) - set(RUNTIMES)
+    if unknown:
+        raise ValueError(f"unknown runtimes {sorted(unknown)}; choose from {', '.join(RUNTIMES)}")
+    with load_bundle(previous) as old:
+        manifest = old.manifest
+        spec, patch = manifest.model, manifest.patch
+        check_params(params, spec, patch)
+        shapes = {name: info.shape for name, info in param_infos(spec, patch).items()}
+        writer = BundleWriter(out, manifest.model_id).set_model(spec, patch).add_params(params)
+        writer.set_input(manifest.input).set_labels(manifest.labels).set_train(manifest.train)
+        writer.set_variants(manifest.variants)
+        reused = rewritten = 0
+        for name, entry in manifest.artifacts.items():
+            base, _ = split_kind(entry.kind)
+            runtime = artifact_runtime(entry.kind)
+            if base in PARAM_KINDS or base in EXPORT_ONLY_KINDS:
+                continue
+            if runtimes is not None and runtime not in runtimes:
+                continue
+            source = old.artifact_path(name)
+            if entry.weights is None and base.endswith("_infer"):
+                log.warning("%s has no weight layout (exported before layouts): left out; %s devices infer "
+                            "from the trainable program until the next export", entry.path, runtime)
+                continue
+            if entry.weights is None:  # weights are inputs of this program: same bytes, same sha256
+                writer.add_file(entry.kind, source, name=name, path=entry.path)
+                reused += 1
+                continue
+            layout = check_layout(entry.weights, shapes, entry.bytes, f"{previous}: artifacts.{name}.weights")
+            blob = write_weights(source.read_bytes(), layout, params)
+            writer.add_bytes(entry.kind, blob, name=name, path=entry.path, weights=layout)
+            rewritten += 1
+        writer.set_meta(**{**manifest.meta, "parent_base_version": manifest.base_version, **(meta or {})})
+        result = writer.finish()
+    log.info("republished %s: %d programs reused, %d frozen programs rewritten in place (%.2f s)",
+             result.base_version[:12], reused, rewritten, time.perf_counter() - t0)
+    return result

@@ -1,0 +1,142 @@
+"""Republishing a distilled bundle from the cloud's own modules (issue 13 item 1), with the real programs.
+
+The distillation and the republication run in a subprocess where TensorFlow, scikit-learn, the ExecuTorch
+and LiteRT packages and the export toolchain cannot be imported (what `pip install edgepatch[cloud]` has).
+The parent then runs the republished frozen programs in the real LiteRT interpreter and ExecuTorch runtime:
+their logits must equal the torch reference forward with the *new* weights, and the trainable programs
+(weights are inputs) must be the previous bundle's bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgepatch.export import torch_model
+from edgepatch.protocol.bundle import load_bundle
+from edgepatch.protocol.manifest import artifact_runtime
+from edgepatch.protocol.params import load_params
+from edgepatch.protocol.weight_layout import LayoutError, find_layout, marker_params, write_weights
+
+pytestmark = pytest.mark.slow
+
+BLOCKED = ("tensorflow", "sklearn", "executorch", "ai_edge_litert", "tflite_runtime", "edgepatch.export.pipeline",
+           "edgepatch.export.tflite_builder", "edgepatch.export.executorch_builder", "edgepatch.export.frozen")
+
+CLOUD_SIDE = r"""
+import json, sys, time
+# None in sys.modules: `import x` raises ModuleNotFoundError and importlib.util.find_spec(x) returns None,
+# exactly as when the package is not installed.
+for name in sys.argv[1].split(","):
+    sys.modules[name] = None
+import numpy as np
+from edgepatch.cloud.momodistill import CloudData, DeviceContribution, DistillConfig, run_aggregator
+from edgepatch.cloud.republish import republish_bundle
+from edgepatch.protocol.bundle import load_bundle
+from edgepatch.protocol.params import save_params
+
+previous, data, out, params_out = sys.argv[2:6]
+bundle = load_bundle(previous)
+with np.load(data) as d:
+    cloud = CloudData(d["x"], d["y"], proxy_x=d["x"])
+rng = np.random.default_rng(0)
+devices = [DeviceContribution(f"d{i}", rng.normal(scale=0.3, size=bundle.patch_spec.k).astype(np.float32))
+           for i in range(3)]
+cfg = DistillConfig(phi_source="device", step1_epochs=1, step2_epochs=1, seed=0)
+result = run_aggregator("momodistill", bundle.model_spec, bundle.patch_spec, bundle.all_params(), devices, cloud, cfg)
+t0 = time.perf_counter()
+manifest = republish_bundle(bundle.root, result.params, out, meta={"distilled_from_devices": 3})
+seconds = time.perf_counter() - t0
+save_params(params_out, result.params)
+leaked = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in
+                ("tensorflow", "sklearn", "executorch", "ai_edge_litert"))
+print(json.dumps({"seconds": seconds, "leaked": leaked, "base_version": manifest.base_version}))
+"""
+
+
+def test_republish_distilled_bundle_without_tensorflow(digits_bundle_both: Path, tmp_path: Path) -> None:
+    from edgepatch.data.datasets import load_digits
+
+    digits = load_digits()
+    np.savez(tmp_path / "cloud.npz", x=digits.x[:300], y=digits.y[:300])
+    out, new_params_file = tmp_path / "republished", tmp_path / "new.npz"
+    proc = subprocess.run([sys.executable, "-c", CLOUD_SIDE, ",".join(BLOCKED), str(digits_bundle_both),
+                           str(tmp_path / "cloud.npz"), str(out), str(new_params_file)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["leaked"] == []
+    assert report["seconds"] < 5.0, report
+
+    old, new = load_bundle(digits_bundle_both), load_bundle(out)  # verify=True: sizes, sha256, params
+    params = load_params(new_params_file)
+    assert new.base_version == report["base_version"] != old.base_version
+    before = old.all_params()
+    assert max(float(np.abs(params[n] - before[n]).max()) for n in params) > 1e-3  # distillation moved them
+    for name, entry in old.manifest.artifacts.items():
+        if artifact_runtime(entry.kind) is None:
+            continue
+        got = new.manifest.artifacts[name]
+        if entry.weights is None:  # weights are inputs: byte-identical, so devices reuse their copy
+            assert got.sha256 == entry.sha256, name
+        else:  # frozen: same size and layout, new bytes
+            assert (got.bytes, got.weights) == (entry.bytes, entry.weights) and got.sha256 != entry.sha256, name
+    assert {"litert_infer", "executorch_infer"} <= {e.kind for e in new.manifest.artifacts.values() if e.weights}
+    _check_parity(new, params)
+
+
+def _check_parity(bundle, params) -> None:
+    """The devices' frozen programs compute the torch reference forward with the new weights (≤ 1e-4)."""
+    from edgepatch.device.backends.executorch import ExecuTorchInference
+    from edgepatch.device.backends.litert import LiteRTProgram
+
+    spec, patch = bundle.model_spec, bundle.patch_spec
+    shipped = bundle.all_params()
+    assert all(np.array_equal(shipped[n], params[n]) for n in params)
+    rng = np.random.default_rng(3)
+    batch = bundle.manifest.train.infer_batch
+    x = rng.normal(size=(batch, *spec.input_shape)).astype(np.float32)
+    phi = rng.normal(scale=0.3, size=patch.k).astype(np.float32)
+    with torch.no_grad():
+        want = torch_model.forward(spec, patch, torch_model.to_tensors(params), torch.tensor(x),
+                                   torch.tensor(phi)).numpy()
+    litert = LiteRTProgram(bundle.artifact_bytes(bundle.artifact_of_kind("litert_infer"))).infer(x, phi)
+    et = ExecuTorchInference(bundle.artifact_bytes(bundle.artifact_of_kind("executorch_infer"))).infer(x, phi)
+    np.testing.assert_allclose(litert, want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(et, want, atol=1e-4, rtol=0)
+
+
+def test_layout_finds_transposed_and_shifted_weights_and_rewrites_only_them() -> None:
+    rng = np.random.default_rng(0)
+    markers = marker_params({"w": np.zeros((2, 3, 4)), "b": np.zeros(3), "s": np.zeros(5)})
+    head, tail = rng.bytes(37), rng.bytes(11)
+    blob = (head + np.ascontiguousarray(markers["w"].transpose(2, 0, 1)).tobytes() + markers["b"].tobytes()
+            + (markers["s"] + np.float32(1)).tobytes() + tail)
+    layout = find_layout(blob, markers)
+    assert layout == {"w": [[37, 0.0, 2, 0, 1]], "b": [[37 + 96, 0.0, 0]], "s": [[37 + 108, 1.0, 0]]}
+    new = {"w": rng.normal(size=(2, 3, 4)), "b": rng.normal(size=3), "s": rng.normal(size=5)}
+    out = write_weights(blob, layout, new)
+    assert out[:37] == head and out[-11:] == tail and len(out) == len(blob)
+    np.testing.assert_array_equal(np.frombuffer(out[37:133], "<f4").reshape(4, 2, 3),
+                                  new["w"].astype(np.float32).transpose(2, 0, 1))
+    np.testing.assert_array_equal(np.frombuffer(out[145:165], "<f4"), new["s"].astype(np.float32) + 1)
+    with pytest.raises(LayoutError, match="not stored verbatim"):
+        find_layout(head + tail, markers)
+
+
+def test_manifest_refuses_a_layout_outside_the_program(digits_bundle_both: Path, tmp_path: Path) -> None:
+    raw = json.loads((digits_bundle_both / "manifest.json").read_text())
+    entry = next(e for e in raw["artifacts"].values() if e.get("weights"))
+    spot = next(iter(entry["weights"].values()))[0]
+    spot[0] = entry["bytes"]  # past the end
+    from edgepatch.protocol.manifest import Manifest, ManifestError
+
+    with pytest.raises(ManifestError, match="bad spot"):
+        Manifest.from_json(json.dumps(raw).encode())
+
