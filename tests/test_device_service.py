@@ -137,12 +137,13 @@ def test_run_refuses_options_beside_config(tmp_path: Path) -> None:
 # -- SIGTERM mid-round against a real Mosquitto -------------------------------------------------------------
 
 class Listener:
-    """Counts the device's patch messages at the broker (a second, independent MQTT client)."""
+    """Counts the device's distinct patch messages at the broker (a second, independent MQTT client);
+    QoS 1 is at-least-once, so a redelivered duplicate (same content_hash) counts once, as for the companion."""
 
     def __init__(self, port: int, fleet: str) -> None:
         import paho.mqtt.client as mqtt
 
-        self.patches = 0
+        self.hashes: set[str] = set()
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
@@ -150,9 +151,14 @@ class Listener:
         self.client.subscribe(f"edgepatch/v1/{fleet}/+/patch", qos=1)
         self.client.loop_start()
 
-    def _on_message(self, *args: Any) -> None:
+    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         with self.lock:
-            self.patches += 1
+            self.hashes.add(json.loads(message.payload)["content_hash"])
+
+    @property
+    def patches(self) -> int:
+        with self.lock:
+            return len(self.hashes)
 
     def close(self) -> None:
         self.client.loop_stop()
