@@ -106,6 +106,13 @@ class IngestSettings:
                    **kw)  # type: ignore[arg-type]
 
     @property
+    def max_packet_bytes(self) -> int:
+        """MQTT 5 Maximum Packet Size asked of the broker: up to twice the message limit still reaches us
+        (refused before decoding and counted, reason oversize); anything larger the broker drops, so one
+        huge publish cannot take the companion's memory (issue 12). MQTT 3.1.1 has no such property."""
+        return min(268_435_455, max(1024, 2 * self.max_message_bytes + 65536))
+
+    @property
     def resolved_client_id(self) -> str:
         return self.client_id or f"{self.group}-{self.worker}"
 
@@ -115,6 +122,7 @@ class IngestSettings:
                             tls_key=self.tls_key, username=self.username, password=self.password,
                             keepalive=self.keepalive, persistent=True, session_expiry_s=self.session_expiry_s,
                             receive_maximum=self.receive_maximum, manual_ack=True,
+                            max_packet_bytes=self.max_packet_bytes,
                             reconnect_min_delay=self.reconnect_min_delay, reconnect_max_delay=self.reconnect_max_delay)
 
     def topic_filters(self) -> list[str]:
@@ -267,7 +275,7 @@ class IngestService:
                 message = decode(msg.topic, msg.payload, max_bytes=self.settings.max_message_bytes)
                 refusal = self.policy.admit(message) if self.policy is not None else None
                 item = (Received(message, len(msg.payload), now, raw=bytes(msg.payload)) if refusal is None
-                        else self._reject(*refusal, msg.topic, now, msg.payload))
+                        else self._reject(refusal[0], msg.topic, refusal[1], now, msg.payload))
             except MessageError as exc:
                 if exc.reason == "empty" and msg.topic.rsplit("/", 1)[-1] in (Channel.STATE, Channel.LWT):
                     item = None
