@@ -152,6 +152,8 @@ class DeviceRuntime:
         """Fetch the announced bundle by reference, verify it, switch to it. False = kept the old one."""
         if ann.manifest_sha256 == self.bundle.version:
             return False
+        if ann.targets and self.cfg.device_id not in ann.targets:
+            return False  # a canary announcement for other devices (cloud/rollout.py)
         sequence = 0
         if self.gate is not None:  # signature, freshness and reference are checked before any download
             try:
@@ -166,7 +168,7 @@ class DeviceRuntime:
         tmp = Path(tempfile.mkdtemp(prefix="edgepatch-fetch-"))
         try:
             candidate, stats = fetch_bundle(ann.reference, ann.manifest_sha256, tmp, self.bundle,
-                                            min(MAX_BUNDLE_BYTES, ann.size + 1024))
+                                            min(MAX_BUNDLE_BYTES, ann.size + 1024), runtime=self.runtime)
             self.bytes_downloaded += stats.downloaded_bytes
             if self.cfg.gate.enabled:
                 self.adoption.stage(candidate, ann.manifest_sha256)

@@ -81,8 +81,9 @@ PAYLOADS: dict[str, dict[str, Any]] = {
                          reason={"enum": ["connected", "disconnected", "will"]}),
     "bundle_announcement": _obj("The fleet's current bundle, by reference; devices verify the hashes. Signed "
                                 "announcements (protocol/signing.py) add the fleet key's signature and a "
-                                "sequence that must grow; unsigned ones carry neither.",
-                                {"sequence": _int(), "signature": _text()},
+                                "sequence that must grow; unsigned ones carry neither. `targets` (staged "
+                                "rollout): only the named canary devices act on it.",
+                                {"sequence": _int(), "signature": _text(), "targets": _list(_ref("Name"))},
                                 version=_text(min_len=1), reference=_text(2048, 1), manifest_sha256=_ref("Sha256"),
                                 size=_int(), artifacts=_map(_ref("Sha256"), 256)),
     "canoe_meta": _obj("What the cloud matches helpers on: label histogram, per-class accuracy.",

@@ -42,6 +42,7 @@ from .wire import (  # noqa: F401 - the codec, re-exported for the callers of me
     register,
     sha256_hex,
     text,
+    text_list,
     to_json,
 )
 
@@ -194,10 +195,16 @@ class BundleAnnouncement:
     # (strictly increasing per fleet: devices refuse a bundle not newer than the active one). 0/"": unsigned.
     sequence: int = 0
     signature: str = ""
+    # Staged rollout (cloud/rollout.py): non-empty = only these devices act on it (the canary group);
+    # every other device ignores the announcement. Signed with the rest when present.
+    targets: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        out = {"version": self.version, "reference": self.reference, "manifest_sha256": self.manifest_sha256,
-               "size": int(self.size), "artifacts": dict(self.artifacts)}
+        out: dict[str, Any] = {"version": self.version, "reference": self.reference,
+                               "manifest_sha256": self.manifest_sha256, "size": int(self.size),
+                               "artifacts": dict(self.artifacts)}
+        if self.targets:  # fleet-wide announcements keep their old encoding
+            out["targets"] = list(self.targets)
         if self.sequence or self.signature:  # unsigned announcements keep their old encoding
             out.update(sequence=int(self.sequence), signature=self.signature)
         return out
@@ -205,7 +212,8 @@ class BundleAnnouncement:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> BundleAnnouncement:
         w = "bundle_announcement"
-        only(obj, {"version", "reference", "manifest_sha256", "size", "artifacts", "sequence", "signature"}, w)
+        only(obj, {"version", "reference", "manifest_sha256", "size", "artifacts", "sequence", "signature",
+                   "targets"}, w)
         artifacts = obj_of(need(obj, "artifacts", w), "artifacts", 256)
         checked = {text(k, "artifact name", allow_empty=False): sha256_hex(v, f"artifacts[{k!r}]")
                    for k, v in artifacts.items()}
@@ -214,7 +222,10 @@ class BundleAnnouncement:
                    manifest_sha256=sha256_hex(need(obj, "manifest_sha256", w), "manifest_sha256"),
                    size=integer(need(obj, "size", w), "size"), artifacts=checked,
                    sequence=integer(obj.get("sequence", 0), "sequence"),
-                   signature=text(obj.get("signature", ""), "signature"))
+                   signature=text(obj.get("signature", ""), "signature"),
+                   targets=text_list(obj.get("targets", []), "targets", MAX_TARGETS))
 
+
+MAX_TARGETS = 4096  # devices one staged announcement can name
 
 PAYLOAD_TYPES: dict[str, Any] = {t.KIND: t for t in (PatchUpdate, Metrics, DeviceState, BundleAnnouncement)}

@@ -62,6 +62,8 @@ def signed_bytes(fleet: str, sequence: int, announcement: Mapping[str, Any]) -> 
     if missing:
         raise SignatureError("unsigned", f"announcement lacks signed field(s) {missing}")
     body = {f: announcement[f] for f in SIGNED_FIELDS}
+    if announcement.get("targets"):  # a canary announcement: its audience is signed too
+        body["targets"] = announcement["targets"]
     return canonical_bytes({"domain": DOMAIN, "fleet": fleet, "sequence": int(sequence), "announcement": body})
 
 
