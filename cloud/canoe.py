@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,6 +54,9 @@ from edgepatch.protocol.topics import Channel, fleet_filter
 from .metrics import CloudMetrics
 
 log = logging.getLogger("edgepatch.cloud.canoe")
+
+MAX_CLASS_COUNT = 10**9  # a device claiming more samples of one class than this is not believed
+MAX_METAS = 10_000  # devices whose histograms are kept (without provisioning, anyone could add more)
 
 
 def rank_helpers(metas: dict[str, CanoeMeta], classes: list[int], target: str, exclude: set[str] | None = None
@@ -88,12 +92,17 @@ class CanoeCompanion:
     def __init__(self, fleet: str, host: str, port: int, num_classes: int, *, cloud_id: str = "cloud",
                  timeout_s: float = 5.0, variant_id: str = "", metrics: CloudMetrics | None = None,
                  protocol: MqttVersion | str = MqttVersion.V5, history: int = 50,
-                 settings: MqttSettings | None = None, client: MqttClient | None = None) -> None:
+                 settings: MqttSettings | None = None, client: MqttClient | None = None,
+                 known: Callable[[str, str], bool] | None = None, max_metas: int = MAX_METAS) -> None:
+        """`known(fleet, device_id)`: with provisioning on, histograms only from provisioned devices (the
+        broker's ACL makes the topic's device id the sender's login); `max_metas` bounds how many are kept."""
         self.fleet, self.num_classes, self.timeout_s, self.variant_id = fleet, num_classes, timeout_s, variant_id
+        self.known, self.max_metas = known, max_metas
         self.metas: dict[str, CanoeMeta] = {}
         self.stats: dict[str, Any] = {"requests": 0, "matched": 0, "helpers_tried": 0, "timeouts": 0,
                                       "helper_errors": 0, "bad_requests": 0, "no_helper": 0, "offers_relayed": 0,
                                       "slice_bytes": 0, "helpers_retired": 0, "weight_reports": 0,
+                                      "metas_refused": 0,
                                       "by_target": {}}
         self.counters = (metrics or CloudMetrics()).canoe()
         self.recent: deque[dict[str, Any]] = deque(maxlen=history)  # newest last
@@ -139,9 +148,28 @@ class CanoeCompanion:
 
     # -- handlers (MQTT client thread) -----------------------------------------------------------------
     def _on_meta(self, msg: CanoeMessage) -> None:
-        if isinstance(msg.payload, CanoeMeta):
-            with self._lock:
-                self.metas[msg.device_id] = msg.payload
+        meta = msg.payload
+        if not isinstance(meta, CanoeMeta):
+            return
+        why = self._meta_refusal(msg.device_id, meta)
+        with self._lock:
+            if why is None and msg.device_id not in self.metas and len(self.metas) >= self.max_metas:
+                why = f"already {self.max_metas} devices' histograms kept"
+            if why is not None:
+                self._count("metas_refused")
+            else:
+                self.metas[msg.device_id] = meta
+        if why is not None:
+            log.warning("canoe histogram of %s refused: %s", msg.device_id, why)
+
+    def _meta_refusal(self, device_id: str, meta: CanoeMeta) -> str | None:
+        if self.known is not None and not self.known(self.fleet, device_id):
+            return "not a provisioned device"
+        if len(meta.label_histogram) > self.num_classes or len(meta.class_accuracy) > self.num_classes:
+            return f"{len(meta.label_histogram)} histogram entries for a model of {self.num_classes} classes"
+        if any(c > MAX_CLASS_COUNT for c in meta.label_histogram):
+            return f"a class count above {MAX_CLASS_COUNT}"
+        return None
 
     def _on_request(self, msg: CanoeMessage) -> None:
         request = msg.payload

@@ -27,6 +27,17 @@ def serve_cmd(
     work_dir: Path = typer.Option(Path("edgepatch-cloud"), help="published bundles, default store"),
     fleet: str = typer.Option("default"),
     http_port: int = typer.Option(8080, help="fleet page, /metrics and bundle downloads (0 = any free port)"),
+    http_host: str = typer.Option("127.0.0.1", help="address the web server listens on (0.0.0.0: every "
+                                  "interface, for devices on other machines)"),
+    public_url: str | None = typer.Option(None, help="the web address devices are told for bundle downloads, "
+                                          "e.g. https://fleet.example.com (default http://HTTP_HOST:HTTP_PORT)"),
+    max_message_bytes: int = typer.Option(64 * 1024, min=1, help="device messages larger than this are refused "
+                                          "before decoding (counted as rejects, reason oversize)"),
+    reject_retention_days: float = typer.Option(7.0, help="rejected and quarantined message records expire "
+                                                "after this many days"),
+    provisioned: Path | None = typer.Option(None, help="the `cloud provision --out` directory: only its devices' "
+                                            "messages and Canoe histograms are admitted (default: the fleet "
+                                            "directory around --credentials, when it has provision.json)"),
     distill_after: int = typer.Option(0, help="distil once this many devices reported on the current base "
                                       "(0 = only on request)"),
     aggregator: str = typer.Option("momodistill", help="momodistill, model_over_data or fedavg_patches"),
@@ -69,11 +80,15 @@ def serve_cmd(
             mqtt = companion_mqtt_settings(credentials, None if broker == DEFAULT_BROKER else broker, proto)
             signing_key = signing_key or (credentials / "fleet-signing.key" if
                                           (credentials / "fleet-signing.key").exists() else None)
+            if provisioned is None and (credentials.parent / "provision.json").is_file():
+                provisioned = credentials.parent  # provisioned credentials: provisioned devices only
         companion = Companion(CompanionConfig(
             bundle=bundle, work_dir=work_dir, broker_host=host, broker_port=port, protocol=proto, fleet=fleet,
             db_url=db, http_port=http_port, distill_after=distill_after, aggregator=aggregator,
             distill={"mode": mode}, canoe=canoe, canoe_timeout_s=canoe_timeout, data=data, proxy=proxy,
-            mqtt=mqtt, signing_key=signing_key))
+            mqtt=mqtt, signing_key=signing_key, http_host=http_host, public_url=public_url,
+            max_message_bytes=max_message_bytes, reject_retention_s=reject_retention_days * 86400.0,
+            provisioned=provisioned))
     except (CompanionError, BundleError, ValueError, OSError) as exc:
         if embedded is not None:
             embedded.stop()
@@ -81,6 +96,9 @@ def serve_cmd(
         raise typer.Exit(2) from exc
     companion.start_background()
     console.print(escape(companion.startup_note()), soft_wrap=True)
+    if companion.policy.devices is not None:
+        console.print(escape(f"admitting only the {len(companion.policy.devices.devices)} devices provisioned "
+                             f"in {companion.policy.devices.path}"), soft_wrap=True)
     console.print(f"companion serving fleet {fleet!r}: {companion.web.url}/fleet  {companion.web.url}/metrics"
                   + ("  (canoe matching on)" if canoe else ""))
     stop = threading.Event()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgepatch.protocol.bundle import Bundle, load_bundle
-from edgepatch.protocol.messages import BundleAnnouncement, Message, encode, make_message
+from edgepatch.protocol.messages import MAX_MESSAGE_BYTES, BundleAnnouncement, Message, encode, make_message
 from edgepatch.protocol.mqtt import MqttSettings, make_client
 from edgepatch.protocol.mqtt_memory import MemoryBroker
 from edgepatch.protocol.signing import BundleSigner, SequenceFile, SignatureError
@@ -32,8 +32,10 @@ from edgepatch.protocol.topics import bundle_topic
 from .companion_data import CompanionError, distill_blocker, distill_html, load_cloud_data
 from .distill.contributions import DEFAULT_MODE
 from .ingest import IngestService, IngestSettings
+from .ingest_policy import IngestPolicy, PolicyError, ProvisionedDevices
 from .metrics import CloudMetrics
-from .store import PatchStore, sqlite_url
+from .rollout import RolloutSettings, StagedRollout, split_heldout
+from .store import DEFAULT_RETENTION_S, PatchStore, sqlite_url
 from .web import FleetWeb
 
 if TYPE_CHECKING:  # imported when Canoe is switched on: it pulls in the device-side Canoe code
@@ -66,6 +68,11 @@ class CompanionConfig:
     retry_s: float = 2.0  # first wait after a failed round; doubles per failure up to `retry_max_s`
     retry_max_s: float = 300.0
     signing_key: Path | None = None  # the fleet's Ed25519 key (`cloud provision`): every announcement is signed
+    provisioned: Path | None = None  # `cloud provision --out` directory: only its devices are admitted
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # larger payloads are refused before decoding
+    reject_retention_s: float = DEFAULT_RETENTION_S  # rejects and quarantine records expire after this
+    public_url: str | None = None  # the web address devices are told (bundle URLs); default http://host:port
+    rollout: RolloutSettings | None = RolloutSettings()  # cloud gate + canaries (cloud/rollout.py); None = off
 
 
 class Companion:
@@ -85,16 +92,33 @@ class Companion:
         # Data and aggregator are checked before anything starts: a wrong shape is an error now, not at
         # every round; an aggregator that lacks data is said once (and refused if rounds are automatic).
         self.cloud_data, self.data_summary = load_cloud_data(cfg)
+        self.heldout = None  # the cloud gate's split of --data, never used for distillation
+        if cfg.rollout is not None and self.cloud_data.x is not None and self.cloud_data.y is not None \
+                and len(self.cloud_data.y) >= 2:
+            (tx, ty), self.heldout = split_heldout(self.cloud_data.x, self.cloud_data.y,
+                                                   cfg.rollout.heldout_fraction, cfg.rollout.seed)
+            proxy = tx if self.cloud_data.proxy_x is self.cloud_data.x else self.cloud_data.proxy_x
+            self.cloud_data = replace(self.cloud_data, x=tx, y=ty, proxy_x=proxy)
         self.mode = str(cfg.distill.get("mode", DEFAULT_MODE))
         self.blocked = distill_blocker(cfg, self.cloud_data, self.mode)
         cfg.work_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = CloudMetrics()
-        self.store = PatchStore(cfg.db_url or sqlite_url(cfg.work_dir / "companion.sqlite"))
-        ingest = IngestSettings.from_mqtt(self._mqtt("edgepatch-ingest-0"), fleet=cfg.fleet)
+        try:  # issue 11: only provisioned devices, patches only for registered bases with their k
+            devices = ProvisionedDevices(cfg.provisioned) if cfg.provisioned is not None else None
+        except PolicyError as exc:
+            raise CompanionError(str(exc)) from None
+        if devices is not None and cfg.fleet not in (devices.fleet, "+"):
+            raise CompanionError(f"{devices.path} provisions fleet {devices.fleet!r}, not {cfg.fleet!r}")
+        self.store = PatchStore(cfg.db_url or sqlite_url(cfg.work_dir / "companion.sqlite"),
+                                retention_s=cfg.reject_retention_s)
+        self.policy = IngestPolicy(self.store, devices)
+        ingest = IngestSettings.from_mqtt(self._mqtt("edgepatch-ingest-0"), fleet=cfg.fleet,
+                                          max_message_bytes=cfg.max_message_bytes)
         self.ingest = IngestService(self.store, ingest, metrics=self.metrics,
-                                    client=make_client(ingest.mqtt(), twin))
+                                    client=make_client(ingest.mqtt(), twin), policy=self.policy)
         self.ingest.add_patch_hook(self._on_patch)
-        self.web = FleetWeb(self.store, self.metrics, host=cfg.http_host, port=cfg.http_port)
+        self.web = FleetWeb(self.store, self.metrics, host=cfg.http_host, port=cfg.http_port,
+                            public_url=cfg.public_url)
         self._publisher = make_client(self._mqtt(f"edgepatch-companion-{cfg.fleet}"), twin)
         self._wake = threading.Event()
         self._requested = threading.Event()  # request_distillation() was called
@@ -109,6 +133,11 @@ class Companion:
         self.last_error: str | None = None
         self._retry_at = 0.0  # monotonic time before which no round is tried after a failure
         self._used: dict[str, str] = {}  # device -> content hash of its patch the last round aggregated
+        self.rollout = None if cfg.rollout is None else StagedRollout(
+            cfg.rollout, self.publish, lambda: [d["device_id"] for d in self.store.devices(cfg.fleet)],
+            self.store.metric_values, self.metrics.registry, self.heldout, stop=self._stop.is_set)
+        if self.rollout is not None:
+            self.web.add_section("rollout", self.rollout.section)
 
     def _mqtt(self, client_id: str) -> MqttSettings:
         """The settings of one companion client: the shared broker, TLS and credentials, its own id."""
@@ -141,9 +170,11 @@ class Companion:
         if self.cfg.fleet == "+":
             raise ValueError("Canoe matches within one fleet: give a fleet name, not '+'")
         settings = self._mqtt(f"edgepatch-canoe-companion-{self.cfg.fleet}")
+        devices = self.policy.devices  # provisioning on: histograms only from provisioned devices
         canoe = CanoeCompanion(self.cfg.fleet, settings.host, settings.port, self.current.model_spec.num_classes,
                                cloud_id=CLOUD_ID, timeout_s=self.cfg.canoe_timeout_s, metrics=self.metrics,
-                               client=make_client(settings, self.twin))
+                               client=make_client(settings, self.twin),
+                               known=None if devices is None else devices.known)
         canoe.start(30)
         canoe.attach(self.web)
         self.canoe = canoe
@@ -242,7 +273,7 @@ class Companion:
         return self.cfg.distill_after > 0 and reported >= self.cfg.distill_after
 
     # -- publishing ------------------------------------------------------------------------------
-    def publish(self, bundle_dir: Path) -> BundleAnnouncement:
+    def publish(self, bundle_dir: Path, targets: tuple[str, ...] = ()) -> BundleAnnouncement:
         """Verify, serve over HTTP and announce (retained) a bundle directory.
 
         The announcement names the directory URL: a device fetches the manifest, checks its sha256,
@@ -259,18 +290,21 @@ class Companion:
         base_url = self.web.serve_bundle(version[:16], serve_dir)
         size += (serve_dir / "manifest.json").stat().st_size
         ann = BundleAnnouncement(version=version[:16], reference=base_url, manifest_sha256=version, size=size,
-                                 artifacts=artifacts)
+                                 artifacts=artifacts, targets=tuple(targets))  # targets: a canary stage
         if self.signer is not None:  # devices given the fleet's public key install only signed, newer bundles
             sequence = self._bundle_sequence.next()
             ann = replace(ann, sequence=sequence, signature=self.signer.sign(self.cfg.fleet, sequence, ann.to_json()))
         self.current = load_bundle(bundle_dir)
+        # Registered before the announcement goes out: the first patches for it must find their base and k.
+        self.store.add_bundle(version, version, ann.reference, base_version=self.current.base_version,
+                              k=self.current.patch_spec.k)
+        self.policy.note_bundle(self.current.base_version, self.current.patch_spec.k)
         with self._lock:
             self._seq += 1
             msg = make_message(ann, device_id=CLOUD_ID, fleet=self.cfg.fleet,
                                base_version=self.current.base_version, variant_id="-", seq=self._seq)
         self._publisher.publish(bundle_topic(self.cfg.fleet), encode(msg), qos=1, retain=True)
         self._publisher.flush(30)
-        self.store.add_bundle(version, version, ann.reference)
         self.store.mark_announced(version)
         self.metrics.bundles_published.inc()
         log.info("published bundle %s (base %s) at %s", version[:12], self.current.base_version[:12],
@@ -304,10 +338,15 @@ class Companion:
         manifest = republish_bundle(bundle.root, result.params, out, runtimes=self.cfg.runtimes,
                                     meta={"distilled_from_devices": len(devices),
                                           "aggregator": self.cfg.aggregator})
-        ann = self.publish(out)
+        if self.rollout is None:
+            version, decision = self.publish(out).manifest_sha256, None
+        else:  # cloud gate, canaries, then promote or withdraw (the current base stays)
+            with load_bundle(out) as candidate:
+                version = candidate.version
+            decision = self.rollout.release(bundle.root, bundle.all_params(), out, result.params, spec, version)
         entry = {"round": len(self.history) + 1, "devices": len(devices), "seconds": round(seconds, 2),
                  "parent_base": bundle.base_version, "base_version": manifest.base_version,
-                 "bundle": ann.version, "metrics": result.metrics}
+                 "bundle": version[:16], "metrics": result.metrics, "rollout": decision}
         self.history.append(entry)
         self._used.update(used)
         log.info("distillation round %d over %d devices in %.1f s", entry["round"], len(devices), seconds)

@@ -44,6 +44,9 @@ class CanoeMetrics:
                                        "retired from their ensembles", registry=r)
         self.weight_reports = Counter("edgepatch_canoe_weight_reports", "Ensemble-weight reports received",
                                       registry=r)
+        self.metas_refused = Counter("edgepatch_canoe_metas_refused", "Device label histograms refused (device "
+                                     "not provisioned, histogram too long or counts too large, too many "
+                                     "devices)", registry=r)
         self.pending = Gauge("edgepatch_canoe_pending", "Help requests waiting for a helper", registry=r)
 
 
