@@ -97,6 +97,7 @@ class AdoptionGate:
         self.candidates = ActiveBundleStore(self.dir / "candidate", keep=1)
         self.shadow_store = DeviceStateStore(self.dir / "shadow")
         self.last: GateDecision | None = None
+        self.decided = 0  # decisions applied by this process (callers notice a new one)
 
     # -- bookkeeping files --------------------------------------------------------------------------
     def _read_json(self, name: str) -> Any:
@@ -187,6 +188,7 @@ class AdoptionGate:
                 self._write_json("rejected.json", (rejected + [decision.version])[-32:])
         self._clear_staging()
         self.last = decision
+        self.decided += 1
         return decision
 
     def _commit_phi(self, decision: GateDecision, new: Bundle, main_store: DeviceStateStore) -> None:

@@ -225,8 +225,15 @@ class DeviceRuntime:
                 msg = self.announcements.get(timeout=min(left, 1.0))
             except queue.Empty:
                 continue
-            if isinstance(msg.payload, BundleAnnouncement) and self.apply_announcement(msg.payload):
+            if not isinstance(msg.payload, BundleAnnouncement):
+                continue
+            decided = self.adoption.decided
+            if self.apply_announcement(msg.payload):
                 return True
+            if self.adoption.decided != decided:
+                return False  # the adoption gate kept the active bundle: waiting longer changes nothing
+            if msg.payload.manifest_sha256 == self.bundle.version and not msg.payload.targets:
+                return False  # the fleet's bundle is the one running here (e.g. a withdrawn canary bundle)
         return False
 
     def poll_announcements(self) -> None:
