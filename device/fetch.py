@@ -3,8 +3,11 @@
 A reference is a directory URL ending in '/' (the companion serves each bundle's files), an archive URL,
 a `file://` URL or a local path. For a directory URL the manifest comes first and must hash to the
 announced sha256; then every artifact whose sha256 the active bundle already has is copied locally and
-only the others are downloaded — after a MoMoDistill round that is the parameters and the frozen
-inference program, not the trainable program (its weights are inputs, so it does not change).
+only the others are downloaded — after a MoMoDistill round that is the parameters only: the trainable
+programs do not change (their weights are inputs), and a frozen inference program whose weight layout the
+manifest gives is rebuilt locally by writing the new parameters into the active copy (protocol/
+weight_layout.py), kept only if it hashes to the manifest's sha256 (else downloaded). Given the device's
+`runtime`, the other runtime's programs are not fetched at all (the copy is marked as holding one runtime).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgepatch.protocol.blobs import fetch_to_file
-from edgepatch.protocol.bundle import Bundle
-from edgepatch.protocol.manifest import MANIFEST_NAME, Manifest
+from edgepatch.protocol.bundle import RUNTIME_MARKER, Bundle
+from edgepatch.protocol.manifest import MANIFEST_NAME, ArtifactEntry, Manifest, artifact_runtime
+from edgepatch.protocol.params import ParamsError, params_from_bytes
+from edgepatch.protocol.weight_layout import LayoutError, write_weights
 
 log = logging.getLogger("edgepatch.device.fetch")
 MAX_MANIFEST_BYTES = 1 << 20
@@ -30,6 +35,8 @@ class FetchStats:
     downloaded_bytes: int = 0
     reused_bytes: int = 0
     reused_artifacts: int = 0
+    rebuilt_bytes: int = 0  # frozen programs rewritten locally from the new parameters
+    skipped_bytes: int = 0  # the other runtime's programs, not fetched
 
 
 def _download(url: str, target: Path, max_bytes: int) -> int:
@@ -37,13 +44,14 @@ def _download(url: str, target: Path, max_bytes: int) -> int:
     return fetch_to_file(url, target, max_bytes=max_bytes, allow_file=False)
 
 
-def fetch_bundle(reference: str, manifest_sha256: str, dest: Path, have: Bundle | None, max_bytes: int
-                 ) -> tuple[Path, FetchStats]:
+def fetch_bundle(reference: str, manifest_sha256: str, dest: Path, have: Bundle | None, max_bytes: int,
+                 runtime: str | None = None) -> tuple[Path, FetchStats]:
     """A local directory or archive holding the announced bundle (verified later by the installer)."""
     stats = FetchStats()
     parsed = urllib.parse.urlparse(reference)
     if parsed.scheme in ("http", "https") and reference.endswith("/"):
-        return _fetch_directory(reference, manifest_sha256, dest / "bundle", have, max_bytes, stats), stats
+        root = _fetch_directory(reference, manifest_sha256, dest / "bundle", have, max_bytes, stats, runtime)
+        return root, stats
     if parsed.scheme in ("http", "https"):
         target = dest / (Path(parsed.path).name or "bundle.tar.gz")
         stats.downloaded_bytes = _download(reference, target, max_bytes)
@@ -55,7 +63,7 @@ def fetch_bundle(reference: str, manifest_sha256: str, dest: Path, have: Bundle 
 
 
 def _fetch_directory(base: str, manifest_sha256: str, root: Path, have: Bundle | None, max_bytes: int,
-                     stats: FetchStats) -> Path:
+                     stats: FetchStats, runtime: str | None = None) -> Path:
     stats.downloaded_bytes += _download(base + MANIFEST_NAME, root / MANIFEST_NAME, MAX_MANIFEST_BYTES)
     raw = (root / MANIFEST_NAME).read_bytes()
     if hashlib.sha256(raw).hexdigest() != manifest_sha256:
@@ -63,9 +71,15 @@ def _fetch_directory(base: str, manifest_sha256: str, root: Path, have: Bundle |
     manifest = Manifest.from_json(raw)  # validates every artifact path (relative, no '..')
     local = {}
     if have is not None:
-        local = {e.sha256: have.artifact_path(n) for n, e in have.manifest.artifacts.items()}
+        local = {e.sha256: have.artifact_path(n) for n, e in have.manifest.artifacts.items() if have.holds(n)}
+    if runtime is not None:
+        (root / RUNTIME_MARKER).write_text(runtime)
     budget = max_bytes
-    for entry in manifest.artifacts.values():
+    # Parameters first: frozen programs are then rebuilt from them rather than downloaded.
+    for entry in sorted(manifest.artifacts.values(), key=lambda e: not e.kind.startswith("params_")):
+        if runtime is not None and artifact_runtime(entry.kind) not in (None, runtime):
+            stats.skipped_bytes += entry.bytes
+            continue
         target = root / entry.path
         target.parent.mkdir(parents=True, exist_ok=True)
         if entry.sha256 in local:
@@ -73,9 +87,37 @@ def _fetch_directory(base: str, manifest_sha256: str, root: Path, have: Bundle |
             stats.reused_bytes += entry.bytes
             stats.reused_artifacts += 1
             continue
+        if _rebuild_frozen(entry, manifest, root, have, target):
+            stats.rebuilt_bytes += entry.bytes
+            continue
         got = _download(base + urllib.parse.quote(entry.path), target, min(entry.bytes, budget))
         budget -= got
         stats.downloaded_bytes += got
-    log.info("fetched bundle %s: %d B downloaded, %d B (%d artifacts) reused from the active bundle",
-             manifest_sha256[:12], stats.downloaded_bytes, stats.reused_bytes, stats.reused_artifacts)
+    log.info("fetched bundle %s: %d B downloaded, %d B (%d artifacts) reused from the active bundle, %d B "
+             "rebuilt locally, %d B of the other runtime skipped", manifest_sha256[:12], stats.downloaded_bytes,
+             stats.reused_bytes, stats.reused_artifacts, stats.rebuilt_bytes, stats.skipped_bytes)
     return root
+
+
+def _rebuild_frozen(entry: ArtifactEntry, manifest: Manifest, root: Path, have: Bundle | None, target: Path
+                    ) -> bool:
+    """Write the new parameters into the active copy of this frozen program; True if it then hashes to
+    the manifest's sha256 (the manifest is pinned by the announcement, so the result is what was published)."""
+    if entry.weights is None or have is None:
+        return False
+    old = next((n for n, e in have.manifest.artifacts.items()
+                if e.kind == entry.kind and e.weights is not None and have.holds(n)), None)
+    if old is None:
+        return False
+    try:
+        params = {}
+        for e in manifest.artifacts.values():
+            if e.kind in ("params_base", "params_shared"):
+                params.update(params_from_bytes((root / e.path).read_bytes()))
+        blob = write_weights(have.artifact_path(old).read_bytes(), entry.weights, params)
+    except (LayoutError, ParamsError, OSError):
+        return False
+    if len(blob) != entry.bytes or hashlib.sha256(blob).hexdigest() != entry.sha256:
+        return False
+    target.write_bytes(blob)
+    return True

@@ -28,6 +28,7 @@ from .manifest import (
     Manifest,
     ManifestError,
     VariantRow,
+    artifact_runtime,
     check_relative_path,
     manifest_summary,
 )
@@ -38,6 +39,8 @@ from .variants import Variant
 __all__ = ["ActiveBundleStore", "Bundle", "BundleError", "ManifestError", "load_bundle", "sha256_file"]
 
 MAX_MANIFEST_BYTES = 4 << 20  # a manifest is a few kB; refuse to parse something absurd
+# In a device's copy: the one runtime whose programs it holds (device/fetch.py skips the other runtime's).
+RUNTIME_MARKER = "device-runtime"
 _CHUNK = 1 << 20
 
 
@@ -58,6 +61,17 @@ class Bundle:
         self.manifest = manifest
         self.version = manifest_sha256  # sha256 of manifest.json: names this exact bundle
         self._tempdir = tempdir
+
+    @property
+    def only_runtime(self) -> str | None:
+        """The runtime this copy was fetched for, when it holds only that runtime's programs."""
+        marker = self.root / RUNTIME_MARKER
+        return marker.read_text().strip() if marker.is_file() else None
+
+    def holds(self, name: str) -> bool:
+        """Whether this copy carries artifact `name` (a device's copy lacks the other runtime's programs)."""
+        only, runtime = self.only_runtime, artifact_runtime(self.manifest.artifacts[name].kind)
+        return only is None or runtime is None or runtime == only
 
     # -- context manager: only matters for unpacked archives ----------------------------------------
     def close(self) -> None:
@@ -149,6 +163,8 @@ class Bundle:
     def verify(self) -> None:
         """Size then sha256 of every artifact, then the parameter files against the model."""
         for name, entry in sorted(self.manifest.artifacts.items()):
+            if not self.holds(name):
+                continue
             path = self.artifact_path(name)
             try:
                 info = path.stat()
@@ -312,7 +328,11 @@ def _is_intact(root: Path, version: str) -> bool:
 def _copy_bundle(bundle: Bundle, dest: Path) -> None:
     """Copy only what the manifest names (stray files in the source are not carried along)."""
     shutil.copyfile(bundle.root / MANIFEST_NAME, dest / MANIFEST_NAME)
+    if bundle.only_runtime is not None:
+        shutil.copyfile(bundle.root / RUNTIME_MARKER, dest / RUNTIME_MARKER)
     for name, entry in bundle.manifest.artifacts.items():
+        if not bundle.holds(name):
+            continue
         target = dest / entry.path
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(bundle.artifact_path(name), target)

@@ -60,9 +60,12 @@ print(json.dumps({"seconds": seconds, "leaked": leaked, "base_version": manifest
 """
 
 
-def test_republish_distilled_bundle_without_tensorflow(digits_bundle_both: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def republished(digits_bundle_both: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Distil and republish in a process without TensorFlow & co.; its report, output and new params."""
     from edgepatch.data.datasets import load_digits
 
+    tmp_path = tmp_path_factory.mktemp("republish")
     digits = load_digits()
     np.savez(tmp_path / "cloud.npz", x=digits.x[:300], y=digits.y[:300])
     out, new_params_file = tmp_path / "republished", tmp_path / "new.npz"
@@ -71,11 +74,15 @@ def test_republish_distilled_bundle_without_tensorflow(digits_bundle_both: Path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"report": report, "out": out, "params": load_params(new_params_file)}
+
+
+def test_republish_distilled_bundle_without_tensorflow(digits_bundle_both: Path, republished: dict) -> None:
+    report, out, params = republished["report"], republished["out"], republished["params"]
     assert report["leaked"] == []
     assert report["seconds"] < 5.0, report
 
     old, new = load_bundle(digits_bundle_both), load_bundle(out)  # verify=True: sizes, sha256, params
-    params = load_params(new_params_file)
     assert new.base_version == report["base_version"] != old.base_version
     before = old.all_params()
     assert max(float(np.abs(params[n] - before[n]).max()) for n in params) > 1e-3  # distillation moved them
@@ -89,6 +96,49 @@ def test_republish_distilled_bundle_without_tensorflow(digits_bundle_both: Path,
             assert (got.bytes, got.weights) == (entry.bytes, entry.weights) and got.sha256 != entry.sha256, name
     assert {"litert_infer", "executorch_infer"} <= {e.kind for e in new.manifest.artifacts.values() if e.weights}
     _check_parity(new, params)
+
+
+def test_device_fetches_only_its_runtime_and_rebuilds_the_frozen_program(digits_bundle_both: Path,
+                                                                          republished: dict, tmp_path: Path) -> None:
+    """A LiteRT device updating to the republished bundle downloads the parameters and nothing else: no
+    ExecuTorch file, the trainable program reused, infer.tflite rebuilt locally (sha256 checked)."""
+    from edgepatch.cloud.store import PatchStore, sqlite_url
+    from edgepatch.cloud.web import FleetWeb
+    from edgepatch.device.backends.litert import LiteRTProgram
+    from edgepatch.device.fetch import fetch_bundle
+    from edgepatch.protocol.bundle import ActiveBundleStore
+
+    out = republished["out"]
+    store = PatchStore(sqlite_url(tmp_path / "s.sqlite"))
+    web = FleetWeb(store)
+    web.start()
+    try:
+        active = ActiveBundleStore(tmp_path / "device")
+        have = active.install(digits_bundle_both)
+        with load_bundle(out) as nxt:
+            version, manifest = nxt.version, nxt.manifest
+        url = web.serve_bundle("next", out)
+        path, stats = fetch_bundle(url, version, tmp_path / "dl", have, 1 << 26, runtime="litert")
+        param_bytes = sum(e.bytes for e in manifest.artifacts.values() if e.kind.startswith("params_"))
+        manifest_bytes = (out / "manifest.json").stat().st_size
+        assert stats.downloaded_bytes == param_bytes + manifest_bytes
+        assert stats.rebuilt_bytes == manifest.artifacts["litert_infer"].bytes
+        assert stats.skipped_bytes == sum(e.bytes for e in manifest.artifacts.values() if e.runtime == "executorch")
+        assert not [p for p in path.rglob("*.pte")]
+        installed = active.install(path, expected_version=version)  # verified: sizes, sha256, params
+        assert installed.only_runtime == "litert" and active.current().version == version
+        # The next update starts from a LiteRT-only copy: still nothing but the parameters to download.
+        _, again = fetch_bundle(url, version, tmp_path / "dl2", installed, 1 << 26, runtime="litert")
+        assert again.downloaded_bytes == manifest_bytes and again.skipped_bytes == stats.skipped_bytes
+        rng = np.random.default_rng(1)
+        x = rng.normal(size=(manifest.train.infer_batch, *manifest.model.input_shape)).astype(np.float32)
+        phi = rng.normal(size=manifest.patch.k).astype(np.float32)
+        want = LiteRTProgram(out / manifest.artifacts["litert_infer"].path).infer(x, phi)
+        got = LiteRTProgram(installed.artifact_path("litert_infer")).infer(x, phi)
+        np.testing.assert_array_equal(got, want)
+    finally:
+        web.stop()
+        store.close()
 
 
 def _check_parity(bundle, params) -> None:
