@@ -14,6 +14,7 @@ from pathlib import Path
 from edgepatch.protocol.params import write_atomic
 
 from .ingest import IngestService, IngestSettings
+from .ingest_policy import IngestPolicy, PolicyError, ProvisionedDevices
 from .store import PatchStore
 
 
@@ -50,6 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--username", default=None)
     ap.add_argument("--password-env", default="EDGEPATCH_MQTT_PASSWORD",
                     help="environment variable holding the MQTT password (never on the command line)")
+    ap.add_argument("--max-message-bytes", type=int, default=64 * 1024,
+                    help="messages larger than this are refused before decoding (reason oversize)")
+    ap.add_argument("--reject-retention-days", type=float, default=7.0,
+                    help="rejected and quarantined message records expire after this many days")
+    ap.add_argument("--check-bundles", action="store_true",
+                    help="admit patches only for base versions registered in the store, with their phi size "
+                         "(what the companion registers when it publishes)")
+    ap.add_argument("--provisioned", type=Path, default=None,
+                    help="the `cloud provision --out` directory: only its devices are admitted")
     ap.add_argument("--ready-file", type=Path, default=None, help="written (atomically) once subscribed")
     ap.add_argument("--stats-file", type=Path, default=None, help="ingest stats as JSON, written on exit")
     ap.add_argument("--log-level", default="INFO")
@@ -62,13 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
-    store = PatchStore(args.store, table_prefix=args.table_prefix)
+    store = PatchStore(args.store, table_prefix=args.table_prefix, retention_s=args.reject_retention_days * 86400.0)
+    try:
+        devices = ProvisionedDevices(args.provisioned) if args.provisioned is not None else None
+    except PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    policy = IngestPolicy(store if args.check_bundles else None, devices) if (devices or args.check_bundles) else None
     settings = IngestSettings(host=args.host, port=args.port, fleet=args.fleet, protocol=args.protocol,
                               group=args.group, worker=args.worker, client_id=args.client_id,
                               max_batch=args.max_batch, inflight_window=args.inflight_window,
                               tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                              username=args.username, password=os.environ.get(args.password_env))
-    service = IngestService(store, settings)
+                              username=args.username, password=os.environ.get(args.password_env),
+                              max_message_bytes=args.max_message_bytes)
+    service = IngestService(store, settings, policy=policy)
     signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
     signal.signal(signal.SIGINT, lambda *_: service.request_stop())
     if args.ready_file is not None:

@@ -105,3 +105,15 @@ def test_provisioned_directory_of_another_fleet_is_refused(digits_bundle: Path, 
     with pytest.raises(CompanionError, match="no provision.json"):
         Companion(CompanionConfig(bundle=digits_bundle, work_dir=tmp_path / "c", fleet=FLEET,
                                   provisioned=tmp_path / "nowhere"))
+
+
+def test_serve_refuses_a_bad_provisioned_dir_or_public_url_in_one_line(digits_bundle: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    base = [sys.executable, "-m", "edgepatch.cli", "cloud", "serve", "--bundle", str(digits_bundle), "--fleet", FLEET,
+            "--broker", "mqtt://127.0.0.1:1", "--work-dir", str(tmp_path / "c"), "--http-port", "0"]
+    for extra, words in ((["--provisioned", str(tmp_path / "nowhere")], "no provision.json"),
+                         (["--public-url", "fleet.example.com"], "must start with http")):
+        out = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and words in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
