@@ -220,9 +220,14 @@ class DeviceRuntime:
     def wait_for_new_bundle(self, timeout: float) -> bool:
         """Block until an announced bundle newer than the active one is installed (True) or timeout."""
         deadline = time.monotonic() + timeout
+        # Announcements queued before the wait (the broker's retained one of the running bundle, delivered at
+        # connect) are news only if they install something; a re-announcement of ours ends the wait only
+        # when it arrives during it.
+        queued = self.announcements.qsize()
         while (left := deadline - time.monotonic()) > 0 and not self.stop_requested.is_set():
             try:
                 msg = self.announcements.get(timeout=min(left, 1.0))
+                queued -= 1
             except queue.Empty:
                 continue
             if not isinstance(msg.payload, BundleAnnouncement):
@@ -232,7 +237,7 @@ class DeviceRuntime:
                 return True
             if self.adoption.decided != decided:
                 return False  # the adoption gate kept the active bundle: waiting longer changes nothing
-            if msg.payload.manifest_sha256 == self.bundle.version and not msg.payload.targets:
+            if msg.payload.manifest_sha256 == self.bundle.version and not msg.payload.targets and queued < 0:
                 return False  # the fleet's bundle is the one running here (e.g. a withdrawn canary bundle)
         return False
 
