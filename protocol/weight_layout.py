@@ -80,7 +80,17 @@ def find_layout(blob: bytes, markers: Mapping[str, np.ndarray]) -> Layout:
     if missing:
         raise LayoutError(f"weights not stored verbatim in the program (folded or re-encoded by the "
                           f"converter): {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    _check_disjoint(layout, markers)
     return layout
+
+
+def _check_disjoint(layout: Layout, markers: Mapping[str, np.ndarray]) -> None:
+    """Two spots sharing bytes would mean a chance match (a tiny parameter's bytes found inside other data)."""
+    spans = sorted((int(spot[0]), int(spot[0]) + 4 * int(np.asarray(markers[name]).size), name)
+                   for name, spots in layout.items() for spot in spots)
+    for (_, end, first), (start, _, second) in itertools.pairwise(spans):
+        if start < end:
+            raise LayoutError(f"weights {first!r} and {second!r} overlap in the program: ambiguous layout")
 
 
 def check_layout(layout: object, shapes: Mapping[str, tuple[int, ...]], size: int, ctx: str) -> Layout:
