@@ -12,8 +12,7 @@ Tables (names get an optional prefix so test runs on a shared PostgreSQL never c
     rejects   messages refused by validation or admission, with their reason
     quarantine accepted messages the database would not store (the row-by-row retry's leftovers)
 
-Rejects and quarantine keep no payload, only its first bytes, sha256 and size, and expire after
-`retention_s` (default 7 days; `expire()` runs at most once a minute from the ingest's commits).
+Rejects and quarantine keep a payload's first bytes, sha256 and size, and expire after `retention_s`.
 
 Writes come in batches (`commit_batch`): one transaction for many messages is what makes ingest fast on
 SQLite with synchronous=FULL (one fsync per batch, not per message). Inserts use the dialect's
@@ -56,10 +55,9 @@ from .store_records import (  # noqa: F401 - re-exported: the ingest and tests i
     payload_record,
     printable,
 )
-from .store_schema import sqlite_begin, sqlite_pragmas, store_tables
+from .store_schema import sqlite_begin, sqlite_pragmas, store_tables, upgrade_tables
 
 log = logging.getLogger(__name__)
-
 PHI_DTYPE = "<f4"
 
 
@@ -100,6 +98,8 @@ class PatchStore:
         self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
         self.metadata, self.t = store_tables(table_prefix)
         self.metadata.create_all(self.engine)
+        for change in upgrade_tables(self.engine, self.metadata):  # a store an older version created
+            log.info("store schema upgraded: %s", change)
         # Built once: constructing these per batch costs about a millisecond.
         self._stmt_patches = self._insert(self.t["patches"]).on_conflict_do_nothing(
             index_elements=["content_hash"]).returning(self.t["patches"].c.content_hash)

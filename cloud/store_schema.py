@@ -17,8 +17,10 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    inspect,
 )
-from sqlalchemy.engine import Connection
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine
 
 # 64-bit everywhere the validator accepts 64-bit integers (protocol/wire.py: seq, steps, samples are
 # checked against [0, 2^63-1]); a 32-bit column made one `seq = 2^31` patch fail its whole batch on
@@ -123,6 +125,38 @@ def store_tables(prefix: str) -> tuple[MetaData, dict[str, Table]]:
     )
     return md, {"devices": devices, "patches": patches, "metrics": metrics, "bundles": bundles,
                 "rejects": rejects, "quarantine": quarantine}
+
+
+def upgrade_tables(engine: Engine, metadata: MetaData) -> list[str]:
+    """Bring tables an older edgepatch created up to this schema (create_all never alters a table): add the
+    columns it lacks (all later additions are nullable) and, on PostgreSQL, widen to BIGINT the integer
+    columns now declared 64-bit (SQLite integers are 64-bit already). Returns what it changed."""
+    insp = inspect(engine)
+    pg = engine.dialect.name == "postgresql"
+    changes: list[str] = []
+    for table in metadata.sorted_tables:
+        if not insp.has_table(table.name):
+            continue
+        existing = {c["name"]: c["type"] for c in insp.get_columns(table.name)}
+        for col in table.columns:
+            ddl = None
+            if col.name not in existing:
+                if not col.nullable:
+                    raise RuntimeError(f"table {table.name} lacks column {col.name}, which cannot be added")
+                ddl = (f'ALTER TABLE "{table.name}" ADD COLUMN {"IF NOT EXISTS " if pg else ""}"{col.name}" '
+                       f"{col.type.compile(dialect=engine.dialect)}")
+            elif pg and isinstance(col.type, BigInteger) and not isinstance(existing[col.name], BigInteger):
+                ddl = f'ALTER TABLE "{table.name}" ALTER COLUMN "{col.name}" TYPE BIGINT'
+            if ddl is None:
+                continue
+            try:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(ddl)
+            except sa_exc.OperationalError as exc:  # SQLite: another process added it meanwhile
+                if "duplicate column" not in str(exc):
+                    raise
+            changes.append(ddl)
+    return changes
 
 
 def sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -212,3 +212,22 @@ def test_reject_records_are_truncated_and_expire(store: PatchStore) -> None:
     assert store.expire(now) == 1 and [r["reason"] for r in store.rejects()] == ["bad_json"]
     with pytest.raises(ValueError, match="retention"):
         PatchStore(store.url if store.dialect == "sqlite" else "x.db", retention_s=0)
+
+
+def test_a_store_an_older_version_created_is_upgraded(store: PatchStore) -> None:
+    """The pre-quarantine schema: no bundle base/k, no payload columns, and (PostgreSQL) a 32-bit seq."""
+    p, r, b = (store.t[name].name for name in ("patches", "rejects", "bundles"))
+    with store.engine.begin() as conn:
+        for table, column in ((r, "payload_sha256"), (r, "payload_prefix"), (r, "payload_size"), (b, "k")):
+            conn.execute(text(f'ALTER TABLE "{table}" DROP COLUMN "{column}"'))
+        if store.dialect == "postgresql":
+            conn.execute(text(f'ALTER TABLE "{p}" ALTER COLUMN seq TYPE integer'))
+    reopened = PatchStore(store.url if store.dialect == "postgresql" else store.engine.url.database,
+                          table_prefix=store.table_prefix)
+    try:
+        assert reopened.add_patch(patch_msg("dev-1", 2**53))  # fits after the upgrade
+        reopened.commit_batch([], [Reject.of("bad_json", "edgepatch/v1/lab/d/patch", "x", time.time(), b"{")])
+        assert reopened.rejects()[-1]["payload_size"] == 1
+        assert reopened.bundle_bases() == {}  # the old bundle row has no k: no admission for it
+    finally:
+        reopened.close()
