@@ -181,7 +181,8 @@ class FleetWeb:
 <style>body{{font-family:sans-serif}} td,th{{padding:2px 8px;border-bottom:1px solid #ddd}}</style></head>
 <body><h1>edgepatch fleet</h1>
 <p>Current bundle: {current}. Devices: {len(data['devices'])}. Patches stored: {data['counts']['patches']}.
-Bytes in: {data['bytes_in']}. Bytes out: {int(data['bytes_out'])}. Rejected messages: {data['counts']['rejects']}.</p>
+Bytes in: {data['bytes_in']}. Bytes out: {int(data['bytes_out'])}. Rejected messages: {data['counts']['rejects']}.
+Quarantined: {data['counts']['quarantine']}.</p>
 <table><thead><tr><th>fleet</th><th>device</th><th>state</th><th>bundle</th><th>variant</th><th>last seen</th>
 <th>holdout acc</th><th>patches</th><th>bytes in</th></tr></thead>
 <tbody>

@@ -206,7 +206,7 @@ def test_fleet_page_and_api_render_stored_devices(web: FleetWeb) -> None:
     status, body, _ = _get(web.url + "/fleet")
     page = body.decode()
     assert status == 200 and "<td>dev-1</td>" in page and "<td>0.750</td>" in page and "<td>321</td>" in page
-    assert "Current bundle: b1" in page
+    assert "Current bundle: b1" in page and "Quarantined: 0." in page
 
 
 def test_metrics_endpoint_exposes_cloud_registry(web: FleetWeb) -> None:
