@@ -58,7 +58,7 @@ RESERVED_PREFIXES = ("edgepatch-", "fl-server", COMPANION_USER)  # the companion
 # Spelled out (see protocol/topics.py) so that a new channel is denied until someone decides who writes it.
 DEVICE_WRITE_CHANNELS = ("state", "lwt", "patch", "metrics", "canoe/meta", "canoe/request", "canoe/offer",
                          "fl/join", "fl/update")
-DEVICE_READ_CHANNELS = ("canoe/task", "canoe/reply")  # written only by the companion (relayed)
+DEVICE_READ_CHANNELS = ("canoe/task", "canoe/reply", "ack")  # written only by the companion (relayed)
 FLEET_READ_LEVELS = ("bundle", "fl/round")  # fleet-wide topics every device reads, only the companion writes
 DYNSEC_PLUGIN_PATHS = ("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
                        "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",

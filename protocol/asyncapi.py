@@ -106,6 +106,12 @@ PAYLOADS: dict[str, dict[str, Any]] = {
                           assignments=_map(_ref("Assignment"), 2000), default=_ref("Assignment"),
                           clock_origin=_nullable(NUM)),
     "fl_stop": _obj("The server ends the rounds.", reason=_text()),
+    "patch_ack": _obj("The companion's application-level ack of patches, by content hash, after their batch "
+                      "committed: stored/duplicate (in the store), quarantined, or rejected (with the reason; "
+                      "the device stops resending it).",
+                      acks={**_list(_obj("One patch's fate.", hash=_ref("Sha256"),
+                                         status={"enum": ["stored", "duplicate", "quarantined", "rejected"]},
+                                         reason=_text()), 256), "minItems": 1}),
     "fl_update": _obj("A device's round result; status ok carries the update .npz by reference.",
                       round=_int(), status={"enum": ["ok", "missed_deadline", "error"]}, reason=_text(),
                       steps=_int(), steps_planned=_int(), num_samples=_int(), loss=_nullable(NUM),
@@ -130,6 +136,8 @@ CHANNEL_NOTES = {
     Channel.FL_ROUND: "The FL server opens (or stops) rounds for every device of the fleet.",
     Channel.FL_JOIN: "A device joins (on every connect).",
     Channel.FL_UPDATE: "A device's round result.",
+    Channel.ACK: "Relayed by the cloud to the device in the topic: which of its patches are stored; the device "
+                 "keeps each patch in its outbox (and resends it) until then.",
 }
 RETAINED = {Channel.STATE, Channel.LWT, Channel.BUNDLE, Channel.CANOE_META}
 
@@ -180,7 +188,7 @@ def document() -> dict[str, Any]:
                      "* Strict JSON for every family: duplicate keys, NaN/Infinity, control characters in any "
                      "string and integers beyond signed 64 bits are refused.\n"
                      "* On device channels the sender is the device in the topic, except the relayed channels "
-                     "(canoe/task, canoe/reply) where the cloud writes to the device in the topic.\n"
+                     "(canoe/task, canoe/reply, ack) where the cloud writes to the device in the topic.\n"
                      f"* Reject reasons: {reasons}.\n"
                      "* Large content (bundles, slices, weights) travels by reference with its sha256.")},
         "defaultContentType": "application/json",

@@ -13,6 +13,7 @@
     edgepatch/v1/<fleet>/fl/round                 FlRoundOpen/FlStop  server -> every device (fleet-wide)
     edgepatch/v1/<fleet>/<device>/fl/join         FlJoin           device -> server
     edgepatch/v1/<fleet>/<device>/fl/update       FlUpdate         device -> server
+    edgepatch/v1/<fleet>/<device>/ack             PatchAck         cloud -> device  (relayed: stored patches)
 
 On a device channel the sender is the device named in the topic, except on the RELAYED channels, where
 the cloud writes to the device named in the topic (the addressee). Fleet and device names are single
@@ -51,10 +52,11 @@ class Channel(StrEnum):
     FL_ROUND = "fl/round"  # fleet-wide
     FL_JOIN = "fl/join"
     FL_UPDATE = "fl/update"
+    ACK = "ack"  # the companion's application-level acknowledgement of stored patches (issue 12)
 
 
 FLEET_CHANNELS = frozenset({Channel.BUNDLE, Channel.FL_ROUND})
-RELAYED_CHANNELS = frozenset({Channel.CANOE_TASK, Channel.CANOE_REPLY})  # cloud -> the device in the topic
+RELAYED_CHANNELS = frozenset({Channel.CANOE_TASK, Channel.CANOE_REPLY, Channel.ACK})  # cloud -> the device in the topic
 DEVICE_CHANNELS: tuple[Channel, ...] = tuple(c for c in Channel if c not in FLEET_CHANNELS)
 
 

@@ -13,7 +13,14 @@ from jsonschema import Draft202012Validator
 from edgepatch.protocol import asyncapi
 from edgepatch.protocol.canoe import CanoeMeta, CanoeOffer, CanoeReply, CanoeRequest, CanoeTask
 from edgepatch.protocol.fl import Assignment, BlobRef, FlJoin, FlRoundOpen, FlStop, FlUpdate
-from edgepatch.protocol.messages import BundleAnnouncement, DeviceState, Metrics, PatchUpdate
+from edgepatch.protocol.messages import (
+    AckEntry,
+    BundleAnnouncement,
+    DeviceState,
+    Metrics,
+    PatchAck,
+    PatchUpdate,
+)
 from edgepatch.protocol.topics import FLEET_CHANNELS, Channel, device_topic, fleet_topic
 from edgepatch.protocol.wire import CHANNEL_KINDS, REASONS, decode, encode, known_kinds, make_message
 
@@ -35,6 +42,7 @@ SAMPLES = [
     FlJoin("raspberry_pi_4", 1.5, 100, ("k100", "k50")),
     FlRoundOpen(1, "distreal", None, REF, 5, 0.05, {"dev-1": Assignment("k50", "fixed", 7)}, Assignment(), 0.0),
     FlStop("done"),
+    PatchAck((AckEntry(SHA, "stored"), AckEntry("cd" * 32, "rejected", "bad_field"))),
     FlUpdate(1, "ok", "5 steps", 5, 5, 100, 0.4, REF, {"c1.weight": 3}, {"k50": 5}, ((0.0, "k50"),), 1.0, 0.5, 1234),
 ]
 
@@ -91,5 +99,5 @@ def test_the_schema_accepts_what_encode_emits_and_refuses_what_decode_refuses(do
         bad = json.loads(json.dumps(env))
         edit(bad)
         assert not v.is_valid(bad), f"{payload.KIND}: the schema accepts an envelope decode() refuses"
-    topic = msg.topic(to="dev-9") if msg.kind in ("canoe_task", "canoe_reply") else msg.topic()
+    topic = msg.topic(to="dev-9") if msg.kind in ("canoe_task", "canoe_reply", "patch_ack") else msg.topic()
     assert decode(topic, encode(msg)) == msg
