@@ -17,6 +17,7 @@ ExecuTorch engine needs torch (its Python bindings link against it), so it is im
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
@@ -55,14 +56,20 @@ class LiteRTEngine:
     def __init__(self, bundle: Bundle, num_threads: int | None = None) -> None:
         from .backends.litert import LiteRTProgram
 
+        self._bundle, self._num_threads = bundle, num_threads
         self.trainable = LiteRTProgram(bundle.artifact_bytes(bundle.artifact_of_kind("litert_trainable")),
                                        num_threads=num_threads)
-        self.frozen = LiteRTProgram(bundle.artifact_bytes(bundle.artifact_of_kind("litert_infer")),
-                                    num_threads=num_threads)
-        shape = self.frozen.input_details("infer")["x"]["shape"]
-        self.infer_batch = int(shape[0]) if int(shape[0]) > 0 else 0  # 0: any batch
+        self.infer_batch = bundle.manifest.train.infer_batch
         self.train_batch = bundle.manifest.train.batch
         self.num_classes = bundle.model_spec.num_classes
+
+    @cached_property
+    def frozen(self) -> Any:
+        """The frozen inference program, loaded on first use (Canoe and federated rounds never need it)."""
+        from .backends.litert import LiteRTProgram
+
+        return LiteRTProgram(self._bundle.artifact_bytes(self._bundle.artifact_of_kind("litert_infer")),
+                             num_threads=self._num_threads)
 
     def phi_step(self, vid: str, x: np.ndarray, y: np.ndarray, phi: np.ndarray, m: np.ndarray, v: np.ndarray,
                  step: float, lr: float, sliced: Mapping[str, np.ndarray]
@@ -98,11 +105,16 @@ class ExecuTorchEngine:
         self._kinds: dict[str, Callable[[bytes], Any]] = {"executorch_train_phi": ExecuTorchPhiTrainer,
                                                           "executorch_train_full": ExecuTorchFullTrainer}
         self._programs: dict[tuple[str, str], Any] = {}
+        self._inference = ExecuTorchInference
         self.adam = bundle.manifest.train.adam
-        self.frozen = ExecuTorchInference(bundle.artifact_bytes(bundle.artifact_of_kind("executorch_infer")))
-        self.infer_batch = int(self.frozen.batch)
+        self.infer_batch = bundle.manifest.train.infer_batch
         self.train_batch = bundle.manifest.train.batch
         self.num_classes = bundle.model_spec.num_classes
+
+    @cached_property
+    def frozen(self) -> Any:
+        """The XNNPACK inference program, loaded on first use (Canoe and federated rounds never need it)."""
+        return self._inference(self._bundle.artifact_bytes(self._bundle.artifact_of_kind("executorch_infer")))
 
     def _program(self, kind: str, vid: str) -> Any:
         """The variant's program of `kind`, loaded on first use (a device may never run some variants)."""
