@@ -30,7 +30,8 @@ def serve_cmd(
     http_host: str = typer.Option("127.0.0.1", help="address the web server listens on (0.0.0.0: every "
                                   "interface, for devices on other machines)"),
     public_url: str | None = typer.Option(None, help="the web address devices are told for bundle downloads, "
-                                          "e.g. https://fleet.example.com (default http://HTTP_HOST:HTTP_PORT)"),
+                                          "e.g. https://fleet.example.com (default http://HTTP_HOST:HTTP_PORT, this "
+                                          "machine's name for 0.0.0.0)"),
     max_message_bytes: int = typer.Option(64 * 1024, min=1, help="device messages larger than this are refused "
                                           "before decoding (counted as rejects, reason oversize)"),
     reject_retention_days: float = typer.Option(7.0, help="rejected and quarantined message records expire "

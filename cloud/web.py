@@ -22,6 +22,7 @@ import hashlib
 import html
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from http import HTTPStatus
@@ -132,8 +133,10 @@ class FleetWeb:
 
     @property
     def url(self) -> str:
-        """The address devices are told: `public_url`, else where the server listens."""
-        return self.public_url or f"http://{self.host}:{self.port}"
+        """The address devices are told: `public_url`, else where the server listens (this machine's name when
+        it listens on every interface: 0.0.0.0 is no address a device can reach)."""
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
+        return self.public_url or f"http://{host}:{self.port}"
 
     @property
     def server(self) -> BoundedHTTPServer | None:

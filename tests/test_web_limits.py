@@ -113,3 +113,9 @@ def test_public_url_is_what_bundle_references_name(make_web, tmp_path: Path) -> 
     assert _get(web, "/bundles/b1/manifest.json") == 200  # served where it listens
     with pytest.raises(ValueError, match="http"):
         FleetWeb(web.store, public_url="fleet.example.com")
+
+
+def test_listening_on_every_interface_tells_devices_this_machines_name(make_web) -> None:  # noqa: ANN001
+    web = make_web(host="0.0.0.0")
+    assert web.url == f"http://{socket.gethostname()}:{web.port}"
+    assert _get(web) == 200  # reachable on loopback too
