@@ -44,12 +44,13 @@ RUNTIMES = ("litert", "executorch")
 
 
 def bench_model(name: str, reps: int, work: Path, web: FleetWeb) -> dict:
-    spec, _ = load_model(name, None, use_source_weights=False)
+    source = name if name in REFERENCE_MODELS else f"edgepatch.export.reference_models:{name}"
+    spec, _ = load_model(source, None, use_source_weights=False)
     patch = default_patch(spec)
     save_params(work / f"{name}-w.npz", init_params(spec, None, 0))
     exported = work / f"{name}-0"
     t0 = time.perf_counter()
-    export_bundle(ExportOptions(model=name, weights=work / f"{name}-w.npz", variants="1", runtimes=RUNTIMES), exported)
+    export_bundle(ExportOptions(model=source, weights=work / f"{name}-w.npz", variants="1", runtimes=RUNTIMES), exported)
     export_s = time.perf_counter() - t0
     with load_bundle(exported) as old:
         params = old.all_params()

@@ -7,6 +7,11 @@ ExecuTorch infer.pte: weights baked in) carry their weight layout in the manifes
 the new weights are written into the existing bytes at those places (protocol/weight_layout.py). The
 variant table is kept whole, timings included: the programs that were timed are the same programs.
 
+With `delta` (the default) the published weights are the parent's plus the float16-rounded change, and
+the bundle carries that change as `params_delta` (protocol/param_delta.py): a device holding the parent
+fetches half the parameter bytes and rebuilds the parameter files exactly. The error against the distilled
+weights (half a float16 ulp of each change) is recorded in the manifest's meta as `delta_max_abs_error`.
+
 A frozen program without a layout (a bundle exported before layouts existed) cannot be rewritten and is
 left out of the new bundle, with a warning: devices then run inference from the trainable program's infer
 signature with the weights as inputs (slower, same logits) until the next full export.
@@ -24,21 +29,24 @@ from edgepatch.protocol.bundle import load_bundle
 from edgepatch.protocol.bundle_writer import BundleWriter
 from edgepatch.protocol.manifest import Manifest, artifact_runtime, split_kind
 from edgepatch.protocol.model_spec import param_infos
-from edgepatch.protocol.params import Params, check_params
+from edgepatch.protocol.param_delta import delta_to_bytes, quantize_update
+from edgepatch.protocol.params import Params, ParamsError, check_params
 from edgepatch.protocol.weight_layout import check_layout, write_weights
 
 log = logging.getLogger("edgepatch.cloud.republish")
 
 # Written anew from the parameters; everything else is either reused or rewritten in place.
-PARAM_KINDS = ("params_base", "params_shared")
+PARAM_KINDS = ("params_base", "params_shared", "params_delta")
 # Describe the export's variant search over the old base: not carried into a distilled bundle.
 EXPORT_ONLY_KINDS = ("dse_front_png", "dse_table_json", "report_json")
 RUNTIMES = ("litert", "executorch")
 
 
 def republish_bundle(previous: str | Path, params: Params, out: str | Path, *,
-                     runtimes: Sequence[str] | None = None, meta: Mapping[str, Any] | None = None) -> Manifest:
-    """A new verified bundle at `out`: `previous` with `params` (every role) as its weights.
+                     runtimes: Sequence[str] | None = None, meta: Mapping[str, Any] | None = None,
+                     delta: bool = True) -> Manifest:
+    """A new verified bundle at `out`: `previous` with `params` (every role) as its weights (rounded to
+    parent + float16 change with `delta`).
 
     `runtimes` keeps only those runtimes' programs (default: all the previous bundle has).
     """
@@ -51,7 +59,17 @@ def republish_bundle(previous: str | Path, params: Params, out: str | Path, *,
         spec, patch = manifest.model, manifest.patch
         check_params(params, spec, patch)
         shapes = {name: info.shape for name, info in param_infos(spec, patch).items()}
+        extra: dict[str, Any] = {}
+        deltas: dict[str, Any] = {}
+        if delta:
+            try:
+                params, deltas, error = quantize_update(old.all_params(), {n: params[n] for n in shapes})
+                extra["delta_max_abs_error"] = error
+            except ParamsError as exc:  # a change beyond float16: publish the weights as they are
+                log.warning("no float16 delta: %s", exc)
         writer = BundleWriter(out, manifest.model_id).set_model(spec, patch).add_params(params)
+        if deltas:
+            writer.add_bytes("params_delta", delta_to_bytes(deltas))
         writer.set_input(manifest.input).set_labels(manifest.labels).set_train(manifest.train)
         writer.set_variants(manifest.variants)
         reused = rewritten = 0
@@ -75,7 +93,8 @@ def republish_bundle(previous: str | Path, params: Params, out: str | Path, *,
             blob = write_weights(source.read_bytes(), layout, params)
             writer.add_bytes(entry.kind, blob, name=name, path=entry.path, weights=layout)
             rewritten += 1
-        writer.set_meta(**{**manifest.meta, "parent_base_version": manifest.base_version, **(meta or {})})
+        carried = {k: v for k, v in manifest.meta.items() if k != "delta_max_abs_error"}  # not this round's
+        writer.set_meta(**{**carried, "parent_base_version": manifest.base_version, **extra, **(meta or {})})
         result = writer.finish()
     log.info("republished %s: %d programs reused, %d frozen programs rewritten in place (%.2f s)",
              result.base_version[:12], reused, rewritten, time.perf_counter() - t0)

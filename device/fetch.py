@@ -23,6 +23,7 @@ from pathlib import Path
 from edgepatch.protocol.blobs import fetch_to_file
 from edgepatch.protocol.bundle import RUNTIME_MARKER, Bundle
 from edgepatch.protocol.manifest import MANIFEST_NAME, ArtifactEntry, Manifest, artifact_runtime
+from edgepatch.protocol.param_delta import apply_delta, delta_from_bytes
 from edgepatch.protocol.params import ParamsError, params_from_bytes
 from edgepatch.protocol.weight_layout import LayoutError, write_weights
 
@@ -75,19 +76,29 @@ def _fetch_directory(base: str, manifest_sha256: str, root: Path, have: Bundle |
     if runtime is not None:
         (root / RUNTIME_MARKER).write_text(runtime)
     budget = max_bytes
-    # Parameters first: frozen programs are then rebuilt from them rather than downloaded.
-    for entry in sorted(manifest.artifacts.values(), key=lambda e: not e.kind.startswith("params_")):
+    # The parameter delta first, then the parameters (rebuilt from it), then the programs (frozen ones
+    # rebuilt from the parameters) — each rebuilt file is kept only if it hashes to the manifest's sha256.
+    deltas: dict | None = None
+    for entry in sorted(manifest.artifacts.values(), key=lambda e: _FETCH_ORDER.get(e.kind, 2)):
         if runtime is not None and artifact_runtime(entry.kind) not in (None, runtime):
             stats.skipped_bytes += entry.bytes
             continue
         target = root / entry.path
         target.parent.mkdir(parents=True, exist_ok=True)
+        if entry.kind == "params_delta":
+            if not _delta_applies(manifest, have, local):
+                continue  # optional: only a device holding the parent parameters can use it
+            got = _download(base + urllib.parse.quote(entry.path), target, min(entry.bytes, budget))
+            budget -= got
+            stats.downloaded_bytes += got
+            deltas = _read_delta(target)
+            continue
         if entry.sha256 in local:
             shutil.copyfile(local[entry.sha256], target)
             stats.reused_bytes += entry.bytes
             stats.reused_artifacts += 1
             continue
-        if _rebuild_frozen(entry, manifest, root, have, target):
+        if _rebuild_params(entry, have, deltas, target) or _rebuild_frozen(entry, manifest, root, have, target):
             stats.rebuilt_bytes += entry.bytes
             continue
         got = _download(base + urllib.parse.quote(entry.path), target, min(entry.bytes, budget))
@@ -97,6 +108,39 @@ def _fetch_directory(base: str, manifest_sha256: str, root: Path, have: Bundle |
              "rebuilt locally, %d B of the other runtime skipped", manifest_sha256[:12], stats.downloaded_bytes,
              stats.reused_bytes, stats.reused_artifacts, stats.rebuilt_bytes, stats.skipped_bytes)
     return root
+
+
+_FETCH_ORDER = {"params_delta": 0, "params_base": 1, "params_shared": 1}
+
+
+def _delta_applies(manifest: Manifest, have: Bundle | None, local: dict) -> bool:
+    """The delta is relative to the parent bundle's parameters: worth fetching only when the device holds
+    them and the new parameters are not already local."""
+    if have is None or manifest.meta.get("parent_base_version") != have.base_version:
+        return False
+    return any(e.kind.startswith("params_") and e.kind != "params_delta" and e.sha256 not in local
+               for e in manifest.artifacts.values())
+
+
+def _read_delta(path: Path) -> dict | None:
+    try:
+        return delta_from_bytes(path.read_bytes())
+    except (ParamsError, OSError):
+        return None
+
+
+def _rebuild_params(entry: ArtifactEntry, have: Bundle | None, deltas: dict | None, target: Path) -> bool:
+    """The active parameter file of this kind moved by the float16 deltas, if it hashes as the manifest says."""
+    if deltas is None or have is None or entry.kind not in ("params_base", "params_shared"):
+        return False
+    try:
+        blob = apply_delta(have.artifact_path(have.artifact_of_kind(entry.kind)).read_bytes(), deltas)
+    except (ParamsError, OSError, ValueError):
+        return False
+    if len(blob) != entry.bytes or hashlib.sha256(blob).hexdigest() != entry.sha256:
+        return False
+    target.write_bytes(blob)
+    return True
 
 
 def _rebuild_frozen(entry: ArtifactEntry, manifest: Manifest, root: Path, have: Bundle | None, target: Path

@@ -69,8 +69,12 @@ class Bundle:
         return marker.read_text().strip() if marker.is_file() else None
 
     def holds(self, name: str) -> bool:
-        """Whether this copy carries artifact `name` (a device's copy lacks the other runtime's programs)."""
-        only, runtime = self.only_runtime, artifact_runtime(self.manifest.artifacts[name].kind)
+        """Whether this copy carries artifact `name` (a device's copy lacks the other runtime's programs;
+        the parameter delta is only a way to fetch the parameters, fetched by devices holding the parent)."""
+        entry = self.manifest.artifacts[name]
+        if entry.kind == "params_delta":
+            return (self.root / entry.path).is_file()
+        only, runtime = self.only_runtime, artifact_runtime(entry.kind)
         return only is None or runtime is None or runtime == only
 
     # -- context manager: only matters for unpacked archives ----------------------------------------

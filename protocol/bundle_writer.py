@@ -41,6 +41,7 @@ from edgepatch.protocol.params import params_to_bytes
 DEFAULT_PATHS = {
     "params_base": "params_base.npz",
     "params_shared": "params_shared.npz",
+    "params_delta": "params_delta.npz",
     "litert_trainable": "trainable.tflite",
     "litert_infer": "infer.tflite",
     "executorch_infer": "infer.pte",

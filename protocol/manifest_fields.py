@@ -21,6 +21,7 @@ INPUT_DTYPES = ("float32",)
 SINGLE_KINDS = (
     "params_base",  # npz: base weights W (role "base"); its sha256 is the bundle's base_version
     "params_shared",  # npz: shared patch parameters θ̄ (bar) and Θ (basis)
+    "params_delta",  # npz float16: new minus parent parameters (protocol/param_delta.py); optional on devices
     "litert_trainable",  # .tflite with train_phi_/train_full_/infer_ signatures per variant
     "litert_infer",  # .tflite, frozen inference
     "executorch_infer",  # .pte, frozen inference (XNNPACK)

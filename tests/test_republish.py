@@ -100,8 +100,9 @@ def test_republish_distilled_bundle_without_tensorflow(digits_bundle_both: Path,
 
 def test_device_fetches_only_its_runtime_and_rebuilds_the_frozen_program(digits_bundle_both: Path,
                                                                           republished: dict, tmp_path: Path) -> None:
-    """A LiteRT device updating to the republished bundle downloads the parameters and nothing else: no
-    ExecuTorch file, the trainable program reused, infer.tflite rebuilt locally (sha256 checked)."""
+    """A LiteRT device updating to the republished bundle downloads the manifest and the float16 parameter
+    delta, nothing else: no ExecuTorch file, the trainable program reused, the parameter files and
+    infer.tflite rebuilt locally (each checked against the manifest's sha256)."""
     from edgepatch.cloud.store import PatchStore, sqlite_url
     from edgepatch.cloud.web import FleetWeb
     from edgepatch.device.backends.litert import LiteRTProgram
@@ -119,15 +120,20 @@ def test_device_fetches_only_its_runtime_and_rebuilds_the_frozen_program(digits_
             version, manifest = nxt.version, nxt.manifest
         url = web.serve_bundle("next", out)
         path, stats = fetch_bundle(url, version, tmp_path / "dl", have, 1 << 26, runtime="litert")
-        param_bytes = sum(e.bytes for e in manifest.artifacts.values() if e.kind.startswith("params_"))
+        sizes = {e.kind: e.bytes for e in manifest.artifacts.values()}
         manifest_bytes = (out / "manifest.json").stat().st_size
-        assert stats.downloaded_bytes == param_bytes + manifest_bytes
-        assert stats.rebuilt_bytes == manifest.artifacts["litert_infer"].bytes
+        # Only the manifest and the float16 delta travel: the parameter files and infer.tflite are rebuilt.
+        assert stats.downloaded_bytes == sizes["params_delta"] + manifest_bytes
+        assert sizes["params_delta"] < 0.6 * (sizes["params_base"] + sizes["params_shared"])
+        assert stats.rebuilt_bytes == sizes["params_base"] + sizes["params_shared"] + sizes["litert_infer"]
         assert stats.skipped_bytes == sum(e.bytes for e in manifest.artifacts.values() if e.runtime == "executorch")
         assert not [p for p in path.rglob("*.pte")]
         installed = active.install(path, expected_version=version)  # verified: sizes, sha256, params
         assert installed.only_runtime == "litert" and active.current().version == version
-        # The next update starts from a LiteRT-only copy: still nothing but the parameters to download.
+        _, cold = fetch_bundle(url, version, tmp_path / "cold", None, 1 << 26, runtime="litert")
+        assert cold.downloaded_bytes == manifest_bytes + sum(
+            e.bytes for e in manifest.artifacts.values() if e.runtime in (None, "litert") and e.kind != "params_delta")
+        # The same version again from the LiteRT-only copy: only the manifest.
         _, again = fetch_bundle(url, version, tmp_path / "dl2", installed, 1 << 26, runtime="litert")
         assert again.downloaded_bytes == manifest_bytes and again.skipped_bytes == stats.skipped_bytes
         rng = np.random.default_rng(1)
@@ -147,8 +153,12 @@ def _check_parity(bundle, params) -> None:
     from edgepatch.device.backends.litert import LiteRTProgram
 
     spec, patch = bundle.model_spec, bundle.patch_spec
+    # Published = parent + float16 change (protocol/param_delta.py): within the recorded bound of the distilled.
     shipped = bundle.all_params()
-    assert all(np.array_equal(shipped[n], params[n]) for n in params)
+    bound = bundle.manifest.meta["delta_max_abs_error"]
+    assert 0 < bound < 1e-4
+    assert max(float(np.abs(shipped[n] - params[n]).max()) for n in params) <= bound
+    params = shipped
     rng = np.random.default_rng(3)
     batch = bundle.manifest.train.infer_batch
     x = rng.normal(size=(batch, *spec.input_shape)).astype(np.float32)
@@ -190,3 +200,19 @@ def test_manifest_refuses_a_layout_outside_the_program(digits_bundle_both: Path,
     with pytest.raises(ManifestError, match="bad spot"):
         Manifest.from_json(json.dumps(raw).encode())
 
+
+
+def test_float16_delta_rebuilds_the_parameter_file_exactly() -> None:
+    from edgepatch.protocol.param_delta import apply_delta, delta_from_bytes, delta_to_bytes, quantize_update
+    from edgepatch.protocol.params import ParamsError, params_to_bytes
+
+    rng = np.random.default_rng(0)
+    parent = {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+    new = {"w": parent["w"] + rng.normal(scale=0.01, size=(4, 3)).astype(np.float32), "b": parent["b"].copy()}
+    published, deltas, bound = quantize_update(parent, new)
+    assert set(deltas) == {"w"} and np.array_equal(published["b"], parent["b"])  # unchanged: no delta
+    assert 0 < bound <= 0.01 * 2.0**-10 and np.abs(published["w"] - new["w"]).max() <= bound
+    rebuilt = apply_delta(params_to_bytes(parent), delta_from_bytes(delta_to_bytes(deltas)))
+    assert rebuilt == params_to_bytes(published)  # byte for byte: the device checks the manifest's sha256
+    with pytest.raises(ParamsError, match="does not fit float16"):
+        quantize_update(parent, {**new, "b": parent["b"] + 1e6})
