@@ -47,6 +47,7 @@ from edgepatch.protocol.messages import MAX_MESSAGE_BYTES, Message, MessageError
 from edgepatch.protocol.mqtt import Incoming, MqttClient, MqttSettings, MqttVersion, make_client
 from edgepatch.protocol.topics import Channel, check_name, fleet_filter, shared_filter
 
+from .ingest_acks import patch_acks, publish_acks
 from .metrics import CloudMetrics
 from .store import BatchResult, PatchStore, Received, Reject
 
@@ -77,6 +78,7 @@ class IngestSettings:
     linger_s: float = 0.002
     overlap_commit: bool = True  # commit batch N on the writer thread while receiving batch N+1
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    app_acks: bool = True  # issue 12: PatchAck to each device after commit (cloud/ingest_acks.py)
     reconnect_min_delay: float = 1.0
     reconnect_max_delay: float = 10.0
     tls: bool = False  # mqtts:// (implied by the TLS files)
@@ -143,6 +145,7 @@ class IngestStats:
     acked: int = 0
     commit_failures: int = 0
     quarantined: int = 0  # accepted, but the database refused them: in the quarantine table
+    app_acks: int = 0  # patch acks handed to the client for the devices (cloud/ingest_acks.py)
     connects: int = 0
     reject_reasons: dict[str, int] = field(default_factory=dict)
 
@@ -330,6 +333,9 @@ class IngestService:
             return
         self.metrics.batch_seconds.observe(seconds)
         self.metrics.batch_size.observe(len(batch))
+        if self.settings.app_acks:  # tell the devices what is stored, before PUBACKs let the broker forget it
+            acks = patch_acks(((p.incoming, p.item) for p in batch), result, self.settings.max_message_bytes)
+            self.stats.app_acks += publish_acks(self.client, acks)
         # Committed: now, and only now, acknowledge (the seam refuses acks of an older connection).
         for p in batch:
             if p.incoming.qos > 0 and self.client.ack(p.incoming):

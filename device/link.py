@@ -2,10 +2,17 @@
 
 Everything outgoing goes through the on-disk `Outbox`: `send()` builds a message (persistent `seq`,
 content hash), commits it to disk, and publishes it at QoS 1 when connected. An entry leaves the outbox
-only when the broker acknowledged it (the publish's `on_done`). While the broker is unreachable, messages
-pile up on disk; the client reconnects with exponential backoff and the connect hook flushes the outbox.
-Delivery is at-least-once: receivers drop duplicates by `content_hash`. (An application-level ack from
-the companion, issue 12, would plug in at `_acked`: keep the entry until the companion's ack arrives.)
+when the broker acknowledged it (the publish's `on_done`) - except patches (with `app_ack`, the default):
+a broker's PUBACK is no proof of storage (Mosquitto does not restore MQTT 5 shared subscriptions after a
+restart, so it can drop what it acknowledged), so a patch stays until the companion's PatchAck for its
+content hash arrives on `<device>/ack` (sent after the batch holding it committed). Unconfirmed patches
+are resent on every reconnect, after a restart (they are on disk), and when no ack came within
+`ack_timeout_s` (doubling per attempt up to `ack_max_backoff_s`). The store is idempotent by content
+hash, so a resend never duplicates a stored patch. A patch the companion *rejected* is dropped too
+(resending the same bytes cannot help), counted in `ack_status["rejected"]` and logged at ERROR.
+While the broker is unreachable, messages pile up on disk; the client reconnects with exponential
+backoff and the connect hook flushes the outbox. Delivery is at-least-once: receivers drop duplicates by
+`content_hash`.
 
 Presence: the last will is a retained DeviceState "offline" (reason "will") on `<device>/lwt`; every
 (re)connect publishes a retained DeviceState "online" on `<device>/state` and clears the retained will
@@ -34,6 +41,7 @@ from edgepatch.protocol.messages import (
     Message,
     MessageError,
     Metrics,
+    PatchAck,
     PatchUpdate,
     Payload,
     decode,
@@ -80,10 +88,19 @@ class LinkSettings:
     # MQTT 5: the broker drops anything bigger for us (a 200 MiB retained "announcement" never reaches the
     # device); every valid message is far smaller (wire.MAX_MESSAGE_BYTES). 3.1.1 cannot say so: decode refuses.
     max_packet_bytes: int = 256 * 1024
+    # Issue 12: keep patches until the companion says they are stored (False: the broker's PUBACK suffices,
+    # for a companion older than the ack channel). Resend unconfirmed ones after ack_timeout_s, doubling
+    # per attempt up to ack_max_backoff_s.
+    app_ack: bool = True
+    ack_timeout_s: float = 30.0
+    ack_max_backoff_s: float = 600.0
 
     def __post_init__(self) -> None:
         check_name(self.fleet, "fleet")
         check_name(self.device_id, "device id")
+        if not 0 < self.ack_timeout_s <= self.ack_max_backoff_s:
+            raise ValueError(f"need 0 < ack_timeout_s <= ack_max_backoff_s, got {self.ack_timeout_s} and "
+                             f"{self.ack_max_backoff_s}")
         object.__setattr__(self, "protocol", MqttVersion.parse(self.protocol))
         self.mqtt()  # every connection rule (port, TLS pair, no password in clear) checked up front
 
@@ -101,6 +118,7 @@ class LinkSettings:
 
 
 BundleCallback = Callable[[Message], None]
+DeliveredCallback = Callable[[str, str], None]  # (content hash, status) when the companion acknowledges a patch
 
 
 class DeviceLink:
@@ -112,6 +130,12 @@ class DeviceLink:
         self.variant_id = variant_id
         self.on_bundle = on_bundle
         self.rejects: Counter[str] = Counter()  # bundle announcements dropped, by MessageError reason
+        self.ack_status: Counter[str] = Counter()  # the companion's PatchAck entries that removed a patch
+        self.resends = 0  # unconfirmed patches published again (reconnect, restart or ack timeout)
+        self.on_delivered: list[DeliveredCallback] = []
+        self._resend_all = True  # the first flush of a connection resends every unconfirmed patch
+        self._ticker_stop = threading.Event()
+        self._ticker: threading.Thread | None = None
         self._connected = threading.Event()
         self._ack_event = threading.Condition()  # notified after every outbox ack (wait_drained)
         self._started = False
@@ -123,6 +147,8 @@ class DeviceLink:
         self.client.connect_hooks.append(self._on_connect)
         self.client.disconnect_hooks.append(self._on_disconnect)
         self.client.subscribe(bundle_topic(settings.fleet), self._on_bundle_message)
+        if settings.app_ack:
+            self.client.subscribe(device_topic(settings.fleet, settings.device_id, Channel.ACK), self._on_ack_message)
 
     def start(self) -> None:
         """Connect in the background (works while the broker is down: the client keeps retrying)."""
@@ -132,6 +158,10 @@ class DeviceLink:
                              self.outbox.next_seq())
         self.client.connect(Will(will.topic(Channel.LWT), encode(will), qos=1, retain=True))
         self._started = True
+        if self.settings.app_ack:
+            self._ticker_stop.clear()
+            self._ticker = threading.Thread(target=self._resend_when_due, name="edgepatch-ack-timer", daemon=True)
+            self._ticker.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Say "offline" (if connected), wait up to `timeout` for the outbox to drain, disconnect cleanly."""
@@ -140,6 +170,10 @@ class DeviceLink:
         if self._connected.is_set():
             self.send(DeviceState(state="offline", last_seen=time.time(), reason="disconnected"), retain=True)
             self.wait_drained(timeout)
+        self._ticker_stop.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout)
+            self._ticker = None
         self.client.disconnect()
         self._connected.clear()
         self._started = False
@@ -154,8 +188,13 @@ class DeviceLink:
         return self._connected.wait(timeout)
 
     def wait_drained(self, timeout: float) -> bool:
-        """True once every outbox entry has been acknowledged by the broker."""
+        """True once the broker has taken every outbox entry (patches may still wait for the companion:
+        `wait_delivered`)."""
         # Short slices (wait_on): entries can also leave by expiry or eviction, which do not notify.
+        return wait_on(self._ack_event, lambda: not self.outbox.unsent(), timeout)
+
+    def wait_delivered(self, timeout: float) -> bool:
+        """True once the outbox is empty: every patch acknowledged by the companion, the rest by the broker."""
         return wait_on(self._ack_event, lambda: not len(self.outbox), timeout)
 
     def send(self, payload: Payload, *, channel: Channel | None = None, retain: bool = False) -> Message:
@@ -164,10 +203,11 @@ class DeviceLink:
         expiry = {Channel.METRICS: self.settings.metrics_expiry_s,
                   Channel.PATCH: self.settings.patch_expiry_s}.get(ch)
         built: list[Message] = []
+        confirm = self.settings.app_ack and ch is Channel.PATCH
 
-        def build(seq: int) -> tuple[str, bytes]:
+        def build(seq: int) -> tuple[str, bytes, str | None]:
             built.append(self._message(payload, seq))
-            return built[0].topic(ch), encode(built[0])
+            return built[0].topic(ch), encode(built[0]), built[0].content_hash if confirm else None
 
         self.outbox.enqueue_numbered(build, qos=1, retain=retain, expiry_s=expiry)
         if self._connected.is_set():
@@ -196,10 +236,19 @@ class DeviceLink:
 
     def _flush(self) -> None:
         with self._flush_lock:
+            with self._lock:
+                resend_all, self._resend_all = self._resend_all, False
+            now = time.time()
             for entry in self.outbox.pending():
                 with self._lock:
                     if entry.id in self._sent_ids or entry.id in self._held_ids:
                         continue
+                if entry.handed:  # the broker took it once; the companion has not confirmed it yet
+                    if not resend_all and entry.next_try is not None and now < entry.next_try:
+                        continue
+                    self.resends += 1
+                    log.debug("resending patch %s (attempt %d): no ack from the companion yet",
+                             (entry.content_hash or "")[:12], entry.attempts + 1)
                 expiry = None
                 if entry.expiry_s is not None:
                     # Count the time spent waiting on disk, so an old message does not live longer than meant.
@@ -212,7 +261,7 @@ class DeviceLink:
                     self._sent_ids.add(entry.id)
                 queued = self.client.publish(entry.topic, entry.payload, qos=entry.qos, retain=entry.retain,
                                              expiry_s=expiry, user_properties=self._properties(entry),
-                                             on_done=lambda ok, why, eid=entry.id: self._acked(eid, ok, why))
+                                             on_done=lambda ok, why, e=entry: self._acked(e, ok, why))
                 if not queued:  # refused outright (e.g. too big for the client): keep it, retry on reconnect
                     with self._lock:
                         self._sent_ids.discard(entry.id)
@@ -226,15 +275,53 @@ class DeviceLink:
             kinds = ["unknown"]
         return (("schema", str(SCHEMA_VERSION)), ("kind", kinds[0]))
 
-    def _acked(self, entry_id: int, ok: bool, reason: str) -> None:
+    def _acked(self, entry: OutboxEntry, ok: bool, reason: str) -> None:
         with self._lock:
-            self._sent_ids.discard(entry_id)
+            self._sent_ids.discard(entry.id)
             if not ok:
-                self._held_ids.add(entry_id)
+                self._held_ids.add(entry.id)
         if not ok:
-            log.error("broker refused outbox entry %d: %s (kept; retried after reconnect)", entry_id, reason)
+            log.error("broker refused outbox entry %d: %s (kept; retried after reconnect)", entry.id, reason)
             return
-        self.outbox.ack(entry_id)
+        if entry.content_hash is not None:  # the broker took it; keep it until the companion confirms it
+            backoff = min(self.settings.ack_max_backoff_s, self.settings.ack_timeout_s * 2 ** min(entry.attempts, 30))
+            self.outbox.mark_handed(entry.id, backoff)
+        else:
+            self.outbox.ack(entry.id)
+        with self._ack_event:
+            self._ack_event.notify_all()
+
+    def _resend_when_due(self) -> None:
+        """Timer thread: resend patches the companion has not confirmed within their backoff."""
+        tick = min(1.0, self.settings.ack_timeout_s / 4)
+        while not self._ticker_stop.wait(tick):
+            if self._connected.is_set():
+                try:
+                    self._flush()
+                except Exception:  # noqa: BLE001 - the timer must survive (e.g. outbox busy); next tick retries
+                    log.exception("resending unconfirmed patches failed")
+
+    def _on_ack_message(self, message: Incoming) -> None:
+        try:
+            ack = decode(message.topic, message.payload)
+            if not isinstance(ack.payload, PatchAck):
+                raise MessageError("topic_mismatch", f"kind {ack.kind!r} on the ack topic")
+        except MessageError as exc:
+            self.rejects[exc.reason] += 1
+            log.warning("dropped ack on %s: %s", message.topic, exc)
+            return
+        for entry in ack.payload.acks:
+            if not self.outbox.confirm(entry.content_hash):
+                continue  # an ack for a resend we had already confirmed
+            self.ack_status[entry.status] += 1
+            if entry.status == "rejected":
+                log.error("the companion rejected patch %s (%s): dropped from the outbox, not resent",
+                          entry.content_hash[:12], entry.reason)
+            for hook in list(self.on_delivered):
+                try:
+                    hook(entry.content_hash, entry.status)
+                except Exception:  # noqa: BLE001 - an application hook must not break the link
+                    log.exception("on_delivered hook failed")
         with self._ack_event:
             self._ack_event.notify_all()
 
@@ -243,6 +330,7 @@ class DeviceLink:
     def _on_connect(self, session_present: bool) -> None:
         with self._lock:
             self._held_ids.clear()
+            self._resend_all = True  # the broker may have lost what it took (restart, shared subscriptions)
         self._connected.set()
         # Clear a will left by an earlier unclean drop, then announce presence.
         self.outbox.enqueue(device_topic(self.settings.fleet, self.settings.device_id, Channel.LWT), b"",

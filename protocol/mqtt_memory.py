@@ -49,13 +49,19 @@ class MemoryBroker:
         self.published: list[tuple[str, bytes, bool]] = []  # every publish (topic, payload, retain), for tests
 
     # -- test controls -------------------------------------------------------------------------------
-    def stop(self) -> None:
-        """Outage: every connection is lost (no wills: the broker itself went away); sessions persist."""
+    def stop(self, forget_shared: bool = False) -> None:
+        """Outage: every connection is lost (no wills: the broker itself went away); sessions persist.
+        `forget_shared`: like Mosquitto 2, the restart does not restore `$share/` subscriptions (nor what
+        was queued for them), so messages published before the subscriber renews them reach nobody."""
         with self._lock:
             self.up = False
             clients = [s.client for s in self._sessions.values() if s.client is not None]
             for s in self._sessions.values():
                 s.client = None
+                if forget_shared and any(f.startswith("$share/") for f in s.subscriptions):
+                    s.subscriptions = {f: q for f, q in s.subscriptions.items() if not f.startswith("$share/")}
+                    s.queued.clear()
+                    s.unacked.clear()
             # Only persistent sessions survive a broker restart (with persistence on, as in the tests' Mosquitto).
             self._sessions = {k: v for k, v in self._sessions.items() if v.persistent}
         for c in clients:

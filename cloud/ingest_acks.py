@@ -1,0 +1,110 @@
+"""Application-level acks (issue 12): after a batch commits, tell each device which of its patches are stored.
+
+Why: a broker's PUBACK is no proof of storage. Mosquitto does not restore MQTT 5 shared subscriptions from
+its persistence, so after a restart it acknowledges patches that no ingest session receives; a device
+that trusted the PUBACK lost them. The device therefore keeps a patch until a `PatchAck` naming its
+content hash arrives on `edgepatch/v1/<fleet>/<device>/ack`, and resends it otherwise.
+
+Order: commit -> these acks (QoS 1) -> the MQTT PUBACKs of the batch. A crash between the commit and the
+acks loses nothing: the broker (no PUBACK yet) or the device (no PatchAck, timeout) sends the patch again,
+the store dedupes it by content hash, and the ack goes out then, with status "duplicate".
+
+Statuses: stored (new row), duplicate (already stored: a resend), quarantined (the database refused the row;
+it is in the quarantine table with the reason), rejected (validation or admission refused it: resending
+the same bytes cannot help, so the device drops it and logs the reason). A rejected message's hash is the
+one its envelope claims (read leniently, since the message failed validation); one that has none cannot
+be acknowledged and the device resends it with backoff until its outbox bound evicts it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from edgepatch.protocol.messages import MAX_ACKS, AckEntry, PatchAck, encode, make_message
+from edgepatch.protocol.mqtt import Incoming, MqttClient
+from edgepatch.protocol.topics import Channel, TopicError, parse_topic
+
+from .store import BatchResult, Received, Reject
+
+log = logging.getLogger(__name__)
+
+SENDER = "cloud"  # the companion's id as a sender (the same as companion.CLOUD_ID; not imported: heavy module)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# seq only has to grow per sender; starting from the clock keeps it growing across restarts.
+_SEQ = itertools.count(time.time_ns() // 1_000_000)
+
+Address = tuple[str, str]  # (fleet, device)
+
+
+def claimed_hash(payload: bytes, max_bytes: int) -> str | None:
+    """The content hash a refused message's envelope claims, if it names a well-formed one."""
+    if not payload or len(payload) > max_bytes:
+        return None
+    try:
+        env = json.loads(bytes(payload))
+    except (ValueError, RecursionError):
+        return None
+    value = env.get("content_hash") if isinstance(env, dict) else None
+    return value if isinstance(value, str) and _SHA256.match(value) else None
+
+
+def patch_acks(batch: Iterable[tuple[Incoming, Received | Reject | None]], result: BatchResult,
+               max_bytes: int) -> dict[Address, list[AckEntry]]:
+    """Every patch of a committed batch and its fate, grouped by the device to tell."""
+    new = {m.content_hash for m in result.new_patches}
+    quarantined = {q.message.content_hash: q.reason for q in result.quarantined}
+    out: dict[Address, list[AckEntry]] = {}
+    for incoming, item in batch:
+        try:
+            address = parse_topic(incoming.topic)
+        except TopicError:
+            continue
+        if address.channel is not Channel.PATCH or address.device_id is None:
+            continue
+        key = (address.fleet, address.device_id)
+        if isinstance(item, Received):
+            h = item.message.content_hash
+            if h in quarantined:
+                entry = AckEntry(h, "quarantined", quarantined[h][:200])
+            else:
+                entry = AckEntry(h, "stored" if h in new else "duplicate")
+        elif isinstance(item, Reject):
+            claimed = claimed_hash(incoming.payload, max_bytes)
+            if claimed is None:
+                continue
+            entry = AckEntry(claimed, "rejected", _printable(f"{item.reason}: {item.detail}")[:200])
+        else:
+            continue
+        out.setdefault(key, []).append(entry)
+    return out
+
+
+def publish_acks(client: MqttClient, acks: dict[Address, list[AckEntry]]) -> int:
+    """Publish the acks (QoS 1, chunks of MAX_ACKS); returns the number of ack entries handed to the client.
+    A refused publish is logged, not raised: the device resends and the next batch acknowledges it."""
+    handed = 0
+    for (fleet, device), entries in acks.items():
+        for chunk in _chunks(entries, MAX_ACKS):
+            msg = make_message(PatchAck(tuple(chunk)), device_id=SENDER, fleet=fleet, seq=next(_SEQ))
+            if client.publish(msg.topic(to=device), encode(msg), qos=1):
+                handed += len(chunk)
+            else:
+                log.warning("could not publish %d ack(s) to %s/%s; the device will resend", len(chunk), fleet,
+                            device)
+    return handed
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _printable(value: str) -> str:
+    """The ack travels through the strict codec: no control characters in its reason."""
+    return "".join(c if c.isprintable() else "?" for c in value)
