@@ -72,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
-    store = PatchStore(args.store, table_prefix=args.table_prefix, retention_s=args.reject_retention_days * 86400.0)
     try:
         devices = ProvisionedDevices(args.provisioned) if args.provisioned is not None else None
     except PolicyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    store = PatchStore(args.store, table_prefix=args.table_prefix, retention_s=args.reject_retention_days * 86400.0)
     policy = IngestPolicy(store if args.check_bundles else None, devices) if (devices or args.check_bundles) else None
     settings = IngestSettings(host=args.host, port=args.port, fleet=args.fleet, protocol=args.protocol,
                               group=args.group, worker=args.worker, client_id=args.client_id,

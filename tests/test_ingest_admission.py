@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: tests
 from polling import wait_until  # noqa: E402
 from test_cloud_ingest import Publisher  # noqa: E402
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+pytestmark = pytest.mark.broker
 FLEET = "shop"
 PUBLIC = "http://fleet.example.com:9999"
 
@@ -56,6 +56,7 @@ def patch(comp: Companion, device: str, seq: int, *, k: int | None = None, base:
                         base_version=comp.current.base_version if base is None else base, variant_id="v100", seq=seq)
 
 
+@pytest.mark.slow
 def test_only_provisioned_devices_and_fitting_patches_are_admitted(companion: Companion, mosquitto: Any,
                                                                   tmp_path: Path) -> None:
     comp = companion
@@ -98,6 +99,7 @@ def test_only_provisioned_devices_and_fitting_patches_are_admitted(companion: Co
         pub.close()
 
 
+@pytest.mark.slow
 def test_provisioned_directory_of_another_fleet_is_refused(digits_bundle: Path, tmp_path: Path) -> None:
     fleet_dir = provision_dir(tmp_path / "fleet", ["dev-000"])
     with pytest.raises(CompanionError, match="provisions fleet 'shop', not 'other'"):
@@ -107,6 +109,7 @@ def test_provisioned_directory_of_another_fleet_is_refused(digits_bundle: Path, 
                                   provisioned=tmp_path / "nowhere"))
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_bad_provisioned_dir_or_public_url_in_one_line(digits_bundle: Path, tmp_path: Path) -> None:
     import subprocess
 
@@ -117,3 +120,42 @@ def test_serve_refuses_a_bad_provisioned_dir_or_public_url_in_one_line(digits_bu
         out = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and words in out.stderr, out.stderr[-2000:]
         assert "Traceback" not in out.stderr
+
+
+def test_ingest_worker_process_admits_only_provisioned_devices_and_registered_bases(mosquitto: Any,
+                                                                                    tmp_path: Path) -> None:
+    import json
+    import signal
+    import subprocess
+
+    from edgepatch.cloud.store import PatchStore
+
+    fleet_dir = provision_dir(tmp_path / "fleet", ["dev-000"])
+    store = PatchStore(tmp_path / "w.db")
+    store.add_bundle("m1", "ab" * 32, "http://x/", base_version="b1", k=8)
+    store.close()
+    ready, stats = tmp_path / "ready", tmp_path / "stats.json"
+    proc = subprocess.Popen([sys.executable, "-m", "edgepatch.cloud.ingest", "--store", str(tmp_path / "w.db"),
+                             "--port", str(mosquitto.port), "--fleet", FLEET, "--provisioned", str(fleet_dir),
+                             "--check-bundles", "--ready-file", str(ready), "--stats-file", str(stats)],
+                            stderr=subprocess.DEVNULL)
+    pub = Publisher(mosquitto, client_id="pub-worker")
+    try:
+        wait_until(lambda: ready.exists() or proc.poll() is not None, 30, "the worker subscribed")
+
+        def msg(device: str, k: int, base: str = "b1") -> Message:
+            return make_message(PatchUpdate(phi=np.zeros(k, np.float32), steps=1, samples=1, holdout_acc=0.5,
+                                            loss=0.1), device_id=device, fleet=FLEET, base_version=base, seq=1)
+        good = msg("dev-000", 8)
+        for m in (good, msg("dev-001", 8), msg("dev-000", 9), msg("dev-000", 8, base="b2")):
+            pub.send(m).wait_for_publish(5)
+        store = PatchStore(tmp_path / "w.db")
+        wait_until(lambda: store.count("rejects") >= 3 and store.count("patches") >= 1, 15, "all four handled")
+        assert store.patch_hashes() == [good.content_hash]
+        assert sorted(r["reason"] for r in store.rejects()) == ["unknown_base", "unknown_device", "wrong_size"]
+        store.close()
+    finally:
+        pub.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0 and json.loads(stats.read_text())["rejected"] == 3
