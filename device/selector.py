@@ -40,6 +40,8 @@ class VariantCost:
     memory_bytes: int
     convergence: float
     pareto: bool
+    size: float = 1.0  # flops_ratio (1 = the full model); ranks variants by expected quality
+    convergence_std: float | None = None  # spread of `convergence` over DSE seeds; None = unknown
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,15 @@ def parse_variant_rows(rows: Sequence[Mapping[str, Any]]) -> list[VariantCost]:
         pareto = row.get("pareto", True)
         if not isinstance(pareto, bool):
             raise SelectorError(f"{where}: pareto must be a boolean, got {pareto!r}")
+        std = row.get("convergence_std")
+        if std is not None and (isinstance(std, bool) or not isinstance(std, int | float)
+                                or not (std >= 0 and math.isfinite(std))):
+            raise SelectorError(f"{where}: convergence_std must be a non-negative number, got {std!r}")
+        size = row.get("flops_ratio", 1.0)
+        if isinstance(size, bool) or not isinstance(size, int | float) or not math.isfinite(size):
+            raise SelectorError(f"{where}: flops_ratio must be a finite number, got {size!r}")
         parsed.append(VariantCost(vid, {str(k): float(v) for k, v in train_ms.items()}, int(memory),
-                                  float(convergence), pareto))
+                                  float(convergence), pareto, float(size), None if std is None else float(std)))
     return parsed
 
 
@@ -164,6 +173,27 @@ class VariantSelector:
 
     # --- the choice -----------------------------------------------------------------------------------
 
+    def _accuracy_first(self, fitting: list[CandidateCost]) -> tuple[CandidateCost, str]:
+        """Among variants that fit: the largest (the best expected quality) — a smaller one only when its
+        convergence is clearly better, i.e. better by more than both spreads over seeds. A single noisy
+        estimate (no spread in the table) never wins on quality grounds: filters are dropped only when
+        the deadline requires it (issue 10)."""
+        # Ties on size (a table without flops_ratio): the better-converging, then the dearer (larger) one.
+        largest = max(fitting, key=lambda r: (self.variants[r.id].size, -r.convergence, r.expected_step_s))
+        ref = self.variants[largest.id]
+
+        def clearly_better(r: CandidateCost) -> bool:
+            v = self.variants[r.id]
+            if v.convergence_std is None or ref.convergence_std is None:
+                return False
+            return v.convergence + v.convergence_std < ref.convergence - ref.convergence_std
+
+        better = [r for r in fitting if r.id != largest.id and clearly_better(r)]
+        if better:
+            return min(better, key=lambda r: (r.convergence, r.expected_step_s)), \
+                "clearly better-converging variant (beyond the spread over seeds) that fits"
+        return largest, "largest variant that fits (accuracy first)"
+
     @staticmethod
     def _table_s(v: VariantCost, runtime: str) -> float:
         if runtime not in v.train_ms:
@@ -204,8 +234,8 @@ class VariantSelector:
                     else f"temperature {snapshot.temp_c:.1f} °C > {budgets.max_temp_c:.1f} °C")
             reason, fits = f"{what}: cheapest variant to save energy and heat", choice in fitting
         elif fitting:
-            choice = min(fitting, key=lambda r: (r.convergence, r.expected_step_s))
-            reason, fits = (f"best-converging variant that fits: {steps_left} steps × "
+            choice, why = self._accuracy_first(fitting)
+            reason, fits = (f"{why}: {steps_left} steps × "
                             f"{choice.expected_step_s * 1000:.1f} ms = {choice.total_s:.2f} s "
                             f"<= {usable_s:.2f} s usable, {choice.memory_mb:.1f} MB <= "
                             f"{memory_limit_mb:.1f} MB"), True

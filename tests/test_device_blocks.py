@@ -260,7 +260,7 @@ def test_adaptive_selector_meets_deadline_when_cpu_halves(caplog: pytest.LogCapt
     assert len(selector.history) == 10
     first, later = selector.history[0], selector.history[-1]
     assert first.inputs["cpu_share"] == 1.0 and later.inputs["cpu_share"] == 0.5
-    assert first.fits and later.fits and "best-converging variant that fits" in first.reason
+    assert first.fits and later.fits and "largest variant that fits (accuracy first)" in first.reason
     records = [r for r in caplog.records if r.name == "edgepatch.device.selector"]
     assert len(records) == 10
     logged = records[-1].decision  # type: ignore[attr-defined]
@@ -418,3 +418,20 @@ def test_device_blocks_import_no_torch_or_tensorflow() -> None:
             "edgepatch.device.state; bad = [m for m in ('torch', 'tensorflow') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_selector_accuracy_first_needs_a_clear_convergence_win() -> None:
+    """Issue 10: with slack the largest variant trains; a smaller one wins on quality only when its convergence
+    beats the full model's by more than both spreads over seeds (one noisy estimate never does)."""
+    profile = load_profile("linux_x86_64")
+    snap = ResourceSnapshot(1.0, 4096.0, None, None, 0.1, 0.0)
+    noisy = [dict(VARIANTS[0], flops_ratio=1.0), dict(VARIANTS[3], flops_ratio=0.25, convergence=0.30)]
+    assert VariantSelector(noisy, profile).select(30.0, 10, snap).variant_id == "k100-100"
+    wide = [dict(noisy[0], convergence_std=0.15), dict(noisy[1], convergence_std=0.1)]
+    assert VariantSelector(wide, profile).select(30.0, 10, snap).variant_id == "k100-100"
+    clear = [dict(noisy[0], convergence_std=0.02), dict(noisy[1], convergence_std=0.02)]
+    assert VariantSelector(clear, profile).select(30.0, 10, snap).variant_id == "k25-25"
+    # The deadline still decides when the largest does not fit: 10 steps × 100 ms > 0.5 s.
+    assert VariantSelector(noisy, profile).select(0.5, 10, snap).variant_id == "k25-25"
+    with pytest.raises(SelectorError, match="convergence_std"):
+        VariantSelector([dict(noisy[0], convergence_std=-1.0)], profile)
