@@ -152,6 +152,11 @@ def upgrade_tables(engine: Engine, metadata: MetaData) -> list[str]:
             try:
                 with engine.begin() as conn:
                     conn.exec_driver_sql(ddl)
+                    if pg and col.primary_key and col.name in existing:  # its serial counter stops at 2^31 too
+                        seq = conn.exec_driver_sql(
+                            f"SELECT pg_get_serial_sequence('\"{table.name}\"', '{col.name}')").scalar()
+                        if seq:
+                            conn.exec_driver_sql(f"ALTER SEQUENCE {seq} AS bigint")
             except sa_exc.OperationalError as exc:  # SQLite: another process added it meanwhile
                 if "duplicate column" not in str(exc):
                     raise

@@ -222,6 +222,8 @@ def test_a_store_an_older_version_created_is_upgraded(store: PatchStore) -> None
             conn.execute(text(f'ALTER TABLE "{table}" DROP COLUMN "{column}"'))
         if store.dialect == "postgresql":
             conn.execute(text(f'ALTER TABLE "{p}" ALTER COLUMN seq TYPE integer'))
+            conn.execute(text(f'ALTER TABLE "{p}" ALTER COLUMN id TYPE integer'))
+            conn.execute(text(f"ALTER SEQUENCE \"{p}_id_seq\" AS integer"))
     reopened = PatchStore(store.url if store.dialect == "postgresql" else store.engine.url.database,
                           table_prefix=store.table_prefix)
     try:
@@ -229,5 +231,11 @@ def test_a_store_an_older_version_created_is_upgraded(store: PatchStore) -> None
         reopened.commit_batch([], [Reject.of("bad_json", "edgepatch/v1/lab/d/patch", "x", time.time(), b"{")])
         assert reopened.rejects()[-1]["payload_size"] == 1
         assert reopened.bundle_bases() == {}  # the old bundle row has no k: no admission for it
+        if store.dialect == "postgresql":  # the arrival id and its counter are 64-bit again
+            with reopened.engine.connect() as conn:
+                assert conn.execute(text(f"SELECT data_type FROM information_schema.columns WHERE table_name = '{p}' "
+                                         "AND column_name = 'id'")).scalar() == "bigint"
+                assert conn.execute(text(f"SELECT data_type FROM information_schema.sequences WHERE "
+                                         f"sequence_name = '{p}_id_seq'")).scalar() == "bigint"
     finally:
         reopened.close()
