@@ -21,6 +21,7 @@ from edgepatch.protocol.messages import AckEntry, PatchAck, PatchUpdate, encode,
 from edgepatch.protocol.mqtt import MqttSettings, make_client
 from edgepatch.protocol.mqtt_memory import MemoryBroker
 from edgepatch.protocol.topics import Channel, device_topic
+from edgepatch.sim.fault_runs import FAULTS, run_fault
 
 FLEET = "lab"
 
@@ -199,3 +200,27 @@ def test_old_outbox_file_is_upgraded_and_keeps_its_entries(tmp_path):
     with Outbox(path) as box:
         [entry] = box.pending()
         assert entry.content_hash is None and not entry.handed and box.unsent() == 1
+
+
+# ------------------------------------------------------------------------ real parts: Mosquitto + ingest process
+
+REAL_RUNS = [(fault, protocol) for fault in FAULTS for protocol in ("5", "3.1.1")]
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.parametrize(("fault", "protocol"), REAL_RUNS, ids=[f"{f}-mqtt{p}" for f, p in REAL_RUNS])
+def test_real_fault_mid_stream_loses_no_acknowledged_patch(tmp_path, fault, protocol):
+    row = run_fault(fault, protocol, tmp_path, patches=90, outage_s=3.0 if fault != "companion_kill9" else 0.5)
+    assert row.sent == 270
+    assert row.lost == 0, row
+    assert row.acknowledged == row.sent and row.unconfirmed == 0, row  # and everything did get confirmed
+    assert row.stored == row.sent and row.duplicates_in_store == 0, row
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_real_control_without_app_acks_mqtt5_restart_loses_patches_the_devices_counted_delivered(tmp_path):
+    # The bug of issue 12 on the real broker: Mosquitto acknowledged them, then no shared subscription got them.
+    row = run_fault("broker_restart", "5", tmp_path, app_ack=False, patches=90, outage_s=3.0)
+    assert row.acknowledged == row.sent and row.lost > 0, row

@@ -1,0 +1,205 @@
+"""Fault runs with real parts (issue 12): devices stream patches through a real Mosquitto to the ingest running
+as its own process (SQLite store), a fault strikes mid-stream, and the run counts what the devices were
+told and what the store holds. Used by tests/test_app_ack.py and benchmarks/faults.py.
+
+Faults: `broker_restart` (SIGTERM: Mosquitto saves its persistence, but does not restore MQTT 5 shared
+subscriptions), `broker_kill9` (SIGKILL: sessions and queues since the last autosave are gone),
+`companion_kill9` (SIGKILL of the ingest mid-batch, then a new one on the same session).
+
+Counting: `acknowledged` = patches the device counts delivered (with application acks: a PatchAck said
+stored/duplicate; without them, the broker's PUBACK emptied the outbox entry); `stored` = sent patches in
+the store; `lost` = acknowledged but not stored (must be 0); `unconfirmed` = still in an outbox at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgepatch.cloud.store import PatchStore
+from edgepatch.device.link import DeviceLink, LinkSettings
+from edgepatch.device.outbox import Outbox
+from edgepatch.protocol.messages import PatchUpdate
+
+from .brokers import MosquittoBroker
+
+FLEET = "lab"
+FAULTS = ("broker_restart", "broker_kill9", "companion_kill9")
+
+
+@dataclass
+class FaultRow:
+    fault: str
+    protocol: str
+    app_ack: bool
+    sent: int
+    acknowledged: int
+    stored: int
+    lost: int
+    unconfirmed: int
+    duplicates_in_store: int
+    resends: int
+    peak_rss_mb: float  # the ingest process's peak resident memory (VmHWM), over every incarnation
+    seconds: float
+
+    @property
+    def survived(self) -> bool:
+        return self.lost == 0 and self.unconfirmed == 0 and self.duplicates_in_store == 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {**asdict(self), "survived": self.survived}
+
+
+class IngestProcess:
+    """`python -m edgepatch.cloud.ingest` on a fixed client id (its session persists across kills)."""
+
+    def __init__(self, db: Path, broker: MosquittoBroker, protocol: str, workdir: Path) -> None:
+        self.db, self.broker, self.protocol, self.workdir = db, broker, protocol, workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.peak_kb = 0
+        self._watch_stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
+
+    def start(self, timeout: float = 60.0) -> None:
+        ready = self.workdir / "ingest.ready"
+        ready.unlink(missing_ok=True)
+        with open(self.workdir / "ingest.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edgepatch.cloud.ingest", "--store", str(self.db), "--host", self.broker.host,
+                 "--port", str(self.broker.port), "--protocol", self.protocol, "--client-id", "ingest-faults",
+                 "--fleet", FLEET, "--ready-file", str(ready), "--log-level", "WARNING"],
+                stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ingest did not subscribe: {(self.workdir / 'ingest.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self._sample()
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        self._watch_stop.set()
+        if self.proc is not None and self.proc.poll() is None:
+            self._sample()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def _sample(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+        except OSError:
+            pass  # it just exited
+
+    def _watch(self) -> None:
+        while not self._watch_stop.wait(0.2):
+            self._sample()
+
+
+def _patch(device: int, i: int, k: int = 16) -> PatchUpdate:
+    return PatchUpdate(phi=np.full(k, device * 10_000 + i, np.float32), steps=i, samples=32, holdout_acc=0.5,
+                       loss=0.1)
+
+
+def run_fault(fault: str, protocol: str, workdir: Path, *, app_ack: bool = True, devices: int = 3,
+              patches: int = 60, interval_s: float = 0.02, outage_s: float = 0.5,
+              settle_timeout_s: float = 60.0) -> FaultRow:
+    """One run: `devices` links each send `patches` patches `interval_s` apart; the fault strikes after a
+    third of them; then wait (up to `settle_timeout_s`) until every outbox is empty."""
+    if fault not in FAULTS:
+        raise ValueError(f"unknown fault {fault!r}; known: {FAULTS}")
+    t0 = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    broker = MosquittoBroker(workdir / "broker").start()
+    db = workdir / "store.db"
+    store = PatchStore(db)
+    ingest = IngestProcess(db, broker, protocol, workdir)
+    links: list[DeviceLink] = []
+    delivered: set[str] = set()
+    lock = threading.Lock()
+
+    def on_delivered(content_hash: str, status: str) -> None:
+        if status in ("stored", "duplicate"):
+            with lock:
+                delivered.add(content_hash)
+
+    try:
+        ingest.start()
+        for d in range(devices):
+            settings = LinkSettings(fleet=FLEET, device_id=f"dev-{d}", host=broker.host, port=broker.port,
+                                    protocol=protocol, keepalive=10, reconnect_min_delay=1, reconnect_max_delay=2,
+                                    app_ack=app_ack, ack_timeout_s=1.0, ack_max_backoff_s=4.0)
+            link = DeviceLink(settings, Outbox(workdir / f"dev-{d}.outbox"), base_version="b1", variant_id="v50")
+            link.on_delivered.append(on_delivered)
+            link.start()
+            links.append(link)
+        for link in links:
+            if not link.wait_connected(10):
+                raise RuntimeError("a device did not connect")
+        sent: list[str] = []
+        for i in range(patches):
+            if i == patches // 3:
+                _strike(fault, broker, ingest, outage_s)
+            for d, link in enumerate(links):
+                sent.append(link.publish_patch(_patch(d, i)).content_hash)
+            time.sleep(interval_s)
+        deadline = time.monotonic() + settle_timeout_s
+        for link in links:
+            wait = link.wait_delivered if app_ack else link.wait_drained
+            wait(max(0.1, deadline - time.monotonic()))
+        if not app_ack:  # the broker's PUBACK was the only acknowledgement the device had
+            left = sum(link.outbox.unsent() for link in links)
+            delivered = set(sent) if left == 0 else set(sent[: len(sent) - left])
+            time.sleep(2.0)  # let the ingest store whatever did reach it
+        else:
+            time.sleep(0.5)  # late redeliveries land now, and must not add rows
+        hashes = store.patch_hashes()
+        stored = set(hashes) & set(sent)
+        return FaultRow(fault=fault, protocol=protocol, app_ack=app_ack, sent=len(sent),
+                        acknowledged=len(delivered), stored=len(stored), lost=len(delivered - stored),
+                        unconfirmed=sum(len(link.outbox) for link in links) if app_ack else 0,
+                        duplicates_in_store=len(hashes) - len(set(hashes)),
+                        resends=sum(link.resends for link in links), peak_rss_mb=round(ingest.peak_kb / 1024, 1),
+                        seconds=round(time.monotonic() - t0, 1))
+    finally:
+        for link in links:
+            link.stop(timeout=1.0)
+            link.outbox.close()
+        ingest.stop()
+        broker.kill()
+        store.close()
+
+
+def _strike(fault: str, broker: MosquittoBroker, ingest: IngestProcess, outage_s: float) -> None:
+    if fault == "companion_kill9":
+        ingest.kill9()
+        time.sleep(outage_s)
+        ingest.start()
+        return
+    if fault == "broker_restart":
+        broker.stop()
+    else:
+        broker.kill()
+    time.sleep(outage_s)
+    broker.start()
