@@ -4,7 +4,8 @@ told and what the store holds. Used by tests/test_app_ack.py and benchmarks/faul
 
 Faults: `broker_restart` (SIGTERM: Mosquitto saves its persistence, but does not restore MQTT 5 shared
 subscriptions), `broker_kill9` (SIGKILL: sessions and queues since the last autosave are gone),
-`companion_kill9` (SIGKILL of the ingest mid-batch, then a new one on the same session).
+`companion_kill9` (SIGKILL of the ingest mid-batch, then a new one on the same session). `run_poison`: poison
+messages (POISONS) published mid-stream must neither stall the stream nor be stored (except 64-bit seq).
 
 Counting: `acknowledged` = patches the device counts delivered (with application acks: a PatchAck said
 stored/duplicate; without them, the broker's PUBACK emptied the outbox entry); `stored` = sent patches in
@@ -27,12 +28,15 @@ import numpy as np
 from edgepatch.cloud.store import PatchStore
 from edgepatch.device.link import DeviceLink, LinkSettings
 from edgepatch.device.outbox import Outbox
-from edgepatch.protocol.messages import PatchUpdate
+from edgepatch.protocol.messages import PatchUpdate, canonical_bytes, content_hash_of, make_message, to_json
 
 from .brokers import MosquittoBroker
 
 FLEET = "lab"
 FAULTS = ("broker_restart", "broker_kill9", "companion_kill9")
+# Poison published mid-stream by a raw client as device "dev-poison" (20 copies, distinct seq/steps):
+# seq_2e31 must be STORED (64-bit columns); the others must be refused without stalling the stream.
+POISONS = ("seq_2e31", "nul_base_version", "seq_over_64_bits", "oversize_1MiB")
 
 
 @dataclass
@@ -49,10 +53,13 @@ class FaultRow:
     resends: int
     peak_rss_mb: float  # the ingest process's peak resident memory (VmHWM), over every incarnation
     seconds: float
+    store: str = "sqlite"
+    poison_misplaced: int = 0  # poison runs: poison stored that must not be, or not stored that must be
 
     @property
     def survived(self) -> bool:
-        return self.lost == 0 and self.unconfirmed == 0 and self.duplicates_in_store == 0
+        return (self.lost == 0 and self.unconfirmed == 0 and self.duplicates_in_store == 0
+                and self.poison_misplaced == 0)
 
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "survived": self.survived}
@@ -61,8 +68,10 @@ class FaultRow:
 class IngestProcess:
     """`python -m edgepatch.cloud.ingest` on a fixed client id (its session persists across kills)."""
 
-    def __init__(self, db: Path, broker: MosquittoBroker, protocol: str, workdir: Path) -> None:
+    def __init__(self, db: Path | str, broker: MosquittoBroker, protocol: str, workdir: Path,
+                 table_prefix: str = "") -> None:
         self.db, self.broker, self.protocol, self.workdir = db, broker, protocol, workdir
+        self.table_prefix = table_prefix
         self.proc: subprocess.Popen[bytes] | None = None
         self.peak_kb = 0
         self._watch_stop = threading.Event()
@@ -76,7 +85,8 @@ class IngestProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edgepatch.cloud.ingest", "--store", str(self.db), "--host", self.broker.host,
                  "--port", str(self.broker.port), "--protocol", self.protocol, "--client-id", "ingest-faults",
-                 "--fleet", FLEET, "--ready-file", str(ready), "--log-level", "WARNING"],
+                 "--fleet", FLEET, "--ready-file", str(ready), "--log-level", "WARNING",
+                 "--table-prefix", self.table_prefix],
                 stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + timeout
         while not ready.exists():
@@ -188,6 +198,93 @@ def run_fault(fault: str, protocol: str, workdir: Path, *, app_ack: bool = True,
             link.outbox.close()
         ingest.stop()
         broker.kill()
+        store.close()
+
+
+def _poison_payload(kind: str, i: int) -> bytes:
+    msg = make_message(_patch(99, i), device_id="dev-poison", fleet=FLEET, base_version="b1", variant_id="v50",
+                       seq=2**31 + i)
+    env = to_json(msg)
+    if kind == "seq_2e31":
+        return canonical_bytes(env)
+    if kind == "nul_base_version":
+        env["base_version"] = "b1\x00evil"
+    elif kind == "seq_over_64_bits":
+        env["seq"] = 2**64 + i
+    elif kind == "oversize_1MiB":
+        env["payload"]["loss"] = 0.1
+        return canonical_bytes(env) + b" " * (1024 * 1024)
+    env["content_hash"] = content_hash_of(env)  # a correct hash: only the poison itself is wrong
+    return canonical_bytes(env)
+
+
+def run_poison(kind: str, workdir: Path, *, protocol: str = "5", devices: int = 3, patches: int = 60,
+               copies: int = 20, settle_timeout_s: float = 60.0, store_url: str | None = None) -> FaultRow:
+    """Devices stream valid patches while a raw client publishes `copies` poison messages of `kind` mid-stream.
+    The row counts the valid stream (sent/acknowledged/stored/lost) and, in `fault`, where the poison went.
+    `store_url`: e.g. PostgreSQL (fresh tables under a unique prefix); default a SQLite file in `workdir`."""
+    if kind not in POISONS:
+        raise ValueError(f"unknown poison {kind!r}; known: {POISONS}")
+    import paho.mqtt.client as mqtt
+
+    t0 = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    broker = MosquittoBroker(workdir / "broker").start()
+    prefix = f"f{os.getpid()}_{int(time.time() * 1000) % 10**8}_" if store_url else ""
+    db: Path | str = store_url or workdir / "store.db"
+    store = PatchStore(db, table_prefix=prefix)
+    ingest = IngestProcess(db, broker, protocol, workdir, table_prefix=prefix)
+    links: list[DeviceLink] = []
+    delivered: set[str] = set()
+    raw = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="poisoner",
+                      protocol=mqtt.MQTTv5)
+    try:
+        ingest.start()
+        for d in range(devices):
+            settings = LinkSettings(fleet=FLEET, device_id=f"dev-{d}", host=broker.host, port=broker.port,
+                                    protocol=protocol, reconnect_min_delay=1, reconnect_max_delay=2,
+                                    ack_timeout_s=1.0, ack_max_backoff_s=4.0)
+            link = DeviceLink(settings, Outbox(workdir / f"dev-{d}.outbox"), base_version="b1", variant_id="v50")
+            link.on_delivered.append(lambda h, status: delivered.add(h) if status in ("stored", "duplicate") else None)
+            link.start()
+            links.append(link)
+        raw.connect(broker.host, broker.port)
+        raw.loop_start()
+        sent: list[str] = []
+        topic = f"edgepatch/v1/{FLEET}/dev-poison/patch"
+        for i in range(patches):
+            if i == patches // 3:
+                for c in range(copies):
+                    raw.publish(topic, _poison_payload(kind, c), qos=1)
+            for d, link in enumerate(links):
+                sent.append(link.publish_patch(_patch(d, i)).content_hash)
+            time.sleep(0.02)
+        deadline = time.monotonic() + settle_timeout_s
+        for link in links:
+            link.wait_delivered(max(0.1, deadline - time.monotonic()))
+        time.sleep(0.5)
+        hashes = store.patch_hashes()
+        stored = set(hashes) & set(sent)
+        poison_stored = store.count("patches") - len(stored)
+        expected_poison = copies if kind == "seq_2e31" else 0
+        unconfirmed = sum(len(link.outbox) for link in links)
+        where = f"poison:{kind} (stored {poison_stored}/{copies}, expected {expected_poison})"
+        return FaultRow(fault=where, protocol=protocol, app_ack=True, sent=len(sent), acknowledged=len(delivered),
+                        stored=len(stored), lost=len(delivered - stored),
+                        unconfirmed=unconfirmed, duplicates_in_store=len(hashes) - len(set(hashes)),
+                        resends=sum(link.resends for link in links), peak_rss_mb=round(ingest.peak_kb / 1024, 1),
+                        seconds=round(time.monotonic() - t0, 1), store=store.dialect,
+                        poison_misplaced=abs(poison_stored - expected_poison))
+    finally:
+        raw.disconnect()
+        raw.loop_stop()
+        for link in links:
+            link.stop(timeout=1.0)
+            link.outbox.close()
+        ingest.stop()
+        broker.kill()
+        if prefix:
+            store.drop_all()
         store.close()
 
 

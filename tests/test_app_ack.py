@@ -21,7 +21,7 @@ from edgepatch.protocol.messages import AckEntry, PatchAck, PatchUpdate, encode,
 from edgepatch.protocol.mqtt import MqttSettings, make_client
 from edgepatch.protocol.mqtt_memory import MemoryBroker
 from edgepatch.protocol.topics import Channel, device_topic
-from edgepatch.sim.fault_runs import FAULTS, run_fault
+from edgepatch.sim.fault_runs import FAULTS, POISONS, run_fault, run_poison
 
 FLEET = "lab"
 
@@ -224,3 +224,17 @@ def test_real_control_without_app_acks_mqtt5_restart_loses_patches_the_devices_c
     # The bug of issue 12 on the real broker: Mosquitto acknowledged them, then no shared subscription got them.
     row = run_fault("broker_restart", "5", tmp_path, app_ack=False, patches=90, outage_s=3.0)
     assert row.acknowledged == row.sent and row.lost > 0, row
+
+
+POISON_RUNS = [(k, None) for k in POISONS] + [
+    pytest.param(k, "postgresql+psycopg2://postgres@127.0.0.1:5432/test", marks=pytest.mark.postgres)
+    for k in ("seq_2e31", "nul_base_version")]
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "store_url"), POISON_RUNS)
+def test_real_poison_mid_stream_never_stalls_it(tmp_path, kind, store_url):
+    row = run_poison(kind, tmp_path, patches=40, store_url=store_url)
+    assert row.lost == 0 and row.unconfirmed == 0 and row.acknowledged == row.sent == row.stored == 120, row
+    assert row.poison_misplaced == 0, row  # 64-bit seq stored; NUL, >64-bit and 1 MiB refused
