@@ -62,6 +62,10 @@ class MqttSettings:
     username: str | None = None
     password_env: str | None = None
     tls: TlsSettings | None = None
+    # Issue 12: a patch stays in the outbox until the companion acknowledges it; unacknowledged ones are
+    # resent after ack_timeout_s, doubling per attempt up to ack_max_backoff_s (device/link.py).
+    ack_timeout_s: float = 30.0
+    ack_max_backoff_s: float = 600.0
 
     def client_id(self, fleet: str, device: str) -> str:
         return self.client_id_pattern.format(fleet=fleet, device=device)
@@ -214,7 +218,12 @@ def _parse(where: str, data: Mapping[str, Any]) -> DeviceProfile:
         username=m.optional_text("username"),
         password_env=m.optional_text("password_env", check=_check_env_name),
         tls=tls,
+        ack_timeout_s=m.number("ack_timeout_s", 0.0, 86400.0, lo_open=True) if "ack_timeout_s" in m.left else 30.0,
+        ack_max_backoff_s=(m.number("ack_max_backoff_s", 0.0, 7 * 86400.0, lo_open=True)
+                           if "ack_max_backoff_s" in m.left else 600.0),
     )
+    if mqtt.ack_max_backoff_s < mqtt.ack_timeout_s:
+        raise m.fail("ack_max_backoff_s", f"{mqtt.ack_max_backoff_s} is below ack_timeout_s {mqtt.ack_timeout_s}")
     m.done()
     top.done()
     return DeviceProfile(name=name, cores=cores, memory_mb=memory_mb, relative_speed=relative_speed,

@@ -264,7 +264,8 @@ class DeviceRuntime:
             client_id=mqtt_cfg.client_id(self.cfg.fleet, self.cfg.device_id), keepalive=mqtt_cfg.keepalive_s,
             tls_ca=tls.ca_file if tls else None, tls_cert=tls.cert_file if tls else None,
             tls_key=tls.key_file if tls else None,
-            username=mqtt_cfg.username, password=self.cfg.mqtt_password or mqtt_cfg.password())
+            username=mqtt_cfg.username, password=self.cfg.mqtt_password or mqtt_cfg.password(),
+            ack_timeout_s=mqtt_cfg.ack_timeout_s, ack_max_backoff_s=mqtt_cfg.ack_max_backoff_s)
         outbox = Outbox(self.cfg.state_dir / "outbox.sqlite")
         self.link = DeviceLink(settings, outbox, base_version=self.bundle.base_version,
                                variant_id=self.trainer.state.variant_id, on_bundle=self.announcements.put)

@@ -238,3 +238,17 @@ def test_real_poison_mid_stream_never_stalls_it(tmp_path, kind, store_url):
     row = run_poison(kind, tmp_path, patches=40, store_url=store_url)
     assert row.lost == 0 and row.unconfirmed == 0 and row.acknowledged == row.sent == row.stored == 120, row
     assert row.poison_misplaced == 0, row  # 64-bit seq stored; NUL, >64-bit and 1 MiB refused
+
+
+def test_profile_sets_the_ack_timeout_and_refuses_a_backoff_below_it():
+    from edgepatch.device.profile import ProfileError, parse_profile
+
+    base = (Path(__file__).resolve().parents[1] / "firmware_configs" / "linux_x86_64.toml").read_text()
+    assert parse_profile(base).mqtt.ack_timeout_s == 30.0  # default when the keys are absent
+    text = base.replace("keepalive_s = 30", "keepalive_s = 30\nack_timeout_s = 5\nack_max_backoff_s = 120")
+    mqtt = parse_profile(text).mqtt
+    assert (mqtt.ack_timeout_s, mqtt.ack_max_backoff_s) == (5.0, 120.0)
+    with pytest.raises(ProfileError, match="ack_max_backoff_s"):
+        parse_profile(base.replace("keepalive_s = 30", "keepalive_s = 30\nack_timeout_s = 50\nack_max_backoff_s = 5"))
+    with pytest.raises(ProfileError, match="ack_timeout_s"):
+        parse_profile(base.replace("keepalive_s = 30", "keepalive_s = 30\nack_timeout_s = 0"))
