@@ -304,7 +304,8 @@ def _status_text(state_dir: Path, info: dict[str, Any]) -> str:
         lines.append(f"outbox         {ob.get('error')}")
     else:
         age = ob.get("oldest_age_s")
-        lines.append(f"outbox         {ob['pending']} message(s) waiting" + (f", oldest {age:.0f} s" if age else ""))
+        lines.append(f"outbox         {ob['unsent']} not yet taken by the broker, {ob['awaiting_companion']} "
+                     f"awaiting the companion's ack" + (f" (oldest {age:.0f} s)" if age else ""))
     return "\n".join(lines)
 
 

@@ -91,18 +91,27 @@ def write_heartbeat(state_dir: Path, **fields: Any) -> None:
 
 
 def _outbox_summary(path: Path) -> dict[str, Any]:
-    """Pending messages, read-only (the operator may not own the file; the service may be writing)."""
+    """Pending messages, read-only (the operator may not own the file; the service may be writing).
+
+    `unsent`: the broker has not taken them yet; `awaiting_companion`: patches the broker took, kept until
+    the companion's application-level ack (device/outbox.py)."""
     if not path.exists():
-        return {"pending": 0, "oldest_age_s": None}
+        return {"pending": 0, "unsent": 0, "awaiting_companion": 0, "oldest_age_s": None}
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
         try:
-            n, oldest = db.execute("SELECT COUNT(*), MIN(enqueued_at) FROM outbox").fetchone()
+            try:
+                n, oldest, unsent = db.execute(
+                    "SELECT COUNT(*), MIN(enqueued_at), COALESCE(SUM(next_try IS NULL), 0) FROM outbox").fetchone()
+            except sqlite3.OperationalError:  # an outbox written before application-level acks existed
+                n, oldest = db.execute("SELECT COUNT(*), MIN(enqueued_at) FROM outbox").fetchone()
+                unsent = n
         finally:
             db.close()
     except sqlite3.Error as exc:
         return {"pending": None, "error": f"cannot read {path}: {exc}"}
-    return {"pending": int(n), "oldest_age_s": round(time.time() - oldest, 1) if oldest else None}
+    return {"pending": int(n), "unsent": int(unsent), "awaiting_companion": int(n) - int(unsent),
+            "oldest_age_s": round(time.time() - oldest, 1) if oldest else None}
 
 
 def _pid_alive(pid: int) -> bool:

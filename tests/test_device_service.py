@@ -231,9 +231,12 @@ url = "mqtt://127.0.0.1:{mosquitto.port}"
         final = store.load()
         assert final is not None and store.problems == []
         assert final.step == 2 * steps + partial
-        # Outbox: passes SQLite's integrity check (Outbox() runs quick_check) and was flushed to the broker.
+        # Outbox: passes SQLite's integrity check (Outbox() runs quick_check) and was flushed to the broker;
+        # the two patches stay on disk until a companion acknowledges them (none runs here).
         with Outbox(state / "outbox.sqlite") as outbox:
-            assert len(outbox) == 0
+            assert outbox.unsent() == 0
+            kept = outbox.pending()
+        assert [e.topic for e in kept] == ["edgepatch/v1/svc/svc-1/patch"] * 2
         _wait_for(lambda: listener.patches >= 2, 10)
         assert listener.patches == 2  # rounds 1 and 2; the abandoned round publishes nothing
         beat = _heartbeat(state)
@@ -245,7 +248,8 @@ url = "mqtt://127.0.0.1:{mosquitto.port}"
     # The operator's view, then a restart resumes from the committed step.
     status = subprocess.run([*CLI, "device", "status", "--config", str(cfg), "--text"], capture_output=True,
                             text=True, timeout=60, check=True).stdout
-    assert f"steps          {final.step}" in status and "stopped" in status and "0 message(s) waiting" in status
+    assert f"steps          {final.step}" in status and "stopped" in status
+    assert "0 not yet taken by the broker, 2 awaiting the companion's ack" in status
     cfg.write_text(cfg.read_text().replace("rounds = 0", "rounds = 1").replace(f"steps = {steps}", "steps = 5"))
     again = subprocess.run([*CLI, "device", "run", "--config", str(cfg)], capture_output=True, text=True,
                            timeout=300)
@@ -301,6 +305,7 @@ url = "mqtt://127.0.0.1:{mosquitto.port}"
     assert "outbox not fully delivered" in " ".join(log.read_text().split())
     with Outbox(state / "outbox.sqlite") as outbox:
         topics = [e.topic for e in outbox.pending()]
+        assert outbox.unsent() >= 1
     assert "edgepatch/v1/svc/svc-2/patch" in topics, topics
     assert _heartbeat(state)["outbox_drained"] is False
 
@@ -315,7 +320,7 @@ url = "mqtt://127.0.0.1:{mosquitto.port}"
         _wait_for(lambda: listener.patches >= 2, 10)
         assert listener.patches >= 2  # the old round's patch and the new one
         with Outbox(state / "outbox.sqlite") as outbox:
-            assert len(outbox) == 0
+            assert outbox.unsent() == 0  # the broker took everything the stopped service had left
     finally:
         listener.close()
 

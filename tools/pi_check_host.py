@@ -124,7 +124,7 @@ def report(work: Path, out: Path) -> None:
         "bundle_update": {"announced": bundle_b, "installed_after": status["bundle_version"],
                           "adopted": status["bundle_version"] == bundle_b},
         "state_step": (status["state"] or {}).get("step"),
-        "outbox_pending_after_stop": status["outbox"]["pending"],
+        "outbox_after_stop": {k: status["outbox"].get(k) for k in ("unsent", "awaiting_companion")},
         "predict": {"n": len(predict["predictions"]), "personalized": predict["personalized"]},
         "sigterm_mid_round": {"exit_code": term["exit_code"], "stop_seconds": round(term["stop_seconds"], 1),
                               "committed_steps_in_stopped_round": term["committed_steps_in_stopped_round"],
@@ -132,7 +132,7 @@ def report(work: Path, out: Path) -> None:
     }
     ok = (run["exit_code"] == 0 and result["bundle_update"]["adopted"] and not r["heavy_modules"]
           and not r["heavy_installed"] and result["predict"]["n"] == 8 and heard.get("patch", 0) >= len(rounds)
-          and result["outbox_pending_after_stop"] == 0 and term["exit_code"] == 0 and term["stop_seconds"] < 30
+          and result["outbox_after_stop"]["unsent"] == 0 and term["exit_code"] == 0 and term["stop_seconds"] < 30
           and term["committed_steps_in_stopped_round"] is not None)
     result["passed"] = ok
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,9 @@ def report(work: Path, out: Path) -> None:
     sg = result["sigterm_mid_round"]
     t.add_row("SIGTERM mid-round", f"exit {sg['exit_code']} after {sg['stop_seconds']} s (TimeoutStopSec 30 s), "
               f"{sg['committed_steps_in_stopped_round']} steps of the round committed")
-    t.add_row("outbox after stop", f"{result['outbox_pending_after_stop']} pending")
+    ob = result["outbox_after_stop"]
+    t.add_row("outbox after stop", f"{ob['unsent']} not taken by the broker; {ob['awaiting_companion']} patches "
+              "kept for the companion's ack (no companion in this check)")
     t.add_row("emulator", f"{result['emulator']} -cpu {result['emulated_cpu']} on {result['host_cpu']}")
     t.add_row("check", "PASSED" if ok else "FAILED")
     Console(width=120).print(t)
