@@ -92,8 +92,11 @@ def depthwise_valid(x: tf.Tensor, w: tf.Tensor, stride: int = 1) -> tf.Tensor:
             if extra_h < 0 or extra_w < 0:
                 dyd = dyd[:, :ho * stride + min(extra_h, 0), :wo * stride + min(extra_w, 0), :]
             dy_full = tf.pad(dyd, [[0, 0], [kh - 1, max(extra_h, 0)], [kw - 1, max(extra_w, 0)], [0, 0]])
-            dx = tf.nn.depthwise_conv2d(dy_full, tf.reverse(w, axis=[0, 1]), strides=[1, 1, 1, 1],
-                                        padding="VALID")
+            # correlation with the flipped kernel written as reverse(correlate(reverse(dy), w)): the kernel
+            # is used as stored, so a weights-baked program holds no flipped copy that a rewrite of its
+            # weights in place (export/frozen.py) would miss
+            dx = tf.reverse(tf.nn.depthwise_conv2d(tf.reverse(dy_full, axis=[1, 2]), w, strides=[1, 1, 1, 1],
+                                                   padding="VALID"), axis=[1, 2])
             taps = [tf.reduce_sum(t * dy, axis=[0, 1, 2]) for t in _tap_slices(x, kh, kw, ho, wo, stride)]
             return dx, tf.reshape(tf.stack(taps, axis=0), [kh, kw, c, 1])
 

@@ -84,6 +84,19 @@ def _param_inputs(spec: ModelSpec, patch: PatchSpec | None, roles: tuple[str, ..
             for name, info in param_infos(spec, patch).items() if info.role in roles]
 
 
+def _phi_step(spec: ModelSpec, patch: PatchSpec, params: Mapping[str, tf.Tensor], inputs: dict[str, tf.Tensor],
+              adam: AdamConfig) -> dict[str, tf.Tensor]:
+    """One Adam step on φ (inputs x, y, phi, m, v, step, lr); `params` are signature inputs or constants."""
+    phi = inputs["phi"]
+    with tf.GradientTape() as tape:
+        tape.watch(phi)
+        loss = tf_twin.cross_entropy(tf_twin.forward(spec, patch, params, inputs["x"], phi), inputs["y"])
+    grad = tape.gradient(loss, phi)
+    new_phi, m, v = tf_twin.adam(phi, grad, inputs["m"], inputs["v"], inputs["step"], inputs["lr"],
+                                 adam.beta1, adam.beta2, adam.eps)
+    return {"loss": loss, "phi": new_phi, "m": m, "v": v, "grad": grad}
+
+
 def _variant_signatures(spec: ModelSpec, patch: PatchSpec, variant: Variant, batch: int, adam: AdamConfig
                         ) -> dict[str, tf.types.experimental.ConcreteFunction]:
     vspec = variant.spec(spec)  # the physically smaller network: sliced params come in with its shapes
@@ -98,14 +111,7 @@ def _variant_signatures(spec: ModelSpec, patch: PatchSpec, variant: Variant, bat
         return {name: inputs[sig[0]] for name, sig in table}
 
     def train_phi(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        params, phi = params_of(inputs, all_params), inputs["phi"]
-        with tf.GradientTape() as tape:
-            tape.watch(phi)
-            loss = tf_twin.cross_entropy(tf_twin.forward(vspec, patch, params, inputs["x"], phi), inputs["y"])
-        grad = tape.gradient(loss, phi)
-        new_phi, m, v = tf_twin.adam(phi, grad, inputs["m"], inputs["v"], inputs["step"], inputs["lr"],
-                                     adam.beta1, adam.beta2, adam.eps)
-        return {"loss": loss, "phi": new_phi, "m": m, "v": v, "grad": grad}
+        return _phi_step(vspec, patch, params_of(inputs, all_params), inputs, adam)
 
     def train_full(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         params = params_of(inputs, base_params)
@@ -151,6 +157,28 @@ def build_trainable_tflite(spec: ModelSpec, patch: PatchSpec, variants: Sequence
     for variant in variants:
         signatures.update(_variant_signatures(spec, patch, variant, batch, adam))
     return _convert(signatures)
+
+
+def build_phi_const_tflite(spec: ModelSpec, patch: PatchSpec, params: Mapping[str, np.ndarray],
+                           batch: int = DEFAULT_BATCH, adam: AdamConfig = AdamConfig()) -> bytes:
+    """The full variant's φ step with W, Θ and θ̄ baked in: signature `train_phi` (x, y, phi, m, v, step, lr
+    -> loss, phi, m, v, grad), the same maths as `train_phi_<full>` of the trainable program.
+
+    Why a second program: weights fed as signature inputs are not pre-packed by XNNPACK, so the
+    trainable program's step is several times slower than it needs to be (benchmarks/step_vs_torch.py).
+    It holds weights, so it is rebuilt (or rewritten in place, export/frozen.py) with every base update.
+    """
+    check_params(params, spec, patch)
+    consts = {name: tf.constant(np.asarray(params[name], np.float32)) for name in param_infos(spec, patch)}
+    k = patch.k
+
+    def train_phi(inp: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return _phi_step(spec, patch, consts, inp, adam)
+
+    inputs: list[InputSpec] = [_x_input(spec, batch), ("y", (batch,), tf.int32), ("phi", (k,), tf.float32),
+                               ("m", (k,), tf.float32), ("v", (k,), tf.float32),
+                               ("step", (), tf.float32), ("lr", (), tf.float32)]
+    return _convert({"train_phi": _signature(train_phi, inputs)})
 
 
 def build_inference_tflite(spec: ModelSpec, patch: PatchSpec | None, params: Mapping[str, np.ndarray],

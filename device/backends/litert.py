@@ -122,6 +122,12 @@ class LiteRTProgram:
         inputs.update({_sig(name): value for name, value in sliced_params.items()})
         return self.run(f"train_phi_{_sig(vid)}", **inputs)
 
+    def train_phi_const(self, x: np.ndarray, y: np.ndarray, phi: np.ndarray, m: np.ndarray, v: np.ndarray,
+                        step: float, lr: float) -> dict[str, np.ndarray]:
+        """One Adam step on φ of the weights-baked full-variant program (`build_phi_const_tflite`):
+        returns loss, phi, m, v, grad; the weights are constants, so XNNPACK packs them once."""
+        return self.run("train_phi", x=x, y=y, phi=phi, m=m, v=v, step=np.float32(step), lr=np.float32(lr))
+
     def train_full(self, vid: str, x: np.ndarray, y: np.ndarray, sliced_base: Mapping[str, np.ndarray]
                    ) -> tuple[float, dict[str, np.ndarray]]:
         """Loss and the gradient of every sliced base parameter, keyed by dotted names."""
