@@ -2,6 +2,7 @@
 
 Each run: 3 device links (real paho clients, on-disk outboxes, application acks) stream patches through a
 Mosquitto started here to the ingest running as its own process; the fault strikes a third of the way in.
+PostgreSQL restart / kill -9 run on a private cluster (initdb, a free port): never the shared server.
 Columns: sent (valid patches the devices sent), acknowledged (the devices count delivered: the companion's
 PatchAck said stored/duplicate), stored (sent patches in the store), lost (acknowledged but not stored: must
 be 0), unconfirmed (still in an outbox at the end), peak RSS of the ingest process (VmHWM, MB).
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgepatch.sim.fault_runs import FAULTS, POISONS, FaultRow, run_fault, run_poison
+from edgepatch.sim.fault_runs import FAULTS, PG_FAULTS, POISONS, FaultRow, run_fault, run_poison
 
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 COLUMNS = ("fault", "protocol", "store", "sent", "acknowledged", "stored", "lost", "unconfirmed", "resends",
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             outage = 0.5 if fault == "companion_kill9" else 3.0  # long enough for the devices to return first
             runs.append((True, lambda f=fault, p=protocol, o=outage: run_fault(
                 f, p, work / f"{f}-{p}", patches=patches, outage_s=o)))
+    for fault in PG_FAULTS:  # a private PostgreSQL cluster (initdb) restarted / SIGKILLed mid-ingest
+        runs.append((True, lambda f=fault: run_fault(f, "5", work / f, patches=min(patches, 60), outage_s=2.0)))
     runs.append((False, lambda: _control(run_fault("broker_restart", "5", work / "control", app_ack=False,
                                                    patches=patches, outage_s=3.0))))
     for kind in POISONS:

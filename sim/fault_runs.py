@@ -14,10 +14,13 @@ the store; `lost` = acknowledged but not stored (must be 0); `unconfirmed` = sti
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +37,7 @@ from .brokers import MosquittoBroker
 
 FLEET = "lab"
 FAULTS = ("broker_restart", "broker_kill9", "companion_kill9")
+PG_FAULTS = ("postgres_restart", "postgres_kill9")  # a private PostgreSQL server, never the shared one
 # Poison published mid-stream by a raw client as device "dev-poison" (20 copies, distinct seq/steps):
 # seq_2e31 must be STORED (64-bit columns); the others must be refused without stalling the stream.
 POISONS = ("seq_2e31", "nul_base_version", "seq_over_64_bits", "oversize_1MiB")
@@ -63,6 +67,64 @@ class FaultRow:
 
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "survived": self.survived}
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster on a free port (initdb + pg_ctl as user `postgres` when run as root), so a
+    fault run can restart or SIGKILL the database without touching anyone else's server."""
+
+    def __init__(self, workdir: Path) -> None:
+        from edgepatch.protocol.ports import free_port
+
+        # Its own temporary folder: the server's user must reach it, and a test's tmp_path is root-only.
+        self.root = Path(tempfile.mkdtemp(prefix="edgepatch-pg-"))
+        self.dir = self.root / "pgdata"
+        self.port = free_port()
+        if os.geteuid() == 0:
+            subprocess.run(["chown", "postgres", str(self.root)], check=True)
+        self._run(["initdb", "-D", str(self.dir), "-A", "trust", "-U", "postgres", "--no-sync"])
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=on"
+        self._run(["pg_ctl", "-D", str(self.dir), "-o", opts, "-w", "-l", str(self.dir / "log"), "start"])
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(["pg_ctl", "-D", str(self.dir), "-m", mode, "-w", "stop"], check=False)
+
+    def kill9(self) -> None:
+        pid = int((self.dir / "postmaster.pid").read_text().split()[0])
+        children = [c for c in _children(pid)]
+        os.kill(pid, signal.SIGKILL)
+        for child in children:  # a whole-server crash: its backends die with it (by pid, nothing else)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        time.sleep(0.3)
+
+    def remove(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _run(self, cmd: list[str], check: bool = True) -> None:
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        done = subprocess.run(prefix + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:2])} failed: {done.stderr.decode(errors='replace').strip()[-500:]}")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
 
 
 class IngestProcess:
@@ -137,12 +199,15 @@ def run_fault(fault: str, protocol: str, workdir: Path, *, app_ack: bool = True,
               settle_timeout_s: float = 60.0) -> FaultRow:
     """One run: `devices` links each send `patches` patches `interval_s` apart; the fault strikes after a
     third of them; then wait (up to `settle_timeout_s`) until every outbox is empty."""
-    if fault not in FAULTS:
-        raise ValueError(f"unknown fault {fault!r}; known: {FAULTS}")
+    if fault not in FAULTS + PG_FAULTS:
+        raise ValueError(f"unknown fault {fault!r}; known: {FAULTS + PG_FAULTS}")
     t0 = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
+    pg = PrivatePostgres(workdir / "pg") if fault in PG_FAULTS else None
+    if pg is not None:
+        pg.start()
     broker = MosquittoBroker(workdir / "broker").start()
-    db = workdir / "store.db"
+    db: Path | str = pg.url if pg is not None else workdir / "store.db"
     store = PatchStore(db)
     ingest = IngestProcess(db, broker, protocol, workdir)
     links: list[DeviceLink] = []
@@ -170,7 +235,7 @@ def run_fault(fault: str, protocol: str, workdir: Path, *, app_ack: bool = True,
         sent: list[str] = []
         for i in range(patches):
             if i == patches // 3:
-                _strike(fault, broker, ingest, outage_s)
+                _strike(fault, broker, ingest, outage_s, pg)
             for d, link in enumerate(links):
                 sent.append(link.publish_patch(_patch(d, i)).content_hash)
             time.sleep(interval_s)
@@ -191,7 +256,7 @@ def run_fault(fault: str, protocol: str, workdir: Path, *, app_ack: bool = True,
                         unconfirmed=sum(len(link.outbox) for link in links) if app_ack else 0,
                         duplicates_in_store=len(hashes) - len(set(hashes)),
                         resends=sum(link.resends for link in links), peak_rss_mb=round(ingest.peak_kb / 1024, 1),
-                        seconds=round(time.monotonic() - t0, 1))
+                        seconds=round(time.monotonic() - t0, 1), store=store.dialect)
     finally:
         for link in links:
             link.stop(timeout=1.0)
@@ -199,6 +264,8 @@ def run_fault(fault: str, protocol: str, workdir: Path, *, app_ack: bool = True,
         ingest.stop()
         broker.kill()
         store.close()
+        if pg is not None:
+            pg.remove()
 
 
 def _poison_payload(kind: str, i: int) -> bytes:
@@ -288,7 +355,13 @@ def run_poison(kind: str, workdir: Path, *, protocol: str = "5", devices: int = 
         store.close()
 
 
-def _strike(fault: str, broker: MosquittoBroker, ingest: IngestProcess, outage_s: float) -> None:
+def _strike(fault: str, broker: MosquittoBroker, ingest: IngestProcess, outage_s: float,
+            pg: PrivatePostgres | None = None) -> None:
+    if pg is not None:
+        pg.stop() if fault == "postgres_restart" else pg.kill9()
+        time.sleep(outage_s)
+        pg.start()
+        return
     if fault == "companion_kill9":
         ingest.kill9()
         time.sleep(outage_s)

@@ -21,7 +21,7 @@ from edgepatch.protocol.messages import AckEntry, PatchAck, PatchUpdate, encode,
 from edgepatch.protocol.mqtt import MqttSettings, make_client
 from edgepatch.protocol.mqtt_memory import MemoryBroker
 from edgepatch.protocol.topics import Channel, device_topic
-from edgepatch.sim.fault_runs import FAULTS, POISONS, run_fault, run_poison
+from edgepatch.sim.fault_runs import FAULTS, PG_FAULTS, POISONS, run_fault, run_poison
 
 FLEET = "lab"
 
@@ -252,3 +252,14 @@ def test_profile_sets_the_ack_timeout_and_refuses_a_backoff_below_it():
         parse_profile(base.replace("keepalive_s = 30", "keepalive_s = 30\nack_timeout_s = 50\nack_max_backoff_s = 5"))
     with pytest.raises(ProfileError, match="ack_timeout_s"):
         parse_profile(base.replace("keepalive_s = 30", "keepalive_s = 30\nack_timeout_s = 0"))
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", PG_FAULTS)
+def test_real_postgresql_restart_or_kill9_mid_ingest_loses_nothing(tmp_path, fault):
+    # A private cluster (initdb on a free port), so restarting it disturbs no other test's database.
+    row = run_fault(fault, "5", tmp_path, patches=40, outage_s=2.0)
+    assert row.store == "postgresql"
+    assert row.lost == 0 and row.unconfirmed == 0 and row.acknowledged == row.stored == row.sent == 120, row
+    assert row.duplicates_in_store == 0, row
