@@ -192,10 +192,12 @@ class Generator:
         p = self.plan
         gate = asyncio.Semaphore(200)
         tasks = []
+        sampler = asyncio.ensure_future(self.sample())
+        t0 = time.time()
         for i in range(p.count):
             tasks.append(asyncio.ensure_future(self.device(p.first + i, gate)))
-            await asyncio.sleep(1.0 / p.connect_rate)
-        sampler = asyncio.ensure_future(self.sample())
+            if i % 50 == 49:  # paced on an absolute schedule: a loaded loop does not stretch the ramp
+                await asyncio.sleep(max(0.0, t0 + (i + 1) / p.connect_rate - time.time()))
         await asyncio.gather(*tasks)
         sampler.cancel()
 
