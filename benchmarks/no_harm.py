@@ -146,6 +146,13 @@ def run_one(fleet: Fleet, bundle0: Path, dataset: Dataset, seed: int, gates: boo
         top = np.bincount(dev.data.train_y).argmax()
         majority[n] = float((dev.data.holdout_y == top).mean())
     changes: dict[str, list[float]] = {n: [] for n in devices}
+    # Issue 10 item 4: the device's old φ on the old base vs the same φ on the new base (gate numbers).
+    old_phi: dict[str, list[tuple[float, float]]] = {n: [] for n in devices}
+
+    def note(n: str) -> None:
+        last = devices[n].adoption.last
+        if gates and last is not None:
+            old_phi[n].append((last.acc_active, last.acc_new_old_phi))
     decisions: list[dict[str, Any]] = []
     current = bundle0
     for rnd in range(1, args.rounds + 1):
@@ -175,6 +182,7 @@ def run_one(fleet: Fleet, bundle0: Path, dataset: Dataset, seed: int, gates: boo
                 before, after, adopted = offer(devices[n], out, gates)
                 changes[n].append(after - before)
                 verdicts[n] = adopted
+                note(n)
             if not all(verdicts.values()):
                 decisions.append(entry | {"decision": "withdraw", "canaries": verdicts})
                 continue
@@ -184,6 +192,7 @@ def run_one(fleet: Fleet, bundle0: Path, dataset: Dataset, seed: int, gates: boo
         for n in targets:
             before, after, adopted = offer(devices[n], out, gates)
             changes[n].append(after - before)
+            note(n)
             if adopted:
                 adopted_by.append(n)
         current = out
@@ -196,7 +205,8 @@ def run_one(fleet: Fleet, bundle0: Path, dataset: Dataset, seed: int, gates: boo
     return {"fleet": fleet.name, "seed": seed, "gates": gates, "decisions": decisions,
             "devices": {n: {"holdout": hold_n[n], "base": base_acc[n], "majority": majority[n],
                             "personalized": final[n], "worst_change": worst[n],
-                            "worst_change_samples": worst[n] * hold_n[n]} for n in devices}}
+                            "worst_change_samples": worst[n] * hold_n[n],
+                            "old_phi_old_base_vs_new_base": old_phi[n]} for n in devices}}
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -207,13 +217,16 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if not sel:
                 continue
             devs = [d for r in sel for d in r["devices"].values()]
+            pairs = [p for d in devs for p in d.get("old_phi_old_base_vs_new_base", [])]
             rows.append({"fleet": fleet, "gates": "on" if gates else "off", "devices": len(devs),
                          "worst_change": min(d["worst_change"] for d in devs),
                          "worst_change_samples": min(d["worst_change_samples"] for d in devs),
                          "harmed_devices": sum(d["worst_change_samples"] < -1 - 1e-9 for d in devs),
                          "personalized": float(np.mean([d["personalized"] for d in devs])),
                          "base": float(np.mean([d["base"] for d in devs])),
-                         "majority": float(np.mean([d["majority"] for d in devs]))})
+                         "majority": float(np.mean([d["majority"] for d in devs])),
+                         "old_phi_old_base": float(np.mean([p[0] for p in pairs])) if pairs else None,
+                         "old_phi_new_base": float(np.mean([p[1] for p in pairs])) if pairs else None})
     return rows
 
 
@@ -251,6 +264,10 @@ def main() -> None:
         print(f"{r['fleet']:<14}{r['gates']:<6}{r['devices']:>5}{r['worst_change']:>+11.3f}"
               f"{r['worst_change_samples']:>+10.1f}{r['harmed_devices']:>7}{r['personalized']:>13.3f}"
               f"{r['base']:>7.3f}{r['majority']:>9.3f}")
+    for r in rows:
+        if r["old_phi_old_base"] is not None:
+            print(f"{r['fleet']}: device φ on the old base {r['old_phi_old_base']:.3f} vs the same φ on the offered "
+                  f"new base {r['old_phi_new_base']:.3f} (mean over gate decisions)")
     on = [r for r in rows if r["gates"] == "on"]
     no_harm = all(r["harmed_devices"] == 0 for r in on)
     beats = all(r["personalized"] > max(r["base"], r["majority"]) for r in on)

@@ -34,7 +34,7 @@ from .distill.contributions import DEFAULT_MODE
 from .ingest import IngestService, IngestSettings
 from .ingest_policy import IngestPolicy, PolicyError, ProvisionedDevices
 from .metrics import CloudMetrics
-from .rollout import RolloutSettings, StagedRollout, split_heldout
+from .rollout import RolloutSettings, StagedRollout, rollout_html, split_heldout
 from .store import DEFAULT_RETENTION_S, PatchStore, sqlite_url
 from .web import FleetWeb
 
@@ -137,7 +137,7 @@ class Companion:
             cfg.rollout, self.publish, lambda: [d["device_id"] for d in self.store.devices(cfg.fleet)],
             self.store.metric_values, self.metrics.registry, self.heldout, stop=self._stop.is_set)
         if self.rollout is not None:
-            self.web.add_section("rollout", self.rollout.section)
+            self.web.add_section("rollout", self.rollout.section, rollout_html)
 
     def _mqtt(self, client_id: str) -> MqttSettings:
         """The settings of one companion client: the shared broker, TLS and credentials, its own id."""
@@ -331,7 +331,6 @@ class Companion:
         result = run_aggregator(self.cfg.aggregator, spec, patch, bundle.all_params(), devices, cloud,
                                 DistillConfig(**settings))
         seconds = time.perf_counter() - t0
-        self.metrics.distill_runs.inc()
         out = self.cfg.work_dir / "bundles" / f"round-{len(self.history) + 1}"
         if out.exists():
             shutil.rmtree(out)
@@ -349,5 +348,6 @@ class Companion:
                  "bundle": version[:16], "metrics": result.metrics, "rollout": decision}
         self.history.append(entry)
         self._used.update(used)
+        self.metrics.distill_runs.inc()  # rounds that published (or went to rollout); failures counted apart
         log.info("distillation round %d over %d devices in %.1f s", entry["round"], len(devices), seconds)
         return entry

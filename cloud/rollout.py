@@ -14,6 +14,7 @@ Every decision is kept in `RolloutLog` with its numbers (the fleet page shows it
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -226,5 +227,26 @@ class StagedRollout:
         return self._decide("canary", verdict, version, **numbers)
 
     def section(self) -> dict[str, Any]:
-        """The fleet page's rollout section: every decision, newest last."""
-        return {"decisions": self.log.entries[-50:]}
+        """The fleet page's rollout section: the decisions (newest last) and each device's last gate report."""
+        gates = {}
+        for device in self.devices():
+            report = canary_reports(self.metric_values, [device], 0.0).get(device)
+            if report is not None:
+                gates[device] = {"decision": "adopted" if report.adopted else "update_rejected",
+                                 "active": round(report.acc_active, 4), "best_new": round(report.acc_best_new, 4)}
+        return {"decisions": self.log.entries[-50:], "device_gates": gates}
+
+
+def rollout_html(data: Mapping[str, Any]) -> str:
+    """The rollout section of /fleet (every shown value escaped)."""
+    from html import escape
+
+    rows = "".join(f"<tr><td>{escape(str(e['stage']))}</td><td>{escape(str(e['decision']))}</td>"
+                   f"<td>{escape(str(e['bundle'])[:12])}</td>"
+                   f"<td>{escape(json.dumps({k: v for k, v in e.items() if k not in ('stage', 'decision', 'bundle')}))}"
+                   f"</td></tr>" for e in data.get("decisions", []))
+    gates = "".join(f"<tr><td>{escape(d)}</td><td>{escape(g['decision'])}</td><td>{g['active']:.3f}</td>"
+                    f"<td>{g['best_new']:.3f}</td></tr>" for d, g in sorted(data.get("device_gates", {}).items()))
+    return ("<h2>Rollout</h2><table><tr><th>stage</th><th>decision</th><th>bundle</th><th>numbers</th></tr>"
+            f"{rows}</table><h3>Device adoption gates (last report)</h3><table><tr><th>device</th>"
+            f"<th>decision</th><th>active</th><th>best new</th></tr>{gates}</table>")

@@ -121,6 +121,9 @@ def test_bad_bundle_withdrawn_at_canaries_good_bundle_promoted(mosquitto, digits
         assert value("edgepatch_rollout_canary_rejections_total") == 2
         page = companion.web.fleet_json()
         assert [e["decision"] for e in page["rollout"]["decisions"]] == ["skipped", "withdraw", "skipped", "promote"]
+        assert set(page["rollout"]["device_gates"]) == set(devices)  # every device's last gate report
+        assert all(g["decision"] == "adopted" for g in page["rollout"]["device_gates"].values())
+        assert "Device adoption gates" in companion.web.fleet_html()
         rejected = companion.store.metric_values(canaries[0], "update_rejected")
         assert rejected and rejected[0][1] == 1.0  # the gate report reached the store
     finally:
