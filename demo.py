@@ -54,6 +54,7 @@ def _cloud_accuracy(spec: Any, params: dict[str, np.ndarray], x: np.ndarray, y: 
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
     from edgepatch.cloud.broker import EmbeddedBroker
     from edgepatch.cloud.companion import Companion, CompanionConfig
+    from edgepatch.cloud.rollout import RolloutSettings
     from edgepatch.data.byo import reference_data
     from edgepatch.data.datasets import dataset_for_model
     from edgepatch.data.fleet import base_split, make_fleet, write_device_timeline
@@ -102,7 +103,10 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         companion = Companion(CompanionConfig(bundle=bundle0, work_dir=out / "cloud", broker_host=host,
                                               broker_port=port, protocol=protocol, fleet="demo",
                                               distill_after=opts.devices, runtimes=opts.runtimes,
-                                              data=out / "cloud-data.npz"))
+                                              data=out / "cloud-data.npz",
+                                              # devices stop after their last round: canaries of the final
+                                              # distillation cannot answer, so do not wait minutes for them
+                                              rollout=RolloutSettings(canary_timeout_s=30.0)))
         companion.start_background()
         console.print(f"[bold]4/5[/bold] companion up: fleet page {companion.web.url}/fleet, "
                       f"metrics {companion.web.url}/metrics")
@@ -191,7 +195,8 @@ def _report(opts: DemoOptions, out: Path, fleet: list[Any], companion: Any, spec
                 "acc_base_model": base_acc[0][1] if base_acc else None,
                 "acc_personalized": pers_acc[-1][1] if pers_acc else None,
                 "cloud_acc_before": cloud_accuracy(spec, base0, data.holdout_x, data.holdout_y),
-                "cloud_acc_after": cloud_accuracy(spec, base_final, data.holdout_x, data.holdout_y)})
+                "cloud_acc_after": cloud_accuracy(spec, base_final, data.holdout_x, data.holdout_y),
+                "updates": _update_decisions(store, device.device_id)})
     buckets = {}
     for bucket in ("head", "tail"):
         members = [r for r in rows if r["bucket"] == bucket]
@@ -208,11 +213,19 @@ def _report(opts: DemoOptions, out: Path, fleet: list[Any], companion: Any, spec
                   "edgepatch_total": edgepatch_bytes, "fedavg_full_model": fedavg_bytes,
                   "model_param_bytes": param_bytes}}
     table = Table("device", "bucket", "train", "base model", "personalized", "cloud before", "cloud after",
+                  "update decisions (active / new+old φ / new+refit φ)",
                   title="per-device holdout accuracy (newest 25 % of each device's data)")
     for r in rows:
         table.add_row(r["device"], r["bucket"], str(r["train"]), _pct(r["acc_base_model"]),
-                      _pct(r["acc_personalized"]), _pct(r["cloud_acc_before"]), _pct(r["cloud_acc_after"]))
+                      _pct(r["acc_personalized"]), _pct(r["cloud_acc_before"]), _pct(r["cloud_acc_after"]),
+                      "; ".join(_update_text(u) for u in r["updates"]) or "none offered")
     Console().print(table)
+    for entry in companion.history:  # the cloud's side of each update: cloud gate, canaries, promote/withdraw
+        decision = entry.get("rollout") or {}
+        Console().print(f"round {entry['round']} bundle {entry['bundle'][:12]}: {decision.get('stage', 'no gates')} "
+                        f"{decision.get('decision', 'published')}"
+                        + (f", canaries {decision['canaries']} rejected by {decision.get('rejected_by', [])}"
+                           if decision.get("canaries") else ""))
     bt = Table("bucket", "devices", "base model", "personalized", "cloud before", "cloud after",
                title="long-tail buckets (mean)")
     for name, b in buckets.items():
@@ -223,6 +236,20 @@ def _report(opts: DemoOptions, out: Path, fleet: list[Any], companion: Any, spec
                     f"{edgepatch_bytes - bytes_in:,} B (bundles); FedAvg of the full model would move "
                     f"{fedavg_bytes:,} B ({param_bytes:,} B of weights up and down per device per round)")
     return report
+
+
+def _update_decisions(store: Any, device_id: str) -> list[dict[str, Any]]:
+    """The device's adoption-gate reports (device/adoption.py), oldest first, from its metrics messages."""
+    names = ("update_adopted", "gate_acc_active", "gate_acc_new_old_phi", "gate_acc_new_refit")
+    series = {name: store.metric_values(device_id, name) for name in names}
+    return [{"decision": "adopted" if adopted >= 0.5 else "rejected",
+             **{name: series[name][i][1] for name in names[1:] if i < len(series[name])}}
+            for i, (_, adopted) in enumerate(series["update_adopted"])]
+
+
+def _update_text(u: dict[str, Any]) -> str:
+    accs = "/".join(_pct(u.get(k)) for k in ("gate_acc_active", "gate_acc_new_old_phi", "gate_acc_new_refit"))
+    return f"{u['decision']} ({accs})"
 
 
 def _pct(value: float | None) -> str:
