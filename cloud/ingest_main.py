@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--username", default=None)
     ap.add_argument("--password-env", default="EDGEPATCH_MQTT_PASSWORD",
                     help="environment variable holding the MQTT password (never on the command line)")
+    ap.add_argument("--no-app-acks", action="store_true",
+                    help="send devices no PatchAck after commit (issue 12; only for devices older than the ack channel)")
     ap.add_argument("--max-message-bytes", type=int, default=64 * 1024,
                     help="messages larger than this are refused before decoding (reason oversize)")
     ap.add_argument("--reject-retention-days", type=float, default=7.0,
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                               max_batch=args.max_batch, inflight_window=args.inflight_window,
                               tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                               username=args.username, password=os.environ.get(args.password_env),
-                              max_message_bytes=args.max_message_bytes)
+                              max_message_bytes=args.max_message_bytes, app_acks=not args.no_app_acks)
     service = IngestService(store, settings, policy=policy)
     signal.signal(signal.SIGTERM, lambda *_: service.request_stop())
     signal.signal(signal.SIGINT, lambda *_: service.request_stop())
