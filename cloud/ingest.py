@@ -12,6 +12,9 @@ Delivery guarantee ("every acknowledged patch is in the store, no duplicates"):
     clean_session=False), so after a crash or a lost connection the broker redelivers every message we had
     not acknowledged, and keeps queueing new ones while we are away.
   * redeliveries are harmless: patches (and metrics) are unique by content hash in the store.
+  * after the commit and before the PUBACKs, each device gets a PatchAck naming its patches' content hashes
+    on `<device>/ack` (cloud/ingest_acks.py): devices keep a patch until then, since a broker's PUBACK is
+    no proof of storage (Mosquitto does not restore MQTT 5 shared subscriptions after a restart).
   * acks are only sent on the connection the message arrived on (the seam refuses the others): packet ids
     are per connection, and acking an old id on a new connection could acknowledge a different message.
 
