@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,8 @@ def quantize_update(parent: Mapping[str, np.ndarray], new: Mapping[str, np.ndarr
 
 def delta_to_bytes(deltas: Mapping[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v, np.float16) for k, v in deltas.items()})
+    arrays: dict[str, Any] = {k: np.asarray(v, np.float16) for k, v in deltas.items()}
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 

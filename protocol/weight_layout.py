@@ -111,7 +111,7 @@ def check_layout(layout: object, shapes: Mapping[str, tuple[int, ...]], size: in
                   and 0 <= spot[0] <= size - nbytes)
             if not ok:
                 raise LayoutError(f"{ctx}.{name}: bad spot {spot!r} for shape {shape} in {size} bytes")
-    return layout  # type: ignore[return-value]
+    return layout
 
 
 def write_weights(blob: bytes, layout: Mapping[str, list[list[float]]], params: Mapping[str, np.ndarray]) -> bytes:
