@@ -281,7 +281,8 @@ class _Handler(OneRequestHandler):
             self.end_headers()
             return
         body = target.read_bytes()
+        if self.command == "GET":
+            # Counted before sending: a client that has read the body must already see it on /metrics.
+            self.web.metrics.bytes_out.inc(len(body))
         self._send(HTTPStatus.OK, body, _CONTENT_TYPES.get(target.suffix, "application/octet-stream"),
                    {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"})
-        if self.command == "GET":
-            self.web.metrics.bytes_out.inc(len(body))
