@@ -125,19 +125,62 @@ def _avgpool(h: tf.Tensor, layer: LayerSpec, dims: int) -> tf.Tensor:
     ho, wo = hh // kh, ww // kw
     if (ho * kh, wo * kw) != (hh, ww):  # floor mode drops the ragged edge; Slice's gradient is a builtin Pad
         h = tf.slice(h, [0, 0, 0, 0], [-1, ho * kh, wo * kw, c])
-    if kh > 1:
-        h = tf.reduce_mean(tf.reshape(h, [-1, ho, kh, wo * kw * c]), axis=2)  # pool rows
-    if kw > 1:
-        h = tf.reduce_mean(tf.reshape(h, [-1, wo, kw, c]), axis=2)  # pool columns
-    return tf.reshape(h, [-1, ho, wo, c])
+    return _pool_mean(h, kh, kw)
+
+
+def _pool_mean(h: tf.Tensor, kh: int, kw: int) -> tf.Tensor:
+    """Mean over kh x kw blocks of an NHWC `h` whose H, W are multiples; gradient = dy spread by broadcast
+    MULs (the autodiff gradient of the mean is a TILE, which XNNPACK does not run)."""
+
+    @tf.custom_gradient
+    def pool(h: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+        n, hh, ww, c = h.shape
+        ho, wo = hh // kh, ww // kw
+        out = h
+        if kh > 1:
+            out = tf.reduce_mean(tf.reshape(out, [-1, ho, kh, wo * kw * c]), axis=2)  # pool rows
+        if kw > 1:
+            out = tf.reduce_mean(tf.reshape(out, [-1, wo, kw, c]), axis=2)  # pool columns
+        out = tf.reshape(out, [-1, ho, wo, c])
+
+        def grad(dy: tf.Tensor) -> tf.Tensor:
+            spread = tf.reshape(dy, [-1, wo, 1, c]) * tf.fill([1, 1, kw, 1], 1.0 / (kh * kw))  # columns
+            spread = tf.reshape(spread, [-1, ho, 1, wo * kw * c]) * tf.ones([1, 1, kh, 1])  # rows
+            return tf.reshape(spread, [-1, hh, ww, c])
+
+        return out, grad
+
+    return pool(h)
+
+
+def _relu(h: tf.Tensor) -> tf.Tensor:
+    """max(h, 0) with gradient dy * sign(out) (autodiff's GREATER_EQUAL + SELECT_V2 run outside XNNPACK)."""
+
+    @tf.custom_gradient
+    def relu(h: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+        out = tf.maximum(h, 0.0)
+        return out, lambda dy: dy * tf.sign(out)
+
+    return relu(h)
 
 
 def _norm(h: tf.Tensor, weight: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
     """Per-sample normalization over (spatial, C), per-channel affine (torch_model's `norm`)."""
-    mean = tf.reduce_mean(h, axis=[1, 2, 3], keepdims=True)
-    centered = h - mean
-    var = tf.reduce_mean(centered * centered, axis=[1, 2, 3], keepdims=True)
-    return centered * tf.math.rsqrt(var + NORM_EPS) * weight + bias
+    axes = [1, 2, 3]
+
+    @tf.custom_gradient
+    def normalize(h: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+        centered = h - tf.reduce_mean(h, axis=axes, keepdims=True)
+        inv_std = tf.math.rsqrt(tf.reduce_mean(centered * centered, axis=axes, keepdims=True) + NORM_EPS)
+        xhat = centered * inv_std
+
+        def grad(dy: tf.Tensor) -> tf.Tensor:  # closed form: a handful of ops instead of autodiff's dozens
+            mean_dy = tf.reduce_mean(dy, axis=axes, keepdims=True)
+            return inv_std * (dy - mean_dy - xhat * tf.reduce_mean(dy * xhat, axis=axes, keepdims=True))
+
+        return xhat, grad
+
+    return normalize(h) * weight + bias
 
 
 def _theta(params: Tensors, layer: str, part: str, phi: tf.Tensor) -> tf.Tensor:
@@ -187,7 +230,7 @@ def _layer(layer: LayerSpec, h: tf.Tensor, params: Tensors, dims: int, other: tf
     if layer.kind == "dense":
         return tf.matmul(h, params[f"{n}.weight"], transpose_b=True) + params[f"{n}.bias"]
     if layer.kind == "relu":
-        return tf.maximum(h, 0.0)
+        return _relu(h)
     if layer.kind == "relu6":  # min/max, not tf.nn.relu6 (its Relu6Grad has no builtin)
         return tf.minimum(tf.maximum(h, 0.0), 6.0)
     if layer.kind == "avgpool":
