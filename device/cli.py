@@ -190,6 +190,11 @@ def _run_device(run: _RunSettings, flush_timeout: float, heartbeat: Any) -> None
             if run.await_bundle and more and not stop.is_set():
                 adopted = device.wait_for_new_bundle(run.await_bundle)
                 console.print(f"bundle {'adopted: ' + device.bundle.version[:12] if adopted else 'unchanged'}")
+                gate = device.last_gate_decision
+                if gate is not None:
+                    console.print(f"adoption gate: {'adopted' if gate.adopt else 'rejected'} {gate.version[:12]} "
+                                  f"(holdout {gate.holdout_n}: active {gate.acc_active:.3f}, new+old φ "
+                                  f"{gate.acc_new_old_phi:.3f}, new+refit φ {gate.acc_new_refit:.3f})")
             if run.interval and more:
                 stop.wait(run.interval)  # a stop cuts the pause short
         finished = True

@@ -93,6 +93,7 @@ class DeviceRuntime:
             cfg.fleet_key, cfg.fleet, cfg.state_dir / "bundle-sequence")
         self.link: Any = None
         self.gate_report: dict[str, float] = {}  # the last gate decision, until it has been published
+        self.last_gate_decision: GateDecision | None = None  # for the operator's console line
         # Set from a signal handler; checked only between steps, so a step is never cut in half.
         self.stop_requested = threading.Event()
         self._activate(bundle)
@@ -204,6 +205,7 @@ class DeviceRuntime:
             assert installed is not None
             self._activate(installed)
         if decision is not None:  # reported now, or with the next round's metrics when not yet linked
+            self.last_gate_decision = decision
             self.gate_report = decision.metrics()
             if self.link is not None:
                 self.link.publish_metrics(self.gate_report)

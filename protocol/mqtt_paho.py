@@ -57,6 +57,7 @@ class PahoClient(MqttClient):
         self._waiting: dict[int, PublishDone] = {}
         self._early: dict[int, tuple[bool, str]] = {}  # PUBACKs that beat publish() returning its mid
         self._started = False
+        self._closing = False  # set while we close on purpose: paho's "not connected" errors then are noise
 
     # -- interface ----------------------------------------------------------------------------------
     def connect(self, will: Will | None = None) -> None:
@@ -85,8 +86,12 @@ class PahoClient(MqttClient):
     def disconnect(self) -> None:
         if not self._started:
             return
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._closing = True
+        try:
+            self._client.disconnect()
+            self._client.loop_stop()
+        finally:
+            self._closing = False
         self._started = False
         if self._connected.is_set():  # paho's own on_disconnect may already have said so
             self._on_disconnected("disconnected")
@@ -132,8 +137,12 @@ class PahoClient(MqttClient):
     def drop_connection(self) -> None:
         # paho has no "reconnect now" for a running loop thread: stop it, and start over on the same
         # session (clean_start False / clean_session False keeps the unacked messages at the broker).
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._closing = True
+        try:
+            self._client.disconnect()
+            self._client.loop_stop()
+        finally:
+            self._closing = False
         self._on_disconnected("dropped by the application")
         self._connect_async()
         self._client.loop_start()
@@ -166,7 +175,7 @@ class PahoClient(MqttClient):
     def _paho_log(self, client: Any, userdata: Any, level: int, buf: str) -> None:
         # paho reports socket/TLS errors after the handshake (e.g. the broker's TLS 1.3 alert that a client
         # certificate is required) only through its log; on_disconnect just says "Unspecified error".
-        if level == paho.MQTT_LOG_ERR:
+        if level == paho.MQTT_LOG_ERR and not self._closing:
             log.error("MQTT client error with broker %s: %s", self.settings.url, buf)
 
     def _paho_gone(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
