@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -225,11 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "program_bytes": {p.name: p.stat().st_size for p in sorted(d.iterdir())},
                 "ratios": {k: round(v, 3) for k, v in ratios(ms).items()}}
     report["targets"] = targets(report["models"])
+    report["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]  # other processes share the CPU
     from edgepatch.protocol.params import write_atomic
 
     write_atomic(args.out, (json.dumps(report, indent=2) + "\n").encode())
     print_table(report, cells)
     print(f"written to {args.out}")
+    print(f"load average at the end: {report['load_average_1_5_15']} on {os.cpu_count()} CPUs")
     print(verdict(report["targets"]))
     return 0
 
