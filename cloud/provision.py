@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepatch.protocol.mqtt import MqttSettings
+from edgepatch.protocol.mqtt import MqttConfigError, MqttSettings
 from edgepatch.protocol.topics import PREFIX, check_name
 
 from .provision_keys import (
@@ -305,10 +305,6 @@ def companion_mqtt_settings(folder: Path, broker: str | None, version: str = "5"
     """The companion's connection from its credential folder: TLS with the fleet CA, its login (the password
     is read from the file now, never from a command line), `broker` or the folder's broker.url."""
     try:
-        url = broker or (folder / "broker.url").read_text().strip()
-        user = (folder / "username").read_text().strip()
-        password = (folder / "password").read_text().strip()
-    except OSError as exc:
-        raise ProvisionError(f"{folder} is not a companion credential folder: {exc.strerror}: {exc.filename}") from None
-    return MqttSettings.from_url(url, client_id="edgepatch-companion", version=version, username=user,
-                                 password=password, tls_ca=str(folder / "ca.crt"))
+        return MqttSettings.from_credentials(folder, "edgepatch-companion", broker, version=version)
+    except MqttConfigError as exc:
+        raise ProvisionError(str(exc).replace("a credential folder", "a companion credential folder")) from None

@@ -77,11 +77,19 @@ def mqtt_protocol_name(version: str) -> MqttVersion:
         raise CanoeCliError(f"--mqtt-protocol must be one of {[v.value for v in MqttVersion]}: {exc}") from None
 
 
-def open_link(broker: str, mqtt_protocol: str, fleet: str, device_id: str) -> CanoeLink:
-    """A (not yet started) Canoe link: mqtt://, or mqtts:// (TLS, verified against the system's CAs)."""
+def open_link(broker: str | None, mqtt_protocol: str, fleet: str, device_id: str,
+              credentials: Path | None = None) -> CanoeLink:
+    """A (not yet started) Canoe link: mqtt://, or mqtts:// (TLS, verified against the system's CAs), or the
+    device's provisioned login (`credentials`: TLS with the fleet CA, password read from its file)."""
+    client_id = f"edgepatch-canoe-{fleet}-{device_id}"
     try:
-        settings = MqttSettings.from_url(broker, version=mqtt_protocol_name(mqtt_protocol),
-                                         client_id=f"edgepatch-canoe-{fleet}-{device_id}")
+        version = mqtt_protocol_name(mqtt_protocol)
+        if credentials is not None:
+            settings = MqttSettings.from_credentials(credentials, client_id, broker, version=version)
+        elif broker is None:
+            raise CanoeCliError("give --broker mqtt://host:port or --credentials DIR (from `cloud provision`)")
+        else:
+            settings = MqttSettings.from_url(broker, version=version, client_id=client_id)
     except MqttConfigError as exc:
         raise CanoeCliError(str(exc)) from None
     return CanoeLink(fleet, device_id, settings=settings)
@@ -177,7 +185,8 @@ def serve_helper(helper: CanoeHelper, link: CanoeLink) -> list[dict[str, Any]]:
 def helper_cmd(
     bundle: Path = typer.Option(..., help="the installed bundle (directory or archive)"),
     data: Path = typer.Option(..., help="directory of .npz shards (x, y, t): the helper's own data"),
-    broker: str = typer.Option(..., help="mqtt://host:port"),
+    broker: str | None = typer.Option(None, help="mqtt://host:port (default: the credentials' broker.url)"),
+    credentials: Path | None = typer.Option(None, help="the device's folder from `cloud provision`"),
     mqtt_protocol: str = typer.Option("5", help="5 or 3.1.1"),
     connect_timeout: float = typer.Option(10.0, help="seconds to wait for the broker at start"),
     fleet: str = typer.Option("default"),
@@ -196,7 +205,7 @@ def helper_cmd(
     try:
         if warmup_steps < 0 or run_for < 0:
             raise CanoeCliError("--warmup-steps and --run-for must be >= 0")
-        link = open_link(broker, mqtt_protocol, fleet, device_id)  # not connected yet: checks the arguments
+        link = open_link(broker, mqtt_protocol, fleet, device_id, credentials)  # not connected: checks args
         b = load_bundle(bundle)
         x, y, _ = load_data(b, data)
         own = load_own_model(b, model_path(model, state_dir), runtime)
@@ -240,7 +249,8 @@ def _print_tick(point: dict[str, Any]) -> None:
 def target_cmd(
     bundle: Path = typer.Option(..., help="the installed bundle (directory or archive)"),
     data: Path = typer.Option(..., help="directory of .npz shards (x, y, t), replayed in time order"),
-    broker: str = typer.Option(..., help="mqtt://host:port"),
+    broker: str | None = typer.Option(None, help="mqtt://host:port (default: the credentials' broker.url)"),
+    credentials: Path | None = typer.Option(None, help="the device's folder from `cloud provision`"),
     mqtt_protocol: str = typer.Option("5", help="5 or 3.1.1"),
     connect_timeout: float = typer.Option(10.0, help="seconds to wait for the broker at start"),
     fleet: str = typer.Option("default"),
@@ -269,7 +279,7 @@ def target_cmd(
         settings = StreamSettings(steps_per_tick, ticks, samples_per_tick, wait_for_help, report_every)
         if reference < 1 or window < 2 or not 0 < drop < 1 or cooldown < 0:
             raise CanoeCliError("need --reference >= 1, --window >= 2, 0 < --drop < 1, --cooldown >= 0")
-        link = open_link(broker, mqtt_protocol, fleet, device_id)  # not connected yet: checks the arguments
+        link = open_link(broker, mqtt_protocol, fleet, device_id, credentials)  # not connected: checks args
         b = load_bundle(bundle)
         x, y, t = load_data(b, data)
         own = load_own_model(b, model_path(model, state_dir), runtime)

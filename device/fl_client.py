@@ -241,6 +241,7 @@ class DeviceSpec:
     reselect_every: int = 5
     num_threads: int = 1
     runtime: str = "litert"  # "litert" or "executorch": the engine that runs the full-weight steps
+    credentials_dir: str = ""  # the device's folder from `cloud provision` (TLS + login); "" = plain broker
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -289,9 +290,12 @@ class FlDevice:
         self.inbox: queue.Queue[Message] = queue.Queue()
         self.rounds_done = 0
         if client is None:
-            client = make_client(MqttSettings(host=spec.broker_host, port=spec.broker_port, keepalive=60,
-                                              client_id=f"fl-{spec.fleet}-{spec.device_id}",
-                                              version=MqttVersion.parse(spec.mqtt_protocol)), broker)
+            client_id, version = f"fl-{spec.fleet}-{spec.device_id}", MqttVersion.parse(spec.mqtt_protocol)
+            settings = (MqttSettings.from_credentials(Path(spec.credentials_dir), client_id, version=version,
+                                                      keepalive=60) if spec.credentials_dir else
+                        MqttSettings(host=spec.broker_host, port=spec.broker_port, keepalive=60,
+                                     client_id=client_id, version=version))
+            client = make_client(settings, broker)
         self.link = WireEndpoint(client, fleet=spec.fleet, device_id=spec.device_id, first_seq=1)
         self.link.subscribe(round_topic(spec.fleet), self.inbox.put)  # decoded strictly; rejects counted
         client.connect_hooks.append(self._on_connect)

@@ -30,6 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .topics import topic_matches
@@ -118,6 +119,19 @@ class MqttSettings:
         host, port, tls = split_broker_url(url)
         tls = tls or bool(kw.pop("tls", False))
         return cls(host=host, port=port, tls=tls, **kw)
+
+    @classmethod
+    def from_credentials(cls, folder: Path, client_id: str, broker: str | None = None, **kw: Any) -> MqttSettings:
+        """A login from a credential folder `edgepatch cloud provision` wrote (username, password, ca.crt,
+        broker.url): TLS with the fleet CA; the password is read from its file, never from a command line."""
+        try:
+            url = broker or (folder / "broker.url").read_text().strip()
+            user = (folder / "username").read_text().strip()
+            password = (folder / "password").read_text().strip()
+        except OSError as exc:
+            raise MqttConfigError(f"{folder} is not a credential folder: {exc.strerror}: {exc.filename}") from None
+        return cls.from_url(url, client_id=client_id, username=user, password=password,
+                            tls_ca=str(folder / "ca.crt"), **kw)
 
     def replace(self, **kw: Any) -> MqttSettings:
         return dataclasses.replace(self, **kw)

@@ -369,3 +369,32 @@ def test_cloud_serve_with_credentials_announces_signed_bundles(fleet: Fleet, dig
         device.close()
     assert serve.returncode == 0, log.read_text()[-3000:]
     assert "password" not in " ".join(serve.args)  # the secret never was on the command line
+
+
+def test_canoe_and_federated_clients_log_in_with_their_provisioned_credentials(fleet: Fleet) -> None:
+    # Issue 11 item 2: every client, not only the device link and the companion, speaks TLS with a login.
+    from edgepatch.device.canoe_cli import open_link
+    from edgepatch.protocol.mqtt import MqttSettings, MqttVersion, make_client
+
+    folder = fleet.out / "devices" / "dev-001"
+    link = open_link(None, "5", FLEET, "dev-001", folder)
+    assert link.client.settings.tls and link.client.settings.username == "dev-001"
+    link.start(timeout=10)
+    try:
+        assert link.client.connected
+    finally:
+        link.stop()
+    settings = MqttSettings.from_credentials(folder, f"fl-{FLEET}-dev-001", version=MqttVersion.V5)
+    fl = make_client(settings)
+    fl.connect()
+    try:
+        assert fl.wait_connected(10), "the federated client's provisioned login was refused"
+    finally:
+        fl.disconnect()
+    # The same client without the fleet CA and login is refused by the TLS listener.
+    anonymous = make_client(MqttSettings.from_url(settings.url, client_id="anon", tls_ca=settings.tls_ca))
+    anonymous.connect()
+    try:
+        assert not anonymous.wait_connected(3)
+    finally:
+        anonymous.disconnect()
