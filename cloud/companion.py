@@ -337,6 +337,9 @@ class Companion:
         manifest = republish_bundle(bundle.root, result.params, out, runtimes=self.cfg.runtimes,
                                     meta={"distilled_from_devices": len(devices),
                                           "aggregator": self.cfg.aggregator})
+        # A run counts once its candidate bundle exists; what the rollout decides is counted on its own
+        # (edgepatch_rollout_decisions_total), and waiting for canaries can take minutes.
+        self.metrics.distill_runs.inc()
         if self.rollout is None:
             version, decision = self.publish(out).manifest_sha256, None
         else:  # cloud gate, canaries, then promote or withdraw (the current base stays)
@@ -348,6 +351,5 @@ class Companion:
                  "bundle": version[:16], "metrics": result.metrics, "rollout": decision}
         self.history.append(entry)
         self._used.update(used)
-        self.metrics.distill_runs.inc()  # rounds that published (or went to rollout); failures counted apart
         log.info("distillation round %d over %d devices in %.1f s", entry["round"], len(devices), seconds)
         return entry

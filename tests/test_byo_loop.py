@@ -25,6 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib
 from byo_common import SPEC_MODULE, Serve, breast_cancer_3x10, http_json, http_text, metric, ok, run_cli  # noqa: E402
+from polling import wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
@@ -155,7 +156,9 @@ def test_source_exports_trains_on_device_and_is_distilled(kind: str, user: Path,
         assert "round 1:" in device.stderr and "round 2:" in device.stderr, device.stderr
         adopted = re.search(r"bundle adopted: ([0-9a-f]{12})", device.stderr)
         assert adopted, f"the device never adopted a distilled bundle:\n{device.stderr}\n{serve.text()[-3000:]}"
-        assert metric(serve.url, "edgepatch_distillation_runs_total") >= 1
+        # The round is counted once its rollout has decided, which may be just after the canary reported.
+        wait_until(lambda: metric(serve.url, "edgepatch_distillation_runs_total") >= 1, 120,
+                   "the distillation round to be counted")
         assert metric(serve.url, "edgepatch_bundles_published_total") >= 2
         assert metric(serve.url, "edgepatch_distillation_failures_total") == 0
         fleet = http_json(f"{serve.url}/api/fleet")
