@@ -69,6 +69,14 @@ class PahoClient(MqttClient):
         self._client.loop_start()
         self._started = True
 
+    def _close_socket(self) -> None:
+        self._closing = True  # paho logs "not connected" errors while we close on purpose: not errors
+        try:
+            self._client.disconnect()
+            self._client.loop_stop()
+        finally:
+            self._closing = False
+
     def _connect_async(self) -> None:
         s = self.settings
         props = None
@@ -86,12 +94,7 @@ class PahoClient(MqttClient):
     def disconnect(self) -> None:
         if not self._started:
             return
-        self._closing = True
-        try:
-            self._client.disconnect()
-            self._client.loop_stop()
-        finally:
-            self._closing = False
+        self._close_socket()
         self._started = False
         if self._connected.is_set():  # paho's own on_disconnect may already have said so
             self._on_disconnected("disconnected")
@@ -137,12 +140,7 @@ class PahoClient(MqttClient):
     def drop_connection(self) -> None:
         # paho has no "reconnect now" for a running loop thread: stop it, and start over on the same
         # session (clean_start False / clean_session False keeps the unacked messages at the broker).
-        self._closing = True
-        try:
-            self._client.disconnect()
-            self._client.loop_stop()
-        finally:
-            self._closing = False
+        self._close_socket()
         self._on_disconnected("dropped by the application")
         self._connect_async()
         self._client.loop_start()
