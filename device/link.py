@@ -276,6 +276,13 @@ class DeviceLink:
         return (("schema", str(SCHEMA_VERSION)), ("kind", kinds[0]))
 
     def _acked(self, entry: OutboxEntry, ok: bool, reason: str) -> None:
+        # The outbox is updated before the id leaves `_sent_ids`: a flush in between would otherwise read
+        # the entry as never sent and publish it a second time.
+        if ok and entry.content_hash is not None:  # the broker took it; keep it until the companion confirms
+            backoff = min(self.settings.ack_max_backoff_s, self.settings.ack_timeout_s * 2 ** min(entry.attempts, 30))
+            self.outbox.mark_handed(entry.id, backoff)
+        elif ok:
+            self.outbox.ack(entry.id)
         with self._lock:
             self._sent_ids.discard(entry.id)
             if not ok:
@@ -283,11 +290,6 @@ class DeviceLink:
         if not ok:
             log.error("broker refused outbox entry %d: %s (kept; retried after reconnect)", entry.id, reason)
             return
-        if entry.content_hash is not None:  # the broker took it; keep it until the companion confirms it
-            backoff = min(self.settings.ack_max_backoff_s, self.settings.ack_timeout_s * 2 ** min(entry.attempts, 30))
-            self.outbox.mark_handed(entry.id, backoff)
-        else:
-            self.outbox.ack(entry.id)
         with self._ack_event:
             self._ack_event.notify_all()
 
