@@ -7,7 +7,8 @@ dependency, it only moves the moment it is paid. Relative imports are resolved t
     data      (datasets, fleet splits)    imports protocol
     device    (LiteRT/ExecuTorch runtime) imports protocol, data; never export, cloud, sim
     export    (torch, TF, ExecuTorch)     imports protocol, data, device (its runners time the programs)
-    cloud     (companion, FL server)      imports all of the above; its companion path not the export
+    cloud     (companion, FL server)      imports protocol, data, export; never device (it does not
+                                          run device runtimes); its companion path not the export
                                           toolchain (only export.torch_model, the reference forward)
     sim       (the simulator)             imports anything: a composition root, like cli.py and demo.py
     logs.py   (quiet output)              stdlib only, usable from every layer but protocol
@@ -30,7 +31,7 @@ FORBIDDEN = {
     "data": {"device", "export", "cloud", "sim", "cli", "demo"},
     "device": {"export", "cloud", "sim", "cli", "demo"},
     "export": {"cloud", "sim", "cli", "demo"},
-    "cloud": {"sim", "cli", "demo"},
+    "cloud": {"device", "sim", "cli", "demo"},
     "logs": {"protocol", "data", "device", "export", "cloud", "sim", "cli", "demo"},  # stdlib only
 }
 

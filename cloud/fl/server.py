@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from edgepatch.device.engine import open_engine, predict_variant
 from edgepatch.protocol.blobs import BlobError, decode_update, fetch_blob, publish_blob
 from edgepatch.protocol.bundle import Bundle
 from edgepatch.protocol.endpoint import WireEndpoint
@@ -70,22 +69,29 @@ class RoundRecord:
 
 
 class Evaluator:
-    """Accuracy and loss of global weights, run as the variant on the LiteRT engine (phi = 0)."""
+    """Accuracy and loss of global weights, run as the variant (its first filters, φ = 0) through the
+    torch reference forward — the one every runtime's programs are parity-tested against; the cloud does
+    not load device runtimes."""
 
     def __init__(self, bundle: Bundle, x: np.ndarray, y: np.ndarray) -> None:
         self.bundle = bundle
         self.spec = bundle.model_spec
-        self.engine = open_engine(bundle, "litert")
+        self.patch = bundle.patch_spec
         self.shared = bundle.shared_params()
-        self.infos = param_infos(self.spec, bundle.patch_spec)
-        self.k = bundle.patch_spec.k
+        self.infos = param_infos(self.spec, self.patch)
         self.x = np.ascontiguousarray(x, np.float32)
         self.y = np.asarray(y, np.int64)
 
     def __call__(self, params: Mapping[str, np.ndarray], variant_id: str) -> tuple[float, float]:
-        kept = first_kept(self.spec, self.bundle.variant(variant_id))
-        sliced = slice_params({**self.shared, **params}, self.infos, kept)
-        z = predict_variant(self.engine, variant_id, self.x, np.zeros(self.k, np.float32), sliced).astype(np.float64)
+        import torch
+
+        from edgepatch.export.torch_model import forward, to_tensors
+
+        variant = self.bundle.variant(variant_id)
+        sliced = slice_params({**self.shared, **params}, self.infos, first_kept(self.spec, variant))
+        with torch.no_grad():
+            z = forward(variant.spec(self.spec), self.patch, to_tensors(sliced), torch.from_numpy(self.x),
+                        torch.zeros(self.patch.k)).numpy().astype(np.float64)
         z -= z.max(axis=1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
         loss = float(-logp[np.arange(len(self.y)), self.y].mean())
