@@ -41,6 +41,9 @@ def serve_cmd(
                                             "directory around --credentials, when it has provision.json)"),
     distill_after: int = typer.Option(0, help="distil once this many devices reported on the current base "
                                       "(0 = only on request)"),
+    base_every: int = typer.Option(10, min=1, help="base-update period R in device rounds (one round = one φ "
+                                   "training round ending in one patch upload): with --distill-after N, distil "
+                                   "once N devices each sent R patches for the current base; 1 = every round"),
     aggregator: str = typer.Option("momodistill", help="momodistill, model_over_data or fedavg_patches"),
     mode: str = typer.Option("proxy", help="MoMoDistill data mode: proxy, teacher_outputs or samples"),
     canoe: bool = typer.Option(False, "--canoe/--no-canoe", help="also match Canoe help requests to helper "
@@ -85,7 +88,8 @@ def serve_cmd(
                 provisioned = credentials.parent  # provisioned credentials: provisioned devices only
         companion = Companion(CompanionConfig(
             bundle=bundle, work_dir=work_dir, broker_host=host, broker_port=port, protocol=proto, fleet=fleet,
-            db_url=db, http_port=http_port, distill_after=distill_after, aggregator=aggregator,
+            db_url=db, http_port=http_port, distill_after=distill_after, base_every=base_every,
+            aggregator=aggregator,
             distill={"mode": mode}, canoe=canoe, canoe_timeout_s=canoe_timeout, data=data, proxy=proxy,
             mqtt=mqtt, signing_key=signing_key, http_host=http_host, public_url=public_url,
             max_message_bytes=max_message_bytes, reject_retention_s=reject_retention_days * 86400.0,

@@ -58,6 +58,10 @@ class CompanionConfig:
     http_host: str = "127.0.0.1"
     http_port: int = 0
     distill_after: int = 0  # distil when this many devices sent a patch for the current base (0: on demand)
+    # The base-update period R, in device rounds: a device round is one φ training round ending in one
+    # patch upload, so automatic rounds wait until `distill_after` devices have each sent R patches for the
+    # current base (issue 13's schedule: φ every round, the base every R rounds). 1 = every round.
+    base_every: int = 10
     aggregator: str = "momodistill"
     distill: dict[str, Any] = field(default_factory=dict)  # DistillConfig overrides
     runtimes: tuple[str, ...] | None = None  # republished runtimes (default: those of the first bundle)
@@ -78,6 +82,8 @@ class CompanionConfig:
 class Companion:
     def __init__(self, cfg: CompanionConfig, twin: MemoryBroker | None = None) -> None:
         """`twin`: run every MQTT client of the companion on the in-memory broker (unit tests)."""
+        if cfg.base_every < 1:
+            raise CompanionError(f"base_every must be at least 1 device round, got {cfg.base_every}")
         self.cfg = cfg
         self.twin = twin
         self.signer: BundleSigner | None = None
@@ -132,7 +138,7 @@ class Companion:
         self.failures = 0  # consecutive failed rounds (reset by a published one)
         self.last_error: str | None = None
         self._retry_at = 0.0  # monotonic time before which no round is tried after a failure
-        self._used: dict[str, str] = {}  # device -> content hash of its patch the last round aggregated
+        self._used: dict[tuple[str, str], int] = {}  # (base, device) -> its patches for that base a round used
         self.rollout = None if cfg.rollout is None else StagedRollout(
             cfg.rollout, self.publish, lambda: [d["device_id"] for d in self.store.devices(cfg.fleet)],
             self.store.metric_values, self.metrics.registry, self.heldout, stop=self._stop.is_set)
@@ -149,7 +155,11 @@ class Companion:
     # -- lifecycle -------------------------------------------------------------------------------
     def startup_note(self) -> str:
         """One line for the start-up output: what distillation will run on, or why none can."""
-        return self.blocked or f"distillation: {self.cfg.aggregator} (mode {self.mode}) on {self.data_summary}"
+        if self.blocked:
+            return self.blocked
+        when = (f"; the base is updated once {self.cfg.distill_after} devices each sent {self.cfg.base_every} "
+                "patches for it" if self.cfg.distill_after else "; rounds only on request")
+        return f"distillation: {self.cfg.aggregator} (mode {self.mode}) on {self.data_summary}{when}"
 
     def start(self) -> None:
         log.info("%s", self.startup_note())
@@ -240,6 +250,7 @@ class Companion:
     def distill_status(self) -> dict[str, Any]:
         """The distillation part of /api/fleet and the fleet page."""
         return {"aggregator": self.cfg.aggregator, "mode": self.mode, "data": self.data_summary,
+                "distill_after": self.cfg.distill_after, "base_every": self.cfg.base_every,
                 "blocked": self.blocked, "rounds": len(self.history), "failures": self.failures,
                 "failures_total": int(self.metrics.value("edgepatch_distillation_failures_total")),
                 "last_error": self.last_error,
@@ -263,14 +274,26 @@ class Companion:
             return False
         # Only patches no round has used yet: an aggregator that leaves W alone (fedavg_patches) keeps the
         # base version, and the same patches must not trigger round after round.
-        latest = self.store.latest_patches(self.current.base_version, self.cfg.fleet)
-        reported = sum(1 for d, (_, meta) in latest.items() if self._used.get(d) != meta["content_hash"])
-        if reported == 0:
+        base = self.current.base_version
+        new = [n - self._used.get((base, d), 0) for d, n in self._patch_counts(base).items()]
+        if not any(n > 0 for n in new):
             return False
-        if self._requested.is_set():
+        if self._requested.is_set():  # on request: whatever has arrived, however few rounds
             self._requested.clear()
             return True
-        return self.cfg.distill_after > 0 and reported >= self.cfg.distill_after
+        ready = sum(1 for n in new if n >= self.cfg.base_every)
+        return self.cfg.distill_after > 0 and ready >= self.cfg.distill_after
+
+    def _patch_counts(self, base_version: str) -> dict[str, int]:
+        """device -> distinct patches it sent for `base_version`: its rounds on that base (one patch per round;
+        the store keeps a redelivered patch once)."""
+        from sqlalchemy import func, select
+
+        p = self.store.t["patches"]
+        q = (select(p.c.device_id, func.count()).where(p.c.base_version == base_version, p.c.fleet == self.cfg.fleet)
+             .group_by(p.c.device_id))
+        with self.store.engine.connect() as conn:
+            return {str(d): int(n) for d, n in conn.execute(q)}
 
     # -- publishing ------------------------------------------------------------------------------
     def publish(self, bundle_dir: Path, targets: tuple[str, ...] = ()) -> BundleAnnouncement:
@@ -319,8 +342,8 @@ class Companion:
         assert self.current is not None
         bundle = self.current
         spec, patch = bundle.model_spec, bundle.patch_spec
+        used = {(bundle.base_version, d): n for d, n in self._patch_counts(bundle.base_version).items()}
         patches = self.store.latest_patches(bundle.base_version, self.cfg.fleet)
-        used = {device_id: meta["content_hash"] for device_id, (_, meta) in patches.items()}
         devices = [DeviceContribution(device_id, np.asarray(phi, np.float32))
                    for device_id, (phi, _) in sorted(patches.items())]
         cloud = self.cloud_data

@@ -73,7 +73,7 @@ def test_unseen_torch_model_and_dataset_through_the_documented_commands(tmp_path
 
     broker = f"mqtt://127.0.0.1:{mosquitto.port}"
     serve = Serve(["--bundle", "bundle", "--data", "cloud.npz", "--broker", broker, "--work-dir", "cloud",
-                   "--fleet", "clinic", "--distill-after", str(DEVICES)], tmp_path / "serve.log", cwd=tmp_path)
+                   "--fleet", "clinic", "--distill-after", str(DEVICES), "--base-every", "1"], tmp_path / "serve.log", cwd=tmp_path)
     procs: dict[int, subprocess.Popen[str]] = {}
     try:
         serve.wait_for("companion serving")

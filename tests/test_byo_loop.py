@@ -146,7 +146,7 @@ def test_source_exports_trains_on_device_and_is_distilled(kind: str, user: Path,
 
     broker = f"mqtt://127.0.0.1:{mosquitto.port}"
     serve = Serve(["--bundle", bundle, "--data", "cloud.npz", "--broker", broker, "--work-dir", f"cloud-{kind}",
-                   "--fleet", kind, "--distill-after", "1"], user / f"serve-{kind}.log", cwd=user)
+                   "--fleet", kind, "--distill-after", "1", "--base-every", "1"], user / f"serve-{kind}.log", cwd=user)
     try:
         serve.wait_for("companion serving")
         assert "distillation: momodistill (mode proxy) on 228 labelled samples" in serve.text(), serve.text()
@@ -184,7 +184,7 @@ def test_failing_rounds_are_counted_shown_and_backed_off(user: Path, mosquitto: 
     blocker.write_text("a file where the companion wants its bundle directory")
     broker = f"mqtt://127.0.0.1:{mosquitto.port}"
     serve = Serve(["--bundle", bundle, "--data", "cloud.npz", "--broker", broker, "--work-dir", work,
-                   "--fleet", "failing", "--distill-after", "1"], user / "serve-failing.log", cwd=user)
+                   "--fleet", "failing", "--distill-after", "1", "--base-every", "1"], user / "serve-failing.log", cwd=user)
     try:
         serve.wait_for("companion serving")
         ok(run_cli("device", "run", "--bundle", bundle, "--data", "device", "--state-dir", "dev-failing",
@@ -218,7 +218,7 @@ def test_without_data_fedavg_patches_runs_once_per_set_of_patches(user: Path, mo
     bundle = _export("spec", user)
     broker = f"mqtt://127.0.0.1:{mosquitto.port}"
     serve = Serve(["--bundle", bundle, "--aggregator", "fedavg_patches", "--broker", broker, "--work-dir",
-                   "cloud-fedavg", "--fleet", "fedavg", "--distill-after", "1"], user / "serve-fedavg.log", cwd=user)
+                   "cloud-fedavg", "--fleet", "fedavg", "--distill-after", "1", "--base-every", "1"], user / "serve-fedavg.log", cwd=user)
     try:
         serve.wait_for("companion serving")
         assert "distillation: fedavg_patches (mode proxy) on no data" in serve.text(), serve.text()
