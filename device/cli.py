@@ -56,6 +56,8 @@ def run_cmd(
     interval: float | None = typer.Option(None, help="seconds to wait between rounds [default: 0]"),
     await_bundle: float | None = typer.Option(None, help="after each round, wait up to this many seconds for "
                                               "the cloud's next bundle (rounds in step with MoMoDistill)"),
+    await_every: int = typer.Option(1, min=1, help="with --await-bundle: wait only after every N-th round (the "
+                                    "companion's --base-every: it updates the base every N device rounds)"),
     fixed_variant: bool = typer.Option(False, help="always train the full variant (no DISTREAL selection)"),
     log_level: str | None = typer.Option(None, help="[default: INFO]"),
     fleet_key: Path | None = typer.Option(None, help="the fleet's bundle-signing public key (fleet-signing.pub "
@@ -71,7 +73,7 @@ def run_cmd(
              "--device-id": device_id, "--fleet": fleet, "--broker": broker, "--mqtt-protocol": mqtt_protocol,
              "--runtime": runtime, "--rounds": rounds, "--steps": steps, "--deadline": deadline,
              "--interval": interval, "--await-bundle": await_bundle, "--fixed-variant": fixed_variant or None,
-             "--fleet-key": fleet_key}
+             "--fleet-key": fleet_key, "--await-every": await_every if await_every != 1 else None}
     if config is not None:
         given = [flag for flag, value in flags.items() if value is not None]
         if given:
@@ -85,7 +87,7 @@ def run_cmd(
                            fleet=fleet or "default", broker=broker, mqtt_protocol=mqtt_protocol, runtime=runtime,
                            rounds=1 if rounds is None else rounds, steps=steps, deadline=deadline,
                            interval=interval or 0.0, await_bundle=await_bundle or 0.0, adaptive=not fixed_variant,
-                           log_level=log_level or "INFO", fleet_key=fleet_key)
+                           log_level=log_level or "INFO", fleet_key=fleet_key, await_every=await_every)
     _run_device(run, FLUSH_TIMEOUT_S, write_heartbeat)
 
 
@@ -109,6 +111,7 @@ class _RunSettings:
     log_level: str
     mqtt_password: str | None = None
     fleet_key: Path | None = None
+    await_every: int = 1  # wait for a bundle after every N-th round only
 
 
 def _settings_from_config(path: Path, log_level: str | None) -> _RunSettings:
@@ -187,7 +190,7 @@ def _run_device(run: _RunSettings, flush_timeout: float, heartbeat: Any) -> None
                           f"loss {s['loss_first']:.3f}→{s['loss_last']:.3f}, holdout acc "
                           f"{s['holdout_acc_before']:.3f}→{s['holdout_acc_after']:.3f}")
             more = run.rounds == 0 or done < run.rounds
-            if run.await_bundle and more and not stop.is_set():
+            if run.await_bundle and more and done % run.await_every == 0 and not stop.is_set():
                 adopted = device.wait_for_new_bundle(run.await_bundle)
                 console.print(f"bundle {'adopted: ' + device.bundle.version[:12] if adopted else 'unchanged'}")
                 gate = device.last_gate_decision
