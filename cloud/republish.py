@@ -2,9 +2,10 @@
 
 Nothing is reconverted. Every program whose bytes do not depend on the weight values — the LiteRT
 trainable program and the ExecuTorch training programs take the weights as inputs — is copied as is, so
-its sha256 is unchanged and devices reuse their copy. The frozen inference programs (LiteRT infer.tflite,
-ExecuTorch infer.pte: weights baked in) carry their weight layout in the manifest (export/frozen.py);
-the new weights are written into the existing bytes at those places (protocol/weight_layout.py). The
+its sha256 is unchanged and devices reuse their copy. The programs with the weights baked in (LiteRT
+infer.tflite and phi_const.tflite, ExecuTorch infer.pte) carry their weight layout in the manifest
+(export/frozen.py); the new weights are written into the existing bytes at those places
+(protocol/weight_layout.py). The
 variant table is kept whole, timings included: the programs that were timed are the same programs.
 
 With `delta` (the default) the published weights are the parent's plus the float16-rounded change, and
@@ -12,9 +13,9 @@ the bundle carries that change as `params_delta` (protocol/param_delta.py): a de
 fetches half the parameter bytes and rebuilds the parameter files exactly. The error against the distilled
 weights (half a float16 ulp of each change) is recorded in the manifest's meta as `delta_max_abs_error`.
 
-A frozen program without a layout (a bundle exported before layouts existed) cannot be rewritten and is
-left out of the new bundle, with a warning: devices then run inference from the trainable program's infer
-signature with the weights as inputs (slower, same logits) until the next full export.
+A baked program without a layout (a bundle exported before layouts existed) cannot be rewritten and is
+left out of the new bundle, with a warning: devices then run inference and φ steps from the trainable
+program with the weights as inputs (slower, same results) until the next full export.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 from edgepatch.protocol.bundle import load_bundle
 from edgepatch.protocol.bundle_writer import BundleWriter
-from edgepatch.protocol.manifest import Manifest, artifact_runtime, split_kind
+from edgepatch.protocol.manifest import BAKED_KINDS, Manifest, artifact_runtime, split_kind
 from edgepatch.protocol.model_spec import param_infos
 from edgepatch.protocol.param_delta import delta_to_bytes, quantize_update
 from edgepatch.protocol.params import Params, ParamsError, check_params
@@ -81,9 +82,9 @@ def republish_bundle(previous: str | Path, params: Params, out: str | Path, *,
             if runtimes is not None and runtime not in runtimes:
                 continue
             source = old.artifact_path(name)
-            if entry.weights is None and base.endswith("_infer"):
-                log.warning("%s has no weight layout (exported before layouts): left out; %s devices infer "
-                            "from the trainable program until the next export", entry.path, runtime)
+            if entry.weights is None and base in BAKED_KINDS:
+                log.warning("%s has no weight layout (exported before layouts): left out; %s devices run "
+                            "the trainable program instead until the next export", entry.path, runtime)
                 continue
             if entry.weights is None:  # weights are inputs of this program: same bytes, same sha256
                 writer.add_file(entry.kind, source, name=name, path=entry.path)

@@ -62,6 +62,7 @@ class LiteRTEngine:
         self.infer_batch = bundle.manifest.train.infer_batch
         self.train_batch = bundle.manifest.train.batch
         self.num_classes = bundle.model_spec.num_classes
+        self._full_id = next((r.id for r in bundle.manifest.variants if r.variant.is_full(bundle.model_spec)), None)
 
     @cached_property
     def frozen(self) -> Any:
@@ -71,10 +72,23 @@ class LiteRTEngine:
         return LiteRTProgram(self._bundle.artifact_bytes(self._bundle.artifact_of_kind("litert_infer")),
                              num_threads=self._num_threads)
 
+    @cached_property
+    def phi_const(self) -> tuple[Any, dict[str, np.ndarray]] | None:
+        """(the weights-baked φ program of the full variant, the weights it holds), or None: the bundle has
+        none (exported before it existed), or it failed its parity check at load. Loaded on first use."""
+        from .phi_const import load_phi_const
+
+        return load_phi_const(self._bundle, self.trainable, self._full_id, self._num_threads)
+
     def phi_step(self, vid: str, x: np.ndarray, y: np.ndarray, phi: np.ndarray, m: np.ndarray, v: np.ndarray,
                  step: float, lr: float, sliced: Mapping[str, np.ndarray]
                  ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-        out = self.trainable.train_phi(vid, x, _labels(y, np.int32), phi, m, v, step, lr, sliced)
+        # The baked program is XNNPACK's fast path (weights packed once), valid only for the weights it holds:
+        # any other weights (a caller's own copy) go through the trainable program, which takes them as inputs.
+        if vid == self._full_id and self.phi_const is not None and _same(sliced, self.phi_const[1]):
+            out = self.phi_const[0].train_phi_const(x, _labels(y, np.int32), phi, m, v, step, lr)
+        else:
+            out = self.trainable.train_phi(vid, x, _labels(y, np.int32), phi, m, v, step, lr, sliced)
         return float(out["loss"]), out["phi"], out["m"], out["v"]
 
     def full_grads(self, vid: str, x: np.ndarray, y: np.ndarray, sliced_base: Mapping[str, np.ndarray]
@@ -150,6 +164,12 @@ def open_engine(bundle: Bundle, runtime: str, num_threads: int | None = None) ->
     if runtime == "executorch":
         return ExecuTorchEngine(bundle)
     raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+
+
+def _same(given: Mapping[str, np.ndarray], held: Mapping[str, np.ndarray]) -> bool:
+    """Whether `given` are exactly the weights `held` (identity first: the trainer passes the bundle's own)."""
+    return given.keys() == held.keys() and all(
+        given[n] is held[n] or np.array_equal(given[n], held[n]) for n in held)
 
 
 def _labels(y: np.ndarray, dtype: type) -> np.ndarray:

@@ -46,6 +46,7 @@ class ExportOptions:
     patch_layers: tuple[str, ...] | None = None  # default: every conv layer
     k: int = 16
     rank: int = 4
+    head_bias: bool = False  # φ also shifts the head's logits (+ num_classes coefficients): a label prior
     variants: str = "auto"  # "auto" = DSE, or "1,0.5" / "conv1=1:conv2=0.5,…" (see resolve.parse_variants)
     runtimes: tuple[str, ...] = RUNTIMES
     batch: int = 32
@@ -176,13 +177,17 @@ def build_programs(spec: ModelSpec, patch: PatchSpec, params: Params, variants: 
     layouts = {} if layouts is None else layouts
     adam = AdamConfig(lr=opts.phi_lr)
     if "litert" in opts.runtimes:
-        from .tflite_builder import build_inference_tflite, build_trainable_tflite
+        from .tflite_builder import build_inference_tflite, build_phi_const_tflite, build_trainable_tflite
 
         t0 = time.perf_counter()
         artifacts["litert_trainable"] = build_trainable_tflite(spec, patch, list(variants), opts.batch, adam)
         artifacts["litert_infer"], layouts["litert_infer"] = build_frozen(
             build_inference_tflite, spec, patch, params, opts.infer_batch)
-        log(f"LiteRT: {len(variants)} variants x 3 signatures + frozen inference "
+        # The full variant's φ step with the weights baked in (XNNPACK packs them once: the fast path of
+        # the device's φ step). Only the full variant: the others take a fresh kept set every step.
+        artifacts["litert_phi_const"], layouts["litert_phi_const"] = build_frozen(
+            partial(build_phi_const_tflite, adam=adam), spec, patch, params, opts.batch)
+        log(f"LiteRT: {len(variants)} variants x 3 signatures + frozen inference + baked φ step "
             f"({time.perf_counter() - t0:.1f} s)")
     if "executorch" in opts.runtimes:
         from .executorch_builder import build_inference_pte, build_train_full_pte, build_train_phi_pte
@@ -250,12 +255,15 @@ def export_bundle(opts: ExportOptions, out: Path, log: Log = _quiet) -> Manifest
     spec, given = load_source(opts)
     patch = (PatchSpec(opts.patch_kind, opts.patch_layers, opts.k, opts.rank) if opts.patch_layers
              else default_patch(spec, opts.patch_kind, opts.k, opts.rank))
+    if opts.head_bias:
+        patch = patch.with_head_bias(spec)
     patch.validate_against(spec)
     bad = set(opts.runtimes) - set(RUNTIMES)
     if bad:
         raise ValueError(f"unknown runtimes {sorted(bad)}; choose from {', '.join(RUNTIMES)}")
     log(f"model {spec.name}: input {spec.input_shape}, {len(spec.layers)} layers; "
-        f"{patch.kind} patches on {', '.join(patch.layers)} (k={patch.k})")
+        f"{patch.kind} patches on {', '.join(patch.layers)} (k={patch.k}"
+        f"{f', the last {spec.num_classes} a head bias' if patch.head_bias else ''})")
     if opts.data is None and opts.model not in REFERENCE_MODELS:  # say so before any work
         if given is None:
             raise no_data_error(spec, "to pretrain (it has no weights)")

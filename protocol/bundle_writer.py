@@ -44,6 +44,7 @@ DEFAULT_PATHS = {
     "params_delta": "params_delta.npz",
     "litert_trainable": "trainable.tflite",
     "litert_infer": "infer.tflite",
+    "litert_phi_const": "phi_const.tflite",
     "executorch_infer": "infer.pte",
     "executorch_train_phi": "train_phi_{vid}.pte",
     "executorch_train_full": "train_full_{vid}.pte",

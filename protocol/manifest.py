@@ -17,6 +17,7 @@ from .manifest_fields import (
     _MODEL_ID_RE,
     _NAME_RE,
     _SHA_RE,
+    BAKED_KINDS,
     INPUT_DTYPES,
     KNOWN_SCHEMA_VERSIONS,
     LAYOUTS,
@@ -27,6 +28,7 @@ from .manifest_fields import (
     VARIANT_KINDS,
     BundleError,
     ManifestError,
+    _bool,
     _int,
     _list,
     _loads_strict,
@@ -49,7 +51,7 @@ from .weight_layout import LayoutError, check_layout
 
 # The public names of the manifest schema live here, whichever of the three modules defines them.
 __all__ = [
-    "INPUT_DTYPES", "KNOWN_SCHEMA_VERSIONS", "LAYOUTS", "MANIFEST_NAME", "REQUIRED_KINDS", "SCHEMA_VERSION",
+    "BAKED_KINDS", "INPUT_DTYPES", "KNOWN_SCHEMA_VERSIONS", "LAYOUTS", "MANIFEST_NAME", "REQUIRED_KINDS", "SCHEMA_VERSION",
     "SINGLE_KINDS", "VARIANT_KINDS", "ArtifactEntry", "BundleError", "InputSpec", "LabelSpec", "Manifest",
     "ManifestError", "TrainConfig", "VariantRow", "artifact_runtime", "check_relative_path", "manifest_summary", "split_kind",
 ]
@@ -246,8 +248,10 @@ def _parse_model(data: Any) -> ModelSpec:
 
 def _parse_patch(data: Any) -> PatchSpec:
     d = _obj(data, "patch")
-    _only_keys(d, "patch", ("kind", "layers", "k"), ("rank",))
+    _only_keys(d, "patch", ("kind", "layers", "k"), ("rank", "head_bias"))
     _str(d["kind"], "patch.kind")
+    if "head_bias" in d:
+        _bool(d["head_bias"], "patch.head_bias")
     for i, v in enumerate(_list(d["layers"], "patch.layers")):
         _str(v, f"patch.layers[{i}]")
     _int(d["k"], "patch.k", 1)

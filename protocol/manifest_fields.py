@@ -24,12 +24,16 @@ SINGLE_KINDS = (
     "params_delta",  # npz float16: new minus parent parameters (protocol/param_delta.py); optional on devices
     "litert_trainable",  # .tflite with train_phi_/train_full_/infer_ signatures per variant
     "litert_infer",  # .tflite, frozen inference
+    "litert_phi_const",  # .tflite, the full variant's φ step with the weights baked in (optional; faster)
     "executorch_infer",  # .pte, frozen inference (XNNPACK)
     "dse_front_png",  # plot of the DSE Pareto front
     "dse_table_json",  # the DSE's raw evaluations
     "report_json",  # free-form export report (timings, parity checks)
 )
 VARIANT_KINDS = ("executorch_train_phi", "executorch_train_full")
+# Programs with the weights baked in: rewritten in place (their manifest entry carries the weight layout)
+# on every base update; without a layout they cannot follow new weights and must not be carried over.
+BAKED_KINDS = ("litert_infer", "litert_phi_const", "executorch_infer")
 REQUIRED_KINDS = ("params_base", "params_shared")
 
 _ID_RE = re.compile(r"^[a-z0-9-]+$")
