@@ -91,6 +91,8 @@ def export_cmd(
     patch_layers: str = typer.Option("", help="comma-separated layers to patch (default: every conv)"),
     k: int = typer.Option(16, help="size of the per-device vector φ"),
     rank: int = typer.Option(4, help="bottleneck of lowrank patches"),
+    head_bias: bool = typer.Option(False, "--head-bias/--no-head-bias", help="φ also shifts the head's logits "
+                                   "(num_classes more coefficients): lets a device learn its label prior"),
     variants: str = typer.Option("auto", help="'auto' (DSE) or keep ratios '1,0.5' or 'conv1=1:conv2=0.5,…'"),
     runtimes: str = typer.Option("litert,executorch", help="programs to build"),
     batch: int = typer.Option(32, help="fixed batch of the training programs"),
@@ -101,7 +103,7 @@ def export_cmd(
 
     opts = ExportOptions(model=model, weights=weights, data=data, pretrain=pretrain, shared=shared,
                          patch_kind=patch, patch_layers=tuple(p for p in patch_layers.split(",") if p) or None, k=k, rank=rank,
-                         variants=variants, runtimes=tuple(r for r in runtimes.split(",") if r),
+                         head_bias=head_bias, variants=variants, runtimes=tuple(r for r in runtimes.split(",") if r),
                          batch=batch, seed=seed)
     try:
         export_bundle(opts, out, _log)

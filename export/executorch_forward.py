@@ -209,7 +209,7 @@ def trainable_forward(spec: ModelSpec, patch: PatchSpec | None, params: Mapping[
                  else torch_model.apply_patch(h, patch, params, layer.name, phi))
         acts[layer.name] = (h, channel_major)
     out, channel_major = acts[spec.layers[-1].name]
-    return out.transpose(0, 1) if channel_major else out
+    return torch_model.add_head_bias(out.transpose(0, 1) if channel_major else out, spec, patch, params, phi)
 
 
 def _norm_xnnpack(layer: LayerSpec, h: Tensor, params: Mapping[str, Tensor]) -> Tensor:
@@ -250,4 +250,4 @@ def inference_forward(spec: ModelSpec, patch: PatchSpec | None, params: Mapping[
         if patch is not None and phi is not None and layer.name in patch.layers:
             h = torch_model.apply_patch(h, patch, params, layer.name, phi)
         acts[layer.name] = h
-    return acts[spec.layers[-1].name]
+    return torch_model.add_head_bias(acts[spec.layers[-1].name], spec, patch, params, phi)

@@ -23,7 +23,7 @@ import tensorflow as tf
 from edgepatch.protocol import graph
 from edgepatch.protocol.graph import MODEL_INPUT
 from edgepatch.protocol.model_spec import LayerSpec, ModelSpec, PatchSpec
-from edgepatch.protocol.patch_kinds import PatchBuilders
+from edgepatch.protocol.patch_kinds import HEAD_BIAS_PART, PatchBuilders
 
 NORM_EPS = 1e-5  # same as export/torch_model.py
 
@@ -269,7 +269,10 @@ def forward(spec: ModelSpec, patch: PatchSpec | None, params: Tensors, x: tf.Ten
         if patch is not None and phi is not None and layer.name in patch.layers:
             h = _apply_patch(h, patch, params, layer.name, phi)
         acts[layer.name] = h
-    return acts[spec.layers[-1].name]
+    logits = acts[spec.layers[-1].name]
+    if patch is not None and phi is not None and patch.head_bias:  # torch_model.add_head_bias
+        logits = logits + _theta(params, spec.layers[-1].name, HEAD_BIAS_PART, phi)
+    return logits
 
 
 def cross_entropy(logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from edgepatch.protocol import graph
 from edgepatch.protocol.graph import MODEL_INPUT
 from edgepatch.protocol.model_spec import LayerSpec, ModelSpec, PatchSpec, param_infos, patch_parts
-from edgepatch.protocol.patch_kinds import PatchBuilders
+from edgepatch.protocol.patch_kinds import HEAD_BIAS_PART, PatchBuilders
 
 NORM_EPS = 1e-5
 
@@ -48,6 +48,14 @@ def _lowrank(h: Tensor, params: Mapping[str, Tensor], layer: str, phi: Tensor) -
 def apply_patch(h: Tensor, patch: PatchSpec, params: Mapping[str, Tensor], layer: str, phi: Tensor) -> Tensor:
     """The patch of `layer` on a batch-first activation, by the kind's registered torch builder."""
     return APPLY_PATCH.get(patch.kind)(h, params, layer, phi)
+
+
+def add_head_bias(logits: Tensor, spec: ModelSpec, patch: PatchSpec | None, params: Mapping[str, Tensor],
+                  phi: Tensor | None) -> Tensor:
+    """Batch-first logits plus the patch's head bias θ̄_hb + Θ_hb·φ (unchanged without one)."""
+    if patch is None or phi is None or not patch.head_bias:
+        return logits
+    return logits + patch_theta(params, spec.layers[-1].name, HEAD_BIAS_PART, phi)
 
 
 def pad_spatial(h: Tensor, pads: tuple[int, ...]) -> Tensor:
@@ -109,7 +117,7 @@ def forward(spec: ModelSpec, patch: PatchSpec | None, params: Mapping[str, Tenso
         if patch is not None and phi is not None and layer.name in patch.layers:
             h = apply_patch(h, patch, params, layer.name, phi)
         acts[layer.name] = h
-    return acts[spec.layers[-1].name]
+    return add_head_bias(acts[spec.layers[-1].name], spec, patch, params, phi)
 
 
 def to_tensors(params: Mapping[str, np.ndarray], requires_grad: bool = False) -> dict[str, Tensor]:

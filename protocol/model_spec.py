@@ -25,7 +25,7 @@ from typing import Any
 
 from . import graph
 from .graph import CONV_KINDS, MODEL_INPUT
-from .patch_kinds import PatchKindError, patch_kind
+from .patch_kinds import HEAD_BIAS_PART, PatchKindError, patch_kind
 
 LAYER_KINDS = ("conv2d", "dwconv2d", "conv1d", "dense", "relu", "relu6", "avgpool", "flatten", "norm", "gap",
                "add", "pad")
@@ -240,12 +240,16 @@ class PatchSpec:
 
     For each patch part, θ = θ̄ + Θ·φ; θ̄ ("bar") and Θ ("basis") are shared and frozen on the device,
     φ is the only thing a device trains and uploads. `rank` is the bottleneck of "lowrank" patches.
+    `head_bias`: the patch also adds θ̄_hb + Θ_hb·φ to the logits (a patch on the head's bias, so φ can
+    express a device's label prior; see patch_kinds.py); its `num_classes` coefficients are φ's last ones
+    and are counted in `k` (`with_head_bias` adds them).
     """
 
     kind: str = "film"
     layers: tuple[str, ...] = ()
     k: int = 16
     rank: int = 4
+    head_bias: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -257,6 +261,8 @@ class PatchSpec:
             raise SpecError("patch k and rank must be >= 1")
         if not self.layers:
             raise SpecError("a patch spec needs at least one layer to attach to")
+        if not isinstance(self.head_bias, bool):
+            raise SpecError(f"patch head_bias must be true or false, got {self.head_bias!r}")
 
     def validate_against(self, spec: ModelSpec) -> None:
         for name in self.layers:
@@ -264,15 +270,28 @@ class PatchSpec:
             if layer.kind not in PATCHABLE_KINDS:
                 raise SpecError(f"patches attach to {', '.join(PATCHABLE_KINDS)} layers; {name!r} is {layer.kind}")
         if spec.layers[-1].name in self.layers:
-            raise SpecError("the head layer cannot carry a patch")
+            raise SpecError("the head layer cannot carry a patch (a head bias is `head_bias`)")
+        if self.head_bias and self.k <= spec.num_classes:
+            raise SpecError(f"a head bias takes {spec.num_classes} of φ's k = {self.k} coefficients and leaves "
+                            "none for the layer patches; use PatchSpec.with_head_bias (k + num_classes)")
+
+    def with_head_bias(self, spec: ModelSpec) -> PatchSpec:
+        """This patch plus a head bias: φ grows by `spec.num_classes` coefficients (a no-op if it has one)."""
+        if self.head_bias:
+            return self
+        return replace(self, k=self.k + spec.num_classes, head_bias=True)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "layers": list(self.layers), "k": self.k, "rank": self.rank}
+        data: dict[str, Any] = {"kind": self.kind, "layers": list(self.layers), "k": self.k, "rank": self.rank}
+        if self.head_bias:  # only when set: specs and manifests without it serialize byte-identically
+            data["head_bias"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PatchSpec:
         try:
-            return cls(str(data["kind"]), tuple(data["layers"]), int(data["k"]), int(data.get("rank", 4)))
+            return cls(str(data["kind"]), tuple(data["layers"]), int(data["k"]), int(data.get("rank", 4)),
+                       data.get("head_bias", False))
         except (KeyError, TypeError) as exc:
             raise SpecError(f"malformed patch description: {exc}") from exc
 
@@ -332,6 +351,10 @@ def param_infos(spec: ModelSpec, patch: PatchSpec | None = None) -> dict[str, Pa
                 axes = tuple(source if i in kind.channel_axes[part] else None for i in range(len(shape)))
                 infos[f"{n}.patch.{part}"] = ParamInfo(shape, axes, "bar")
                 infos[f"{n}.patch.{part}_basis"] = ParamInfo((*shape, patch.k), (*axes, None), "basis")
+    if patch is not None and patch.head_bias:  # after the head's own parameters: older orders are unchanged
+        head, classes = spec.layers[-1].name, spec.num_classes
+        infos[f"{head}.patch.{HEAD_BIAS_PART}"] = ParamInfo((classes,), (None,), "bar")
+        infos[f"{head}.patch.{HEAD_BIAS_PART}_basis"] = ParamInfo((classes, patch.k), (None, None), "basis")
     return infos
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .model_spec import ModelSpec, PatchSpec, param_infos
-from .patch_kinds import patch_kind
+from .patch_kinds import HEAD_BIAS_PART, patch_kind
 
 Params = dict[str, np.ndarray]
 
@@ -48,7 +48,22 @@ def init_params(spec: ModelSpec, patch: PatchSpec | None = None, seed: int = 0) 
         else:
             value = np.zeros(shape)
         params[name] = value.astype(np.float32)
+    if patch is not None and patch.head_bias:
+        _start_head_bias(params, spec, patch)
     return params
+
+
+def _start_head_bias(params: Params, spec: ModelSpec, patch: PatchSpec) -> None:
+    """φ's last `num_classes` coefficients start as a plain logit offset: Θ_hb is the identity on them and
+    zero elsewhere, every other basis is zero on them (so they move nothing else), θ̄_hb = 0."""
+    head, classes = spec.layers[-1].name, spec.num_classes
+    own = patch.k - classes
+    for name, info in param_infos(spec, patch).items():
+        if info.role == "basis":  # the layer patches' own columns keep the scale of a k = own basis
+            params[name][..., :own] *= np.float32(np.sqrt(patch.k / own))
+            params[name][..., own:] = 0.0
+    params[f"{head}.patch.{HEAD_BIAS_PART}_basis"][:, :own] = 0.0
+    params[f"{head}.patch.{HEAD_BIAS_PART}_basis"][:, own:] = np.eye(classes, dtype=np.float32)
 
 
 def check_params(params: Mapping[str, np.ndarray], spec: ModelSpec, patch: PatchSpec | None,

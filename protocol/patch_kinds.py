@@ -6,6 +6,14 @@ initialization (the rest start at zero, so φ = 0 leaves the model unchanged). E
 TensorFlow, ExecuTorch's channel-major form) keeps a `PatchBuilders` registry of functions applying a kind
 to an activation; asking for a kind nobody registered is an error naming the registered ones, never a
 silent fallback to another kind.
+
+Besides the kind's patches on hidden layers, a patch may carry a **head bias** (`PatchSpec.head_bias`):
+θ_hb = θ̄_hb + Θ_hb·φ added to the logits, i.e. a patch on the head layer's bias. Why: FiLM and low-rank
+patches act on hidden channels only, so a device's φ could not express its label prior, and on
+label-skewed devices personalization often did no better than "always predict my most common class"
+(issue 10). With it, φ gains `num_classes` coefficients (its last ones); Θ_hb starts as the identity on
+them and every other basis starts at zero there, so those coefficients begin as a plain per-class logit
+offset, while MoMoDistill may still retrain θ̄_hb and Θ_hb like any other shared part.
 """
 
 from __future__ import annotations
@@ -57,6 +65,10 @@ register_patch_kind(PatchKind("film", lambda c, r: {"scale": (c,), "shift": (c,)
 # Low-rank residual over channels, h + up · relu(down · h); down starts random so the gradient is not zero.
 register_patch_kind(PatchKind("lowrank", lambda c, r: {"down": (r, c), "up": (c, r)},
                               {"down": (1,), "up": (0,)}, random_parts=("down",)))
+
+# The head bias's part name: parameters "<head>.patch.bias" (θ̄_hb, (classes,)) and "<head>.patch.bias_basis"
+# (Θ_hb, (classes, k)); see the module docstring.
+HEAD_BIAS_PART = "bias"
 
 F = TypeVar("F", bound=Callable[..., object])
 
