@@ -94,8 +94,10 @@ def test_republish_distilled_bundle_without_tensorflow(digits_bundle_both: Path,
             assert got.sha256 == entry.sha256, name
         else:  # frozen: same size and layout, new bytes
             assert (got.bytes, got.weights) == (entry.bytes, entry.weights) and got.sha256 != entry.sha256, name
-    assert {"litert_infer", "executorch_infer"} <= {e.kind for e in new.manifest.artifacts.values() if e.weights}
+    assert {"litert_infer", "litert_phi_const", "executorch_infer"} <= {
+        e.kind for e in new.manifest.artifacts.values() if e.weights}
     _check_parity(new, params)
+    _check_phi_const(new)
 
 
 def test_device_fetches_only_its_runtime_and_rebuilds_the_frozen_program(digits_bundle_both: Path,
@@ -125,7 +127,8 @@ def test_device_fetches_only_its_runtime_and_rebuilds_the_frozen_program(digits_
         # Only the manifest and the float16 delta travel: the parameter files and infer.tflite are rebuilt.
         assert stats.downloaded_bytes == sizes["params_delta"] + manifest_bytes
         assert sizes["params_delta"] < 0.6 * (sizes["params_base"] + sizes["params_shared"])
-        assert stats.rebuilt_bytes == sizes["params_base"] + sizes["params_shared"] + sizes["litert_infer"]
+        assert stats.rebuilt_bytes == (sizes["params_base"] + sizes["params_shared"] + sizes["litert_infer"]
+                                       + sizes["litert_phi_const"])
         assert stats.skipped_bytes == sum(e.bytes for e in manifest.artifacts.values() if e.runtime == "executorch")
         assert not [p for p in path.rglob("*.pte")]
         installed = active.install(path, expected_version=version)  # verified: sizes, sha256, params
@@ -170,6 +173,33 @@ def _check_parity(bundle, params) -> None:
     et = ExecuTorchInference(bundle.artifact_bytes(bundle.artifact_of_kind("executorch_infer"))).infer(x, phi)
     np.testing.assert_allclose(litert, want, atol=1e-4, rtol=0)
     np.testing.assert_allclose(et, want, atol=1e-4, rtol=0)
+
+
+def _check_phi_const(bundle) -> None:
+    """The republished baked φ program takes one Adam step as torch autograd does with the new weights, and
+    the device's engine accepts it (its probe step agrees with the trainable program, reused unchanged)."""
+    from edgepatch.device.backends.litert import LiteRTProgram
+    from edgepatch.device.engine import LiteRTEngine
+    from edgepatch.protocol.optim import adam_step
+    from edgepatch.protocol.variants import full_variant
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from parity_checks import torch_reference
+
+    spec, patch, params = bundle.model_spec, bundle.patch_spec, bundle.all_params()
+    rng = np.random.default_rng(4)
+    n = bundle.manifest.train.batch
+    x = rng.normal(size=(n, *spec.input_shape)).astype(np.float32)
+    y = rng.integers(0, spec.num_classes, n).astype(np.int32)
+    phi, zeros = rng.normal(scale=0.3, size=patch.k).astype(np.float32), np.zeros(patch.k, np.float32)
+    ref = torch_reference(spec, patch, full_variant(spec), params, x, y, phi)
+    program = LiteRTProgram(bundle.artifact_bytes(bundle.artifact_of_kind("litert_phi_const")))
+    out = program.train_phi_const(x, y, phi, zeros, zeros, 0.0, 0.05)
+    np.testing.assert_allclose(out["loss"], ref["loss"], rtol=1e-4)
+    np.testing.assert_allclose(out["grad"], ref["grad_phi"], rtol=1e-4, atol=1e-4 * float(np.abs(ref["grad_phi"]).max()))
+    want_phi, _, _ = adam_step(phi, ref["grad_phi"], zeros, zeros, 0.0, bundle.manifest.train.adam, lr=0.05)
+    np.testing.assert_allclose(out["phi"], want_phi, rtol=1e-4, atol=1e-6)
+    assert LiteRTEngine(bundle).phi_const is not None
 
 
 def test_layout_finds_transposed_and_shifted_weights_and_rewrites_only_them() -> None:
