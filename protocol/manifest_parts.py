@@ -157,6 +157,7 @@ class VariantRow:
     memory_bytes: int | None = None
     convergence: float | None = None  # mean loss after the DSE budget; lower is better
     pareto: bool = False
+    convergence_std: float | None = None  # spread of `convergence` over the DSE's seeds; None = unknown
 
     def __post_init__(self) -> None:
         # Plain Python numbers: rows often come from numpy (the DSE), which json cannot serialize.
@@ -169,6 +170,8 @@ class VariantRow:
             object.__setattr__(self, "memory_bytes", int(self.memory_bytes))
         if self.convergence is not None:
             object.__setattr__(self, "convergence", float(self.convergence))
+        if self.convergence_std is not None:
+            object.__setattr__(self, "convergence_std", float(self.convergence_std))
         object.__setattr__(self, "pareto", bool(self.pareto))
 
     @property
@@ -204,6 +207,10 @@ class VariantRow:
                     raise ManifestError(f"{ctx}.{key}.{runtime}: must be a finite number >= 0, got {ms}")
         if self.convergence is not None and not math.isfinite(self.convergence):
             raise ManifestError(f"{ctx}.convergence: must be finite or null, got {self.convergence}")
+        if self.convergence_std is not None and not (math.isfinite(self.convergence_std)
+                                                     and self.convergence_std >= 0):
+            raise ManifestError(f"{ctx}.convergence_std: must be a finite number >= 0 or null, "
+                                f"got {self.convergence_std}")
         if self.memory_bytes is not None and self.memory_bytes < 0:
             raise ManifestError(f"{ctx}.memory_bytes: must be >= 0")
 
@@ -211,19 +218,21 @@ class VariantRow:
         return {"id": self.id, "keep": dict(self.keep), "widths": dict(self.widths),
                 "flops_ratio": self.flops_ratio, "train_ms": dict(self.train_ms),
                 "infer_ms": dict(self.infer_ms), "memory_bytes": self.memory_bytes,
-                "convergence": self.convergence, "pareto": self.pareto}
+                "convergence": self.convergence, "pareto": self.pareto,
+                # only when known: tables without it serialize byte-identically to before
+                **({} if self.convergence_std is None else {"convergence_std": self.convergence_std})}
 
     @classmethod
     def from_dict(cls, data: Any, ctx: str) -> VariantRow:
         d = _obj(data, ctx)
         _only_keys(d, ctx, ("id", "keep", "widths", "flops_ratio"),
-                   ("train_ms", "infer_ms", "memory_bytes", "convergence", "pareto"))
+                   ("train_ms", "infer_ms", "memory_bytes", "convergence", "pareto", "convergence_std"))
 
         def table(key: str, parse: Any) -> dict[str, Any]:
             raw = _obj(d.get(key, {}), _where(ctx, key))
             return {_str(k, _where(ctx, key)): parse(v, _where(_where(ctx, key), k)) for k, v in raw.items()}
 
-        memory, conv = d.get("memory_bytes"), d.get("convergence")
+        memory, conv, conv_std = d.get("memory_bytes"), d.get("convergence"), d.get("convergence_std")
         return cls(
             id=_str(d["id"], _where(ctx, "id"), _ID_RE),
             keep=table("keep", _float), widths=table("widths", lambda v, c: _int(v, c, 1)),
@@ -232,6 +241,7 @@ class VariantRow:
             memory_bytes=None if memory is None else _int(memory, _where(ctx, "memory_bytes"), 0),
             convergence=None if conv is None else _float(conv, _where(ctx, "convergence")),
             pareto=_bool(d.get("pareto", False), _where(ctx, "pareto")),
+            convergence_std=None if conv_std is None else _float(conv_std, _where(ctx, "convergence_std")),
         )
 
 
