@@ -2,6 +2,7 @@
 
 They travel in the one envelope of `wire.py` (schema, kind, sender, seq, content hash, strict JSON); this
 module only defines what is inside `payload`, and re-exports the codec so `messages.decode` keeps working.
+PatchUpdate also has a binary frame (frame.py, the default on the wire): φ as raw little-endian float32.
 
 Arrays never travel as pickles: `{"dtype": "<f4", "shape": [k], "b64": base64(little-endian float32)}`.
 """
@@ -12,12 +13,14 @@ import base64
 import binascii
 import math
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
+from .frame import register_frame
 from .topics import Channel
 from .wire import (  # noqa: F401 - the codec, re-exported for the callers of messages.decode & co.
     MAX_MESSAGE_BYTES,
@@ -84,13 +87,26 @@ def decode_array(obj: Any, what: str, ndim: int | None = None) -> np.ndarray:
     return arr
 
 
+# steps, samples, holdout_acc, loss, k; then φ float32 × k. k is explicit (4 bytes) so a cut frame is
+# refused, never read as a shorter φ.
+_PATCH_HEAD = struct.Struct("<QQddI")
+
+
+@register_frame
 @register
 @dataclass(frozen=True)
 class PatchUpdate:
-    """A device's trained patch coefficients phi for (base_version, variant_id) from the envelope."""
+    """A device's trained patch coefficients phi for (base_version, variant_id) from the envelope.
+    Travels as a binary frame by default (frame.py: 36 bytes of scalars and k, then φ as little-endian float32)."""
 
     KIND: ClassVar[str] = "patch_update"
     CHANNELS: ClassVar[tuple[Channel, ...]] = (Channel.PATCH,)
+    FRAME_CODE: ClassVar[int] = 1
+    FRAME_FIELDS: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"name": "steps", "bytes": 8, "type": "uint64"}, {"name": "samples", "bytes": 8, "type": "uint64"},
+        {"name": "holdout_acc", "bytes": 8, "type": "float64"}, {"name": "loss", "bytes": 8, "type": "float64"},
+        {"name": "k", "bytes": 4, "type": "uint32"},
+        {"name": "phi", "bytes": "4·k (exactly the rest of the frame, k >= 1)", "type": "float32[k]"})
     phi: np.ndarray = field(compare=False)
     steps: int
     samples: int
@@ -98,11 +114,37 @@ class PatchUpdate:
     loss: float
 
     def to_json(self) -> dict[str, Any]:
-        phi = np.asarray(self.phi)
+        return {"phi": encode_array(self._phi_checked()), "steps": int(self.steps), "samples": int(self.samples),
+                "holdout_acc": number(self.holdout_acc, "holdout_acc"), "loss": number(self.loss, "loss")}
+
+    def to_frame(self) -> bytes:
+        phi = self._phi_checked()
+        return _PATCH_HEAD.pack(integer(self.steps, "steps"), integer(self.samples, "samples"),
+                                _acc(self.holdout_acc), number(self.loss, "loss"), phi.size) + phi.tobytes()
+
+    @classmethod
+    def from_frame(cls, data: memoryview) -> PatchUpdate:
+        if len(data) < _PATCH_HEAD.size:
+            raise MessageError("bad_shape", f"patch_update frame payload of {len(data)} bytes is shorter than "
+                                            f"its {_PATCH_HEAD.size} bytes of scalars")
+        steps, samples, acc, loss, k = _PATCH_HEAD.unpack_from(data)
+        if k < 1 or len(data) != _PATCH_HEAD.size + 4 * k:
+            raise MessageError("bad_shape", f"phi of k={k} floats needs {4 * k} bytes, the frame has "
+                                            f"{len(data) - _PATCH_HEAD.size} (k >= 1)")
+        phi = np.frombuffer(data, dtype=ARRAY_DTYPE, offset=_PATCH_HEAD.size).astype(np.float32)
+        if not np.all(np.isfinite(phi)):
+            raise MessageError("non_finite", "phi holds NaN or infinity")
+        phi.flags.writeable = False
+        return cls(phi=phi, steps=integer(steps, "steps"), samples=integer(samples, "samples"), holdout_acc=_acc(acc),
+                   loss=number(loss, "loss"))
+
+    def _phi_checked(self) -> np.ndarray:
+        phi = np.ascontiguousarray(np.asarray(self.phi), dtype=ARRAY_DTYPE)
         if phi.ndim != 1 or phi.size == 0:
             raise MessageError("bad_shape", f"phi must be a non-empty 1-D array, got shape {phi.shape}")
-        return {"phi": encode_array(phi), "steps": int(self.steps), "samples": int(self.samples),
-                "holdout_acc": number(self.holdout_acc, "holdout_acc"), "loss": number(self.loss, "loss")}
+        if not np.all(np.isfinite(phi)):
+            raise MessageError("non_finite", "phi holds NaN or infinity")
+        return phi
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> PatchUpdate:
@@ -111,12 +153,16 @@ class PatchUpdate:
         phi = decode_array(need(obj, "phi", w), "phi", ndim=1)
         if phi.size == 0:
             raise MessageError("bad_shape", "phi is empty")
-        acc = number(need(obj, "holdout_acc", w), "holdout_acc")
-        if not 0.0 <= acc <= 1.0:
-            raise MessageError("bad_field", f"holdout_acc={acc} outside [0, 1]")
         return cls(phi=phi, steps=integer(need(obj, "steps", w), "steps"),
                    samples=integer(need(obj, "samples", w), "samples"),
-                   holdout_acc=acc, loss=number(need(obj, "loss", w), "loss"))
+                   holdout_acc=_acc(need(obj, "holdout_acc", w)), loss=number(need(obj, "loss", w), "loss"))
+
+
+def _acc(value: Any) -> float:
+    acc = number(value, "holdout_acc")
+    if not 0.0 <= acc <= 1.0:
+        raise MessageError("bad_field", f"holdout_acc={acc} outside [0, 1]")
+    return acc
 
 
 METRIC_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")

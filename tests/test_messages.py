@@ -37,10 +37,12 @@ HEADER = {"device_id": "dev-7", "fleet": "lab", "base_version": "b3", "variant_i
 SHA = "ab" * 32
 
 
-def patch_msg(phi: np.ndarray | None = None, seq: int = 5):
+def patch_msg(phi: np.ndarray | None = None, seq: int = 5, binary: bool = False):
+    """A patch in the JSON envelope (still accepted: older devices, the Android guide). The binary frame
+    patches travel in by default has its own tests: tests/test_frame.py."""
     phi = np.linspace(-1, 1, 8, dtype=np.float32) if phi is None else phi
     return make_message(PatchUpdate(phi=phi, steps=40, samples=320, holdout_acc=0.8125, loss=0.42),
-                        seq=seq, sent_at=1_700_000_000.5, **HEADER)
+                        seq=seq, sent_at=1_700_000_000.5, binary=binary, **HEADER)
 
 
 def resign(env: dict) -> bytes:
@@ -132,9 +134,10 @@ def test_sender_refuses_what_receivers_would_reject():
     with pytest.raises(MessageError) as info:
         patch_msg(np.array([1.0, np.nan], dtype=np.float32))
     assert info.value.reason == "non_finite"
-    with pytest.raises(MessageError) as info:
-        encode(patch_msg(np.zeros(20_000, dtype=np.float32)))
-    assert info.value.reason == "oversize"
+    for binary in (False, True):
+        with pytest.raises(MessageError) as info:
+            encode(patch_msg(np.zeros(20_000, dtype=np.float32), binary=binary))
+        assert info.value.reason == "oversize"
 
 
 def test_content_hash_is_stable_and_content_sensitive():
