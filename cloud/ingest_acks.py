@@ -12,20 +12,21 @@ the store dedupes it by content hash, and the ack goes out then, with status "du
 Statuses: stored (new row), duplicate (already stored: a resend), quarantined (the database refused the row;
 it is in the quarantine table with the reason), rejected (validation or admission refused it: resending
 the same bytes cannot help, so the device drops it and logs the reason). A rejected message's hash is the
-one its envelope claims (read leniently, since the message failed validation); one that has none cannot
-be acknowledged and the device resends it with backoff until its outbox bound evicts it.
+one it claims (protocol/frame.claimed_hash: a binary frame's sha256, or the hash a JSON envelope names,
+read leniently since the message failed validation); one that has none cannot be acknowledged and the
+device resends it with backoff until its outbox bound evicts it.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+# A refused binary patch frame's hash is its sha256, a JSON envelope's the hash it claims (protocol/frame.py).
+from edgepatch.protocol.frame import claimed_hash
 from edgepatch.protocol.messages import MAX_ACKS, AckEntry, PatchAck, encode, make_message
 from edgepatch.protocol.mqtt import Incoming, MqttClient
 from edgepatch.protocol.topics import Channel, TopicError, parse_topic
@@ -35,23 +36,10 @@ from .store import BatchResult, Received, Reject
 log = logging.getLogger(__name__)
 
 SENDER = "cloud"  # the companion's id as a sender (the same as companion.CLOUD_ID; not imported: heavy module)
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # seq only has to grow per sender; starting from the clock keeps it growing across restarts.
 _SEQ = itertools.count(time.time_ns() // 1_000_000)
 
 Address = tuple[str, str]  # (fleet, device)
-
-
-def claimed_hash(payload: bytes, max_bytes: int) -> str | None:
-    """The content hash a refused message's envelope claims, if it names a well-formed one."""
-    if not payload or len(payload) > max_bytes:
-        return None
-    try:
-        env = json.loads(bytes(payload))
-    except (ValueError, RecursionError):
-        return None
-    value = env.get("content_hash") if isinstance(env, dict) else None
-    return value if isinstance(value, str) and _SHA256.match(value) else None
 
 
 def patch_acks(batch: Iterable[tuple[Incoming, Received | Reject | None]], result: BatchResult,
