@@ -105,7 +105,7 @@ def test_contract_names_are_the_ones_docs_contracts_defines() -> None:
 def real_envelope() -> dict[str, object]:
     msg = make_message(PatchUpdate(phi=np.arange(4, dtype=np.float32), steps=3, samples=10, holdout_acc=0.5,
                                    loss=0.25), device_id="d1", fleet="f1", base_version="ab" * 32,
-                       variant_id="k100-100", seq=1)
+                       variant_id="k100-100", seq=1, binary=False)  # the guide's app sends the JSON form
     return json.loads(encode(msg))
 
 
