@@ -49,9 +49,11 @@ def conv2d_valid(x: tf.Tensor, w: tf.Tensor, stride: int) -> tf.Tensor:
         def grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             kh, kw, cin, cout = w.shape
             n, ho, wo = dy.shape[0], dy.shape[1], dy.shape[2]
-            # input gradient: a transposed conv with the static padded input shape (fixed batch)
-            dx = tf.nn.conv2d_transpose(dy, w, output_shape=x.shape, strides=[1, stride, stride, 1],
-                                        padding="VALID")
+            if (kh, kw, stride) == (1, 1, 1):  # a 1x1 conv with the transposed kernel: XNNPACK's GEMM,
+                dx = tf.nn.conv2d(dy, tf.transpose(w, [0, 1, 3, 2]), strides=[1, 1, 1, 1], padding="VALID")
+            else:  # ... faster than its deconvolution. Otherwise a transposed conv (static shape, fixed batch)
+                dx = tf.nn.conv2d_transpose(dy, w, output_shape=x.shape, strides=[1, stride, stride, 1],
+                                            padding="VALID")
             # filter gradient: im2col of the taps, one matmul (Conv2DBackpropFilter would need Flex)
             cols = tf.concat(_tap_slices(x, kh, kw, ho, wo, stride), axis=-1)  # (N, Ho, Wo, kh*kw*cin)
             cols = tf.reshape(cols, [n * ho * wo, kh * kw * cin])
@@ -92,11 +94,10 @@ def depthwise_valid(x: tf.Tensor, w: tf.Tensor, stride: int = 1) -> tf.Tensor:
             if extra_h < 0 or extra_w < 0:
                 dyd = dyd[:, :ho * stride + min(extra_h, 0), :wo * stride + min(extra_w, 0), :]
             dy_full = tf.pad(dyd, [[0, 0], [kh - 1, max(extra_h, 0)], [kw - 1, max(extra_w, 0)], [0, 0]])
-            # correlation with the flipped kernel written as reverse(correlate(reverse(dy), w)): the kernel
-            # is used as stored, so a weights-baked program holds no flipped copy that a rewrite of its
-            # weights in place (export/frozen.py) would miss
-            dx = tf.reverse(tf.nn.depthwise_conv2d(tf.reverse(dy_full, axis=[1, 2]), w, strides=[1, 1, 1, 1],
-                                                   padding="VALID"), axis=[1, 2])
+            # the flipped kernel, not flipped activations (two REVERSE_V2 copies per layer, outside XNNPACK);
+            # a weights-baked program stores it as a constant of its own, which the weight layout records as
+            # a reversed-axes spot (protocol/weight_layout.py), so rewriting weights in place covers it
+            dx = tf.nn.depthwise_conv2d(dy_full, tf.reverse(w, axis=[0, 1]), strides=[1, 1, 1, 1], padding="VALID")
             taps = [tf.reduce_sum(t * dy, axis=[0, 1, 2]) for t in _tap_slices(x, kh, kw, ho, wo, stride)]
             return dx, tf.reshape(tf.stack(taps, axis=0), [kh, kw, c, 1])
 

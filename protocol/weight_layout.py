@@ -11,7 +11,10 @@ MoMoDistill, and a device rebuilding its own copy, repeat only `write_weights`: 
 A layout is {param name: [[byte offset, plus, axis permutation...], ...]}: the parameter, transposed by
 the permutation, plus the constant `plus`, sits as float32 at that offset (a parameter may appear more than
 once). `plus` exists because converters fold constant arithmetic: TensorFlow stores FiLM's `1 + θ̄` as one
-constant, so the program holds θ̄ + 1, not θ̄.
+constant, so the program holds θ̄ + 1, not θ̄. An axis written as `-1 - a` is source axis `a` reversed: a
+training program's input gradient of a (depthwise) convolution correlates with the spatially flipped
+kernel, and the converter stores that flipped copy as a constant of its own (searched for 4-axis
+parameters with both trailing axes reversed: a 2-D kernel's spatial axes in torch's layout).
 """
 
 from __future__ import annotations
@@ -46,16 +49,30 @@ def marker_params(params: Mapping[str, np.ndarray], seed: int = 0) -> dict[str, 
     return out
 
 
+def _axis(code: int) -> int:
+    """Source axis of a layout axis entry (`-1 - a` = axis `a` reversed)."""
+    return code if code >= 0 else -1 - code
+
+
 def _encode(value: np.ndarray, plus: float, perm: list[int] | tuple[int, ...]) -> bytes:
     shifted = np.asarray(value, np.float32) + np.float32(plus)  # float32 add: the converter's rounding
-    return np.ascontiguousarray(shifted.transpose(perm), dtype="<f4").tobytes()
+    flipped = tuple(-1 - a for a in perm if a < 0)
+    if flipped:
+        shifted = np.flip(shifted, axis=flipped)
+    return np.ascontiguousarray(shifted.transpose([_axis(a) for a in perm]), dtype="<f4").tobytes()
 
 
 def _candidates(value: np.ndarray, plus: float) -> list[tuple[tuple[int, ...], bytes]]:
-    """Each distinct transposition of `value + plus` as float32 bytes (identity first)."""
+    """Each distinct transposition of `value + plus` as float32 bytes (identity first), and of a kernel's
+    spatially flipped copy (both trailing axes reversed) for 2-D kernels (4 axes)."""
+    flips: list[frozenset[int]] = [frozenset()]
+    if value.ndim == 4:
+        flips.append(frozenset((value.ndim - 2, value.ndim - 1)))
     seen: dict[bytes, tuple[int, ...]] = {}
-    for perm in itertools.permutations(range(value.ndim)):
-        seen.setdefault(_encode(value, plus, perm), perm)
+    for flip in flips:
+        for perm in itertools.permutations(range(value.ndim)):
+            codes = tuple(-1 - a if a in flip else a for a in perm)
+            seen.setdefault(_encode(value, plus, codes), codes)
     return [(perm, raw) for raw, perm in seen.items()]
 
 
@@ -107,7 +124,7 @@ def check_layout(layout: object, shapes: Mapping[str, tuple[int, ...]], size: in
         for spot in spots:
             ok = (isinstance(spot, list) and len(spot) == 2 + len(shape)
                   and all(isinstance(v, int) and not isinstance(v, bool) for v in spot[:1] + spot[2:])
-                  and spot[1] in PLUS and sorted(spot[2:]) == list(range(len(shape)))
+                  and spot[1] in PLUS and sorted(_axis(a) for a in spot[2:]) == list(range(len(shape)))
                   and 0 <= spot[0] <= size - nbytes)
             if not ok:
                 raise LayoutError(f"{ctx}.{name}: bad spot {spot!r} for shape {shape} in {size} bytes")
