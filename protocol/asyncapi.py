@@ -1,7 +1,8 @@
 """docs/asyncapi.yaml, generated from the codec: `python -m edgepatch.protocol.asyncapi > docs/asyncapi.yaml`.
 
 Channels, which kinds travel on each, who sends them, the envelope, the limits and the reject reasons come
-from `topics.py` and `wire.py`; the payload JSON schemas are written here, beside the registry, and
+from `topics.py` and `wire.py`, binary frame layouts from `frame.py` (an `x-frame` extension: JSON Schema
+cannot describe bytes); the payload JSON schemas are written here, beside the registry, and
 tests/test_asyncapi.py checks both ways that they describe what `encode()` emits and `decode()` accepts
 (and that this file's output is the committed document). PyYAML (the dev extra) renders it.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from .frame import FORMAT_VERSION, FRAME_KINDS, MAGIC, layout
 from .messages import MAX_METRICS, METRIC_NAME
 from .topics import FLEET_CHANNELS, PREFIX, RELAYED_CHANNELS, Channel
 from .wire import CHANNEL_KINDS, INT64_MAX, MAX_MESSAGE_BYTES, MAX_TEXT, REASONS, SCHEMA_VERSION, known_kinds
@@ -146,13 +148,53 @@ def _camel(kind: str) -> str:
     return "".join(part.capitalize() for part in kind.split("_"))
 
 
+def framed_kinds() -> dict[str, int]:
+    """kind -> frame code of the kinds that travel as binary frames (frame.py)."""
+    known_kinds()
+    return {cls.KIND: code for code, cls in FRAME_KINDS.items()}
+
+
+def message_names(kind: str) -> list[str]:
+    """The documented messages of a kind: a framed kind has its frame (the default) and its JSON form."""
+    return [_camel(kind), _camel(kind) + "Json"] if kind in framed_kinds() else [_camel(kind)]
+
+
 def _message(kind: str) -> dict[str, Any]:
     header = {"schema": {"const": SCHEMA_VERSION}, "kind": {"const": kind}, "device_id": _ref("Name"),
               "fleet": _ref("Name"), "base_version": _text(), "variant_id": _text(), "seq": _int(),
               "sent_at": NUM, "payload": _ref(_camel(kind) + "Payload"), "content_hash": _ref("Sha256")}
-    return {"name": kind, "title": _camel(kind), "contentType": "application/json",
-            "payload": {"type": "object", "additionalProperties": False, "required": sorted(header),
-                        "properties": header}}
+    out = {"name": kind, "title": _camel(kind), "contentType": "application/json",
+           "payload": {"type": "object", "additionalProperties": False, "required": sorted(header),
+                       "properties": header}}
+    if kind in framed_kinds():
+        out.update(title=_camel(kind) + "Json", description="The JSON envelope of this kind: still accepted "
+                   "(older devices, docs/android.md), no longer what edgepatch devices send.")
+    return out
+
+
+def _frame_message(kind: str) -> dict[str, Any]:
+    """A binary frame: its byte layout as an `x-frame` extension (JSON Schema cannot describe bytes)."""
+    fixed = sum(f["bytes"] for f in layout(kind) if isinstance(f["bytes"], int))
+    return {"name": kind, "title": _camel(kind), "contentType": "application/octet-stream",
+            "description": (f"Binary frame (protocol/frame.py), what devices send: the envelope's fields packed "
+                            "little-endian, then the payload's; φ as raw float32. Each field obeys the rules of "
+                            f"the JSON form ({_camel(kind)}Json); content_hash is the sha256 of the frame bytes (no "
+                            f"hash field). Size: {fixed} bytes + the four ids' UTF-8 bytes + 4·k."),
+            "payload": {"type": "string", "format": "binary", "maxLength": MAX_MESSAGE_BYTES},
+            "x-frame": {"magic": MAGIC.decode(), "format_version": FORMAT_VERSION, "kind_code": framed_kinds()[kind],
+                        "byte_order": "little-endian", "content_hash": "sha256 of the frame bytes",
+                        "fields": layout(kind)}}
+
+
+def _messages(kinds: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k in sorted(kinds):
+        if k in framed_kinds():
+            out[_camel(k)] = _frame_message(k)
+            out[_camel(k) + "Json"] = _message(k)
+        else:
+            out[_camel(k)] = _message(k)
+    return out
 
 
 def document() -> dict[str, Any]:
@@ -163,7 +205,7 @@ def document() -> dict[str, Any]:
         params = {"fleet": {"$ref": "#/components/parameters/fleet"}}
         if ch not in FLEET_CHANNELS:
             params["device"] = {"$ref": "#/components/parameters/device"}
-        names = sorted(_camel(k) for k in CHANNEL_KINDS[ch])
+        names = sorted(n for k in CHANNEL_KINDS[ch] for n in message_names(k))
         refs = [{"$ref": f"#/components/messages/{n}"} for n in names]
         cloud_sends = ch in FLEET_CHANNELS or ch in RELAYED_CHANNELS
         op = {"operationId": ch.value.replace("/", "_"), "bindings": {"mqtt": {"qos": 1, "retain": ch in RETAINED}},
@@ -180,11 +222,14 @@ def document() -> dict[str, Any]:
                  "description": (
                      "GENERATED by `python -m edgepatch.protocol.asyncapi` from protocol/topics.py and "
                      "protocol/wire.py; tests/test_asyncapi.py fails when they drift.\n\n"
-                     f"* Every message is one UTF-8 JSON envelope of at most {MAX_MESSAGE_BYTES} bytes: schema, "
+                     f"* Every message is one envelope of at most {MAX_MESSAGE_BYTES} bytes: schema, "
                      "kind, device_id (the sender; the cloud's id for what the cloud sends), fleet, base_version, "
-                     "variant_id, seq, sent_at, payload, content_hash.\n"
+                     "variant_id, seq, sent_at, payload, content_hash; as UTF-8 JSON, or, for patch_update, as a "
+                     f"binary frame (payload starts with \"{MAGIC.decode()}\", layout in the message's x-frame; "
+                     "receivers accept both forms).\n"
                      "* content_hash = sha256 (hex) of the canonical JSON of the envelope without content_hash "
-                     "(keys sorted, separators \",\" and \":\", no ASCII escaping); it is the idempotency key.\n"
+                     "(keys sorted, separators \",\" and \":\", no ASCII escaping), or of a frame's bytes; it is "
+                     "the idempotency key.\n"
                      "* Strict JSON for every family: duplicate keys, NaN/Infinity, control characters in any "
                      "string and integers beyond signed 64 bits are refused.\n"
                      "* On device channels the sender is the device in the topic, except the relayed channels "
@@ -195,7 +240,7 @@ def document() -> dict[str, Any]:
         "channels": channels,
         "components": {
             "parameters": {"fleet": {"schema": _ref("Name")}, "device": {"schema": _ref("Name")}},
-            "messages": {_camel(k): _message(k) for k in sorted(kinds)},
+            "messages": _messages(kinds),
             "schemas": schemas,
         },
     }

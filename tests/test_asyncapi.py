@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +55,9 @@ def doc() -> dict:
 
 
 def validator(doc: dict, kind: str) -> Draft202012Validator:
-    schema = {"$ref": f"#/components/messages/{asyncapi._camel(kind)}/payload", "components": doc["components"]}
+    """The JSON envelope's schema (a framed kind's JSON form is its `...Json` message)."""
+    schema = {"$ref": f"#/components/messages/{asyncapi.message_names(kind)[-1]}/payload",
+              "components": doc["components"]}
     return Draft202012Validator(schema)
 
 
@@ -75,8 +79,9 @@ def test_every_channel_and_kind_of_the_codec_is_documented_and_nothing_else(doc)
         refs = op["message"].get("oneOf", [op["message"]])
         names = {r["$ref"].rsplit("/", 1)[1] for r in refs}
         ch = Channel(address.split("{device}/")[-1] if "{device}" in address else address.split("{fleet}/")[1])
-        assert names == {asyncapi._camel(k) for k in CHANNEL_KINDS[ch]}, address
-    assert set(doc["components"]["messages"]) == {asyncapi._camel(k) for k in known_kinds()}
+        assert names == {n for k in CHANNEL_KINDS[ch] for n in asyncapi.message_names(k)}, address
+    assert set(doc["components"]["messages"]) == {n for k in known_kinds() for n in asyncapi.message_names(k)}
+    assert asyncapi.message_names("patch_update") == ["PatchUpdate", "PatchUpdateJson"]
     assert all(reason in doc["info"]["description"] for reason in REASONS)
 
 
@@ -86,7 +91,8 @@ def test_samples_cover_every_kind():
 
 @pytest.mark.parametrize("payload", SAMPLES, ids=lambda p: p.KIND)
 def test_the_schema_accepts_what_encode_emits_and_refuses_what_decode_refuses(doc, payload):
-    msg = make_message(payload, device_id="dev-7", fleet="lab", base_version="b1", variant_id="k50", seq=3)
+    msg = make_message(payload, device_id="dev-7", fleet="lab", base_version="b1", variant_id="k50", seq=3,
+                       binary=False)  # the JSON form of every kind (frames: test_the_frame_layout_...)
     env = json.loads(encode(msg))
     v = validator(doc, payload.KIND)
     v.validate(env)
@@ -101,3 +107,46 @@ def test_the_schema_accepts_what_encode_emits_and_refuses_what_decode_refuses(do
         assert not v.is_valid(bad), f"{payload.KIND}: the schema accepts an envelope decode() refuses"
     topic = msg.topic(to="dev-9") if msg.kind in ("canoe_task", "canoe_reply", "patch_ack") else msg.topic()
     assert decode(topic, encode(msg)) == msg
+
+
+PACK = {"uint8": "B", "uint16": "H", "uint32": "I", "uint64": "Q", "float64": "d"}
+
+
+def frame_from_the_document(fields: list[dict], values: dict) -> bytes:
+    """Write a frame following only the document's x-frame field list (little-endian)."""
+    out = b""
+    for f in fields:
+        v = values[f["name"]]
+        if f["type"] in PACK:
+            out += struct.pack("<" + PACK[f["type"]], v)
+            assert struct.calcsize("<" + PACK[f["type"]]) == f["bytes"], f
+        elif f["type"] == "utf-8":
+            out += v.encode()
+        elif f["type"] == "float32[k]":
+            out += np.asarray(v, "<f4").tobytes()
+        else:
+            assert f["type"] == 'b"EPB"' and f["bytes"] == 3
+            out += b"EPB"
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(asyncapi.framed_kinds()))
+def test_the_frame_layout_in_the_document_is_what_decode_reads_and_encode_writes(doc, kind):
+    message = doc["components"]["messages"][asyncapi._camel(kind)]
+    spec = message["x-frame"]
+    assert message["contentType"] == "application/octet-stream" and spec["byte_order"] == "little-endian"
+    ids = {"device_id": "dev-7", "fleet": "lab", "base_version": "b\u00e9ta", "variant_id": "k50"}
+    phi = np.linspace(-1, 1, 5, dtype=np.float32)
+    values = {"magic": b"EPB", "format_version": spec["format_version"], "kind_code": spec["kind_code"],
+              **{f"{k}_bytes": len(v.encode()) for k, v in ids.items()}, **ids, "seq": 3, "sent_at": 1.25,
+              "steps": 10, "samples": 32, "holdout_acc": 0.75, "loss": 0.3, "k": 5, "phi": phi}
+    data = frame_from_the_document(spec["fields"], values)
+    msg = decode(device_topic("lab", "dev-7", Channel.PATCH), data)
+    assert isinstance(msg.payload, PatchUpdate) and msg.binary and msg.base_version == "b\u00e9ta"
+    np.testing.assert_array_equal(msg.payload.phi, phi)
+    assert msg.content_hash == hashlib.sha256(data).hexdigest() and spec["content_hash"].startswith("sha256")
+    made = make_message(PatchUpdate(phi, 10, 32, 0.75, 0.3), seq=3, sent_at=1.25, **ids)
+    assert encode(made) == data  # the codec writes exactly the documented bytes
+    fixed = sum(f["bytes"] for f in spec["fields"] if isinstance(f["bytes"], int))
+    assert f"Size: {fixed} bytes" in message["description"]
+    assert len(data) == fixed + sum(len(v.encode()) for v in ids.values()) + 4 * phi.size
