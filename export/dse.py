@@ -47,13 +47,14 @@ from .dse_convergence import (
     convergence,
     distreal_train,
     heldout_loss,
+    seed_spread,
 )
 from .dse_cost import CostFn, LiteRTTrainCost, canonical_variant, flops_cost, flops_ratio
 
 __all__ = [  # the objectives live in dse_cost.py and dse_convergence.py; callers import them from here
     "DEFAULT_RATES", "CostFn", "DSEPoint", "DSEResult", "GenerationReport", "LiteRTTrainCost", "TrainConfig",
     "canonical_variant", "convergence", "distreal_train", "explore", "flops_cost", "flops_ratio",
-    "heldout_loss", "non_dominated", "param_bytes", "plot_front", "validate_row",
+    "heldout_loss", "non_dominated", "param_bytes", "plot_front", "seed_spread", "validate_row",
 ]
 
 DEFAULT_RATES = (0.25, 0.5, 0.75, 1.0)
@@ -77,6 +78,10 @@ class DSEPoint:
     @property
     def id(self) -> str:
         return self.variant.id
+
+    @property
+    def convergence_std(self) -> float | None:
+        return seed_spread(self.convergence_per_seed)
 
 
 @dataclass
@@ -121,6 +126,7 @@ class DSEResult:
             "infer_ms": {},
             "memory_bytes": param_bytes(self.spec, p.variant),
             "convergence": p.convergence,
+            "convergence_std": p.convergence_std,  # the selector trusts a quality gap only beyond it
             "pareto": p.id in self.pareto_ids,
         }
 
@@ -149,7 +155,8 @@ def validate_row(row: Mapping[str, Any], spec: ModelSpec) -> None:
 
     The bundle's own check (protocol.manifest.VariantRow) first, then what the DSE promises on top:
     every key present, a ratio for every droppable layer, the id derived from the keep rates,
-    measured times > 0, a convergence value and a bool pareto flag.
+    measured times > 0, a convergence value and a bool pareto flag (a negative convergence_std fails the
+    bundle's check).
     """
     from edgepatch.protocol.manifest import VariantRow
 

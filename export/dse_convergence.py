@@ -127,6 +127,12 @@ def _convergence(spec: ModelSpec, base_params: Mapping[str, np.ndarray], variant
                 for s in seeds]
 
 
+def seed_spread(losses: Sequence[float]) -> float | None:
+    """Sample standard deviation of the per-seed losses (ddof=1: three seeds are a small sample), None
+    with one seed — an unknown spread, which the device's selector never lets win on quality (issue 10)."""
+    return float(np.std(np.asarray(losses, np.float64), ddof=1)) if len(losses) > 1 else None
+
+
 @contextmanager
 def _single_thread() -> Iterator[None]:
     """One torch thread for tiny steps: on a busy 2-core machine a thread pool was ~20x slower (measured

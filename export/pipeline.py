@@ -155,14 +155,14 @@ def choose_variants(spec: ModelSpec, base: Params, opts: ExportOptions, data: La
         return rows, {"dse": result.to_dict(), "dse_png": str(png)}
     rows = []
     for variant in parse_variants(opts.variants, spec):
-        convergence = None
+        convergence = spread = None
         if data is not None:
             losses = dse.convergence(spec, base, variant, data.x, data.y, seeds=opts.dse_seeds,
                                      step_budget=opts.dse_steps, batch=opts.batch)
-            convergence = float(np.mean(losses))
+            convergence, spread = float(np.mean(losses)), dse.seed_spread(losses)
             log(f"  variant {variant.id}: convergence loss {convergence:.3f}")
-        rows.append(VariantRow.for_variant(spec, variant, convergence=convergence, pareto=True,
-                                           memory_bytes=dse.param_bytes(spec, variant)))
+        rows.append(VariantRow.for_variant(spec, variant, convergence=convergence, convergence_std=spread,
+                                           pareto=True, memory_bytes=dse.param_bytes(spec, variant)))
     return rows, {}
 
 
