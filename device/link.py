@@ -94,10 +94,16 @@ class LinkSettings:
     app_ack: bool = True
     ack_timeout_s: float = 30.0
     ack_max_backoff_s: float = 600.0
+    # Issue 13: a reading goes out only when it changed since it was last sent, and all of them every
+    # metrics_full_every-th report (0: every report in full), so a cloud that missed some (its store reset, a
+    # metrics message expired or evicted from the outbox) has every value again within that many rounds.
+    metrics_full_every: int = 10
 
     def __post_init__(self) -> None:
         check_name(self.fleet, "fleet")
         check_name(self.device_id, "device id")
+        if self.metrics_full_every < 0:
+            raise ValueError(f"metrics_full_every must be >= 0, got {self.metrics_full_every}")
         if not 0 < self.ack_timeout_s <= self.ack_max_backoff_s:
             raise ValueError(f"need 0 < ack_timeout_s <= ack_max_backoff_s, got {self.ack_timeout_s} and "
                              f"{self.ack_max_backoff_s}")
@@ -133,6 +139,8 @@ class DeviceLink:
         self.ack_status: Counter[str] = Counter()  # the companion's PatchAck entries that removed a patch
         self.resends = 0  # unconfirmed patches published again (reconnect, restart or ack timeout)
         self.on_delivered: list[DeliveredCallback] = []
+        self.metrics_sent: dict[str, float] = {}  # the value last sent of each reading (publish_metrics)
+        self._metric_reports = 0
         self._resend_all = True  # the first flush of a connection resends every unconfirmed patch
         self._ticker_stop = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -217,8 +225,21 @@ class DeviceLink:
     def publish_patch(self, update: PatchUpdate) -> Message:
         return self.send(update)
 
-    def publish_metrics(self, values: Mapping[str, float]) -> Message:
-        return self.send(Metrics(values=dict(values)))
+    def publish_metrics(self, values: Mapping[str, float], *, events: Mapping[str, float] | None = None
+                        ) -> Message | None:
+        """Report `values` (readings: accuracies, timings) where they changed since last sent, all of them every
+        `metrics_full_every`-th report (the first report is always full), and `events` (e.g. an adoption gate's
+        decision: each one counts, even when it repeats the last) always. None when nothing is left to send."""
+        every = self.settings.metrics_full_every
+        with self._lock:
+            full = every == 0 or self._metric_reports % every == 0
+            readings = {k: float(v) for k, v in values.items() if full or self.metrics_sent.get(k) != float(v)}
+        out = {**readings, **{k: float(v) for k, v in (events or {}).items()}}
+        msg = self.send(Metrics(values=out)) if out else None
+        with self._lock:  # after a successful send: a refused report (NaN) changes nothing
+            self.metrics_sent.update(readings)
+            self._metric_reports += bool(values)
+        return msg
 
     def publish_state(self, state: str = "online", reason: str = "connected") -> Message:
         return self.send(DeviceState(state=state, last_seen=time.time(), reason=reason), retain=True)
