@@ -208,7 +208,7 @@ class DeviceRuntime:
             self.last_gate_decision = decision
             self.gate_report = decision.metrics()
             if self.link is not None:
-                self.link.publish_metrics(self.gate_report)
+                self.link.publish_metrics({}, events=self.gate_report)  # an event: sent even if it repeats
                 self.gate_report = {}
         return decision
 
@@ -307,7 +307,7 @@ class DeviceRuntime:
             base_acc = self.trainer.holdout_accuracy(np.zeros_like(self.trainer.phi))
             self.link.publish_metrics({"holdout_acc": 0.0 if np.isnan(acc) else acc,
                                        "holdout_acc_base": 0.0 if np.isnan(base_acc) else base_acc,
-                                       "round_seconds": report.seconds, "steps": float(report.steps),
-                                       **self.gate_report})
+                                       "round_seconds": report.seconds, "steps": float(report.steps)},
+                                      events=self.gate_report)  # readings only when changed (issue 13)
             self.gate_report = {}
         return report
