@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 def test_fleet_of_eight_devices_two_rounds(mosquitto, tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    report = run_demo(DemoOptions(out=out, devices=8, rounds=2, steps=20, variants="1,0.5",
+    report = run_demo(DemoOptions(out=out, devices=8, rounds=2, steps=20, variants="1,0.5", base_every=1,
                                   broker=f"mqtt://{mosquitto.host}:{mosquitto.port}"))
     devices = [row["device"] for row in report["devices"]]
     assert len(devices) == 8
@@ -33,8 +33,14 @@ def test_fleet_of_eight_devices_two_rounds(mosquitto, tmp_path: Path) -> None:
         assert adopted <= set(store.latest_patches(second_base, "demo"))
         assert adopted or rejected, "no device's adoption gate reported a decision"
         for device in devices:
-            accuracies = store.metric_values(device, "holdout_acc")
-            assert len(accuracies) == 2 and all(0.0 <= acc <= 1.0 for _, acc in accuracies)
+            # Readings go out only when they change (issue 13): round 1's always, round 2's if it differs; the
+            # newest stored value is the one the device's newest patch carries.
+            accuracies = [acc for _, acc in store.metric_values(device, "holdout_acc")]
+            assert 1 <= len(accuracies) <= 2 and all(0.0 <= acc <= 1.0 for acc in accuracies)
+            assert len(set(accuracies)) == len(accuracies)  # an unchanged value is not sent again
+            newest = max((p[1] for p in (store.latest_patches(b, "demo").get(device) for b in (first_base, second_base))
+                          if p is not None), key=lambda meta: meta["id"])
+            assert accuracies[-1] == newest["holdout_acc"]
     finally:
         store.close()
     # A device that adopted the distilled bundle trained its second round on it; one that rejected it kept
