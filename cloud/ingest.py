@@ -22,7 +22,9 @@ Throughput: messages are batched - one transaction (one fsync) per batch, then t
 is flushed when it reaches `max_batch`, when its oldest message is `max_delay_s` old, when the broker's
 in-flight window is full (it will send no more until we ack) or when the socket has been quiet for
 `linger_s`. Messages are validated on the client's thread and queued; the ingest loop batches them and
-sends the acks; the commit itself runs on a writer thread (one batch in flight), so the fsync of batch N
+sends the acks. A batch never exceeds `max_batch` and the arrival queue holds at most `max_batch` more, so
+under overload the client's thread waits, the broker holds the backlog, and memory stays flat (nothing is
+dropped: what we never acknowledged the broker redelivers); the commit itself runs on a writer thread (one batch in flight), so the fsync of batch N
 overlaps receiving and validating batch N+1. A failed commit drops the connection, so the broker
 redelivers the batch (the store dedupes what was stored after all) - but only when the database itself
 failed (connection lost, locked): a batch the database refuses for its rows' sake (a value a column will
@@ -43,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -174,7 +177,10 @@ class IngestService:
         self.on_patch: list[PatchHook] = []  # called after commit with each NEW patch (not duplicates)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._arrivals: queue.Queue[_Pending] = queue.Queue()  # validated on the client's thread
+        # Validated on the client's thread; bounded so an overloaded ingest holds the broker back instead of
+        # buffering without limit (memory stays flat under overload; the broker's queue takes the backlog).
+        self._arrivals: queue.Queue[_Pending] = queue.Queue(maxsize=self.settings.max_batch)
+        self._dropping = False  # set while a failed commit drops the connection: arrivals are then let go
         self._pending: list[_Pending] = []
         self._in_flight: InFlight | None = None
         self._writer = ThreadPoolExecutor(max_workers=1)
@@ -225,11 +231,18 @@ class IngestService:
         self.client.connect()
         try:
             while not self._stop.is_set():
-                quiet = self._receive(self._wait_time())
+                if len(self._pending) >= self.settings.max_batch and self._in_flight is not None:
+                    # Full batch waiting behind the commit: take nothing more (the bounded arrival queue
+                    # then holds the client's thread, so the broker stops sending: backpressure).
+                    futures_wait([self._in_flight[0]], timeout=0.1)
+                    quiet = False
+                else:
+                    quiet = self._receive(self._wait_time())
                 self._poll_commit()
                 if self._pending and self._in_flight is None and self._flush_due(quiet):
                     self._flush()
         finally:
+            self._stop.set()  # also on an error: a client thread waiting on the full queue must let go
             self._poll_commit(wait=True)
             self._flush()
             self._poll_commit(wait=True)
@@ -237,7 +250,9 @@ class IngestService:
             self._writer.shutdown(wait=True)
 
     def _receive(self, timeout: float) -> bool:
-        """Move arrivals into the pending batch (waiting up to `timeout` for the first); True if none came."""
+        """Move arrivals into the pending batch, never past `max_batch` (waiting up to `timeout` for the
+        first); True if none came."""
+        room = self.settings.max_batch - len(self._pending)
         try:
             first = self._arrivals.get(timeout=timeout) if timeout > 0 else self._arrivals.get_nowait()
         except queue.Empty:
@@ -245,7 +260,7 @@ class IngestService:
         if not self._pending:
             self._oldest = time.monotonic()
         self._pending.append(first)
-        while len(self._pending) < self.settings.max_batch:
+        for _ in range(room - 1):
             try:
                 self._pending.append(self._arrivals.get_nowait())
             except queue.Empty:
@@ -290,7 +305,15 @@ class IngestService:
         except Exception as exc:  # noqa: BLE001 - defensive: decode() should only raise MessageError
             log.exception("unexpected error validating a message on %r", msg.topic)
             item = self._reject("bad_field", msg.topic, f"internal error: {exc!r}", now, msg.payload)
-        self._arrivals.put(_Pending(msg, item))
+        pending = _Pending(msg, item)
+        while True:  # bounded: a full queue holds this (the client's) thread, so no more is read from the broker
+            try:
+                self._arrivals.put(pending, timeout=0.2)
+                return
+            except queue.Full:
+                if self._stop.is_set() or self._dropping or msg.connection != self.client.connection:
+                    # Never acknowledged, so the broker redelivers it (and the device's outbox resends it).
+                    return
 
     def _reject(self, reason: str, topic: str, text: str, now: float, payload: bytes = b"") -> Reject:
         log.warning("reject reason=%s topic=%s detail=%s", reason, topic, text[:200],
@@ -331,7 +354,11 @@ class IngestService:
             self.stats.commit_failures += 1
             log.exception("committing a batch of %d messages failed; reconnecting for redelivery", len(batch))
             if not self._stop.is_set():
-                self.client.drop_connection()
+                self._dropping = True  # a client thread blocked on the full queue lets go, so the drop can join it
+                try:
+                    self.client.drop_connection()
+                finally:
+                    self._dropping = False
                 self._stop.wait(self.settings.reconnect_min_delay)
             return
         self.metrics.batch_seconds.observe(seconds)

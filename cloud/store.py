@@ -41,9 +41,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 
-from edgepatch.protocol.messages import DeviceState, Message, Metrics, PatchUpdate
+from edgepatch.protocol.messages import Message, PatchUpdate
 from edgepatch.protocol.wire import canonical_bytes, to_json
 
+from .store_bulk import PHI_DTYPE, PgBulk, batch_rows
 from .store_records import (  # noqa: F401 - re-exported: the ingest and tests import them from here
     DEFAULT_RETENTION_S,
     BatchResult,
@@ -58,7 +59,6 @@ from .store_records import (  # noqa: F401 - re-exported: the ingest and tests i
 from .store_schema import sqlite_begin, sqlite_pragmas, store_tables, upgrade_tables
 
 log = logging.getLogger(__name__)
-PHI_DTYPE = "<f4"
 
 
 def sqlite_url(path: str | Path) -> str:
@@ -106,6 +106,8 @@ class PatchStore:
         self._stmt_metrics = self._insert(self.t["metrics"]).on_conflict_do_nothing(
             index_elements=["content_hash", "name"])
         self._stmt_devices = self._device_upsert()
+        # PostgreSQL: one statement per table per batch (cloud/store_bulk.py); SQLite runs executemany in-process.
+        self._bulk = PgBulk(self.t) if self.dialect == "postgresql" else None
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -212,53 +214,32 @@ class PatchStore:
 
         Idempotent: replaying the same batch stores nothing new (patches/metrics dedupe by content hash)."""
         result = BatchResult()
-        patch_rows: list[dict[str, Any]] = []
-        patch_msgs: dict[str, Message] = {}
-        metric_rows: list[dict[str, Any]] = []
-        dev: dict[tuple[str, str], dict[str, Any]] = {}
-        for item in accepted:
-            m = item.message
-            d = dev.setdefault((m.fleet, m.device_id), {
-                "fleet": m.fleet, "device_id": m.device_id, "first_seen": item.received_at,
-                "last_seen": item.received_at, "last_state": None, "variant_id": m.variant_id,
-                "base_version": m.base_version, "bytes_in": 0, "patches": 0, "holdout_acc": None})
-            d["last_seen"] = max(d["last_seen"], item.received_at)
-            d["bytes_in"] += item.nbytes
-            d["variant_id"], d["base_version"] = m.variant_id, m.base_version
-            p = m.payload
-            if isinstance(p, PatchUpdate):
-                if m.content_hash in patch_msgs:
-                    result.duplicates += 1
-                    continue
-                patch_msgs[m.content_hash] = m
-                phi = np.ascontiguousarray(p.phi, dtype=PHI_DTYPE)
-                patch_rows.append({
-                    "fleet": m.fleet, "device_id": m.device_id, "base_version": m.base_version,
-                    "variant_id": m.variant_id, "seq": m.seq, "content_hash": m.content_hash,
-                    "phi": phi.tobytes(), "k": int(phi.size), "steps": p.steps, "samples": p.samples,
-                    "holdout_acc": p.holdout_acc, "loss": p.loss, "sent_at": m.sent_at,
-                    "received_at": item.received_at})
-                d["holdout_acc"] = p.holdout_acc
-            elif isinstance(p, Metrics):
-                metric_rows.extend({"fleet": m.fleet, "device_id": m.device_id, "name": name, "value": value,
-                                    "t": m.sent_at, "content_hash": m.content_hash}
-                                   for name, value in p.values.items())
-            elif isinstance(p, DeviceState):
-                d["last_state"] = p.state
-            else:
-                raise TypeError(f"the store does not keep {m.kind!r} messages")
+        rows = batch_rows(accepted)
+        result.duplicates = rows.duplicates
+        dev = rows.devices
+        bulk = self._bulk
         with self._write() as conn:
-            if patch_rows:
-                inserted = conn.execute(self._stmt_patches, patch_rows)
-                new_hashes = {row[0] for row in inserted}
-                result.new_patches = [msg for h, msg in patch_msgs.items() if h in new_hashes]
-                result.duplicates += len(patch_rows) - len(new_hashes)
+            if rows.patches:
+                if bulk is not None:
+                    new_hashes = bulk.insert_patches(conn, rows.patches)
+                else:
+                    new_hashes = {row[0] for row in conn.execute(self._stmt_patches, rows.patches)}
+                result.new_patches = [msg for h, msg in rows.patch_msgs.items() if h in new_hashes]
+                result.duplicates += len(rows.patches) - len(new_hashes)
                 for m in result.new_patches:
                     dev[(m.fleet, m.device_id)]["patches"] += 1
-            if metric_rows:
-                conn.execute(self._stmt_metrics, metric_rows)
+            if rows.metrics:
+                if bulk is not None:
+                    bulk.insert_metrics(conn, rows.metrics)
+                else:
+                    conn.execute(self._stmt_metrics, rows.metrics)
             if dev:
-                self._upsert_devices(conn, list(dev.values()))
+                # Sorted so concurrent workers lock device rows in the same order (no deadlocks on PostgreSQL).
+                devices = sorted(dev.values(), key=lambda r: (r["fleet"], r["device_id"]))
+                if bulk is not None:
+                    bulk.upsert_devices(conn, devices)
+                else:
+                    conn.execute(self._stmt_devices, devices)
             if rejects:
                 conn.execute(self.t["rejects"].insert(),
                              [{"reason": printable(r.reason, 32), "topic": printable(r.topic, 1000), "t": r.t,
@@ -284,10 +265,6 @@ class PatchStore:
                 "patches": t.c.patches + ex.patches,
                 "holdout_acc": func.coalesce(ex.holdout_acc, t.c.holdout_acc),
             })
-
-    def _upsert_devices(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        # Sorted so concurrent workers lock device rows in the same order (no deadlocks on PostgreSQL).
-        conn.execute(self._stmt_devices, sorted(rows, key=lambda r: (r["fleet"], r["device_id"])))
 
     def add_bundle(self, version: str, manifest_sha256: str, reference: str, *,
                    created_at: float | None = None, base_version: str | None = None, k: int | None = None) -> bool:
