@@ -76,34 +76,51 @@ def _dilate(dy: tf.Tensor, stride: int) -> tf.Tensor:
     return tf.reshape(cols, [n, ho * stride, wo * stride, c])
 
 
-def depthwise_valid(x: tf.Tensor, w: tf.Tensor, stride: int = 1) -> tf.Tensor:
-    """VALID depthwise conv of a padded NHWC `x` with `w` (kh, kw, C, 1), any stride, builtins-only gradient."""
+def depthwise_valid(x: tf.Tensor, w: tf.Tensor, stride: int = 1, pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+                    ) -> tf.Tensor:
+    """VALID depthwise conv of NHWC `x` zero-padded by `pads` (top, bottom, left, right) with `w` (kh, kw, C, 1),
+    any stride, builtins-only gradient. The padding is inside the custom gradient so that the input gradient
+    is computed for the unpadded `x` only (not for the padded border, then cut away)."""
+    top, bottom, left, right = pads
 
     @tf.custom_gradient
     def dwconv(x: tf.Tensor, w: tf.Tensor) -> tuple[tf.Tensor, Callable]:
-        y = tf.nn.depthwise_conv2d(x, w, strides=[1, stride, stride, 1], padding="VALID")
+        xp = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]]) if any(pads) else x
+        y = tf.nn.depthwise_conv2d(xp, w, strides=[1, stride, stride, 1], padding="VALID")
 
         def grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             kh, kw, c, _ = w.shape
-            _, hh, ww, _ = x.shape
+            _, hh, ww, _ = xp.shape
             ho, wo = dy.shape[1], dy.shape[2]
-            # input gradient: full correlation of the zero-dilated dy with the flipped kernel, a plain
-            # stride-1 depthwise conv; rows/cols of x no output reads get zero (pad) or are cut (slice)
+            # input gradient: full correlation of the zero-dilated dy with the flipped kernel (a plain stride-1
+            # depthwise conv), its window cut to the rows/cols of the unpadded x: pad dy by what the kernel
+            # reaches beyond them, crop where it reaches less; rows of x no output reads get zero
             dyd = _dilate(dy, stride)
             extra_h, extra_w = hh - ho * stride, ww - wo * stride
             if extra_h < 0 or extra_w < 0:
                 dyd = dyd[:, :ho * stride + min(extra_h, 0), :wo * stride + min(extra_w, 0), :]
-            dy_full = tf.pad(dyd, [[0, 0], [kh - 1, max(extra_h, 0)], [kw - 1, max(extra_w, 0)], [0, 0]])
+            dy_full = _pad_or_crop(dyd, (kh - 1 - top, max(extra_h, 0) - bottom, kw - 1 - left, max(extra_w, 0) - right))
             # the flipped kernel, not flipped activations (two REVERSE_V2 copies per layer, outside XNNPACK);
             # a weights-baked program stores it as a constant of its own, which the weight layout records as
             # a reversed-axes spot (protocol/weight_layout.py), so rewriting weights in place covers it
             dx = tf.nn.depthwise_conv2d(dy_full, tf.reverse(w, axis=[0, 1]), strides=[1, 1, 1, 1], padding="VALID")
-            taps = [tf.reduce_sum(t * dy, axis=[0, 1, 2]) for t in _tap_slices(x, kh, kw, ho, wo, stride)]
+            taps = [tf.reduce_sum(t * dy, axis=[0, 1, 2]) for t in _tap_slices(xp, kh, kw, ho, wo, stride)]
             return dx, tf.reshape(tf.stack(taps, axis=0), [kh, kw, c, 1])
 
         return y, grad
 
     return dwconv(x, w)
+
+
+def _pad_or_crop(h: tf.Tensor, amounts: tuple[int, int, int, int]) -> tf.Tensor:
+    """NHWC `h` zero-padded by the positive (top, bottom, left, right) amounts and cropped by the negative ones."""
+    t, b, lft, r = amounts
+    if min(amounts) < 0:
+        _, hh, ww, _ = h.shape
+        h = h[:, max(-t, 0):hh - max(-b, 0), max(-lft, 0):ww - max(-r, 0), :]
+    if max(amounts) > 0:
+        h = tf.pad(h, [[0, 0], [max(t, 0), max(b, 0)], [max(lft, 0), max(r, 0)], [0, 0]])
+    return h
 
 
 def _pad_spatial(h: tf.Tensor, pads: tuple[int, ...], dims: int) -> tf.Tensor:
@@ -226,8 +243,9 @@ def _layer(layer: LayerSpec, h: tf.Tensor, params: Tensors, dims: int, other: tf
         return conv2d_valid(_pad_spatial(h, _conv_pads(layer, dims), dims), w, layer.stride) + params[f"{n}.bias"]
     if layer.kind == "dwconv2d":
         w = tf.transpose(params[f"{n}.weight"], [2, 3, 0, 1])  # (C, 1, kh, kw) -> (kh, kw, C, 1)
-        h = _pad_spatial(h, _conv_pads(layer, dims), dims)
-        return depthwise_valid(h, w, layer.stride) + params[f"{n}.bias"]
+        pads = graph.conv_padding(layer, dims)  # (ph, pw), or (pw,) for a 1-D signal (H = 1)
+        ph, pw = pads if dims == 2 else (0, pads[0])
+        return depthwise_valid(h, w, layer.stride, (ph, ph, pw, pw)) + params[f"{n}.bias"]
     if layer.kind == "dense":
         return tf.matmul(h, params[f"{n}.weight"], transpose_b=True) + params[f"{n}.bias"]
     if layer.kind == "relu":
