@@ -56,6 +56,9 @@ class PahoClient(MqttClient):
         self._lock = threading.Lock()  # never held while calling into paho (its callbacks hold its own locks)
         self._waiting: dict[int, PublishDone] = {}
         self._early: dict[int, tuple[bool, str]] = {}  # PUBACKs that beat publish() returning its mid
+        self._plain_props = Properties(PacketTypes.PUBLISH)
+        self._plain_props.PayloadFormatIndicator = 1  # UTF-8 JSON
+        self._plain_props.ContentType = "application/json"
         self._started = False
         self._closing = False  # set while we close on purpose: paho's "not connected" errors then are noise
 
@@ -103,7 +106,9 @@ class PahoClient(MqttClient):
                 expiry_s: int | None = None, user_properties: Sequence[tuple[str, str]] = (),
                 on_done: PublishDone | None = None) -> bool:
         props = None
-        if self._v5:
+        if self._v5 and payload and not user_properties and expiry_s is None:
+            props = self._plain_props  # the common case: one shared, never-mutated object (~30 µs a publish)
+        elif self._v5:
             props = Properties(PacketTypes.PUBLISH)
             if payload:
                 props.PayloadFormatIndicator = 1  # UTF-8 JSON
