@@ -23,13 +23,22 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 # A refused binary patch frame's hash is its sha256, a JSON envelope's the hash it claims (protocol/frame.py).
 from edgepatch.protocol.frame import claimed_hash
-from edgepatch.protocol.messages import MAX_ACKS, AckEntry, PatchAck, encode, make_message
+from edgepatch.protocol.messages import (
+    MAX_ACKS,
+    AckEntry,
+    Message,
+    PatchAck,
+    content_hash_of,
+    encode,
+    to_json,
+)
 from edgepatch.protocol.mqtt import Incoming, MqttClient
-from edgepatch.protocol.topics import Channel, TopicError, parse_topic
+from edgepatch.protocol.topics import Channel, TopicError, device_topic, parse_topic
 
 from .store import BatchResult, Received, Reject
 
@@ -78,14 +87,26 @@ def publish_acks(client: MqttClient, acks: dict[Address, list[AckEntry]]) -> int
     A refused publish is logged, not raised: the device resends and the next batch acknowledges it."""
     handed = 0
     for (fleet, device), entries in acks.items():
+        topic = device_topic(fleet, device, Channel.ACK)
         for chunk in _chunks(entries, MAX_ACKS):
-            msg = make_message(PatchAck(tuple(chunk)), device_id=SENDER, fleet=fleet, seq=next(_SEQ))
-            if client.publish(msg.topic(to=device), encode(msg), qos=1):
+            if client.publish(topic, ack_payload(fleet, chunk, next(_SEQ)), qos=1):
                 handed += len(chunk)
             else:
                 log.warning("could not publish %d ack(s) to %s/%s; the device will resend", len(chunk), fleet,
                             device)
     return handed
+
+
+def ack_payload(fleet: str, entries: Sequence[AckEntry], seq: int, sent_at: float | None = None) -> bytes:
+    """The encoded PatchAck: what `encode(make_message(PatchAck(entries), …))` gives, without its strict
+    round trip (3 JSON encodings, 1 parse and every field check: ~55 µs per device per batch at fleet
+    load). Safe because every value is already checked: the fleet and device come from a topic the
+    ingest parsed, hashes are sha256 hex, statuses fixed, reasons printable (tests/test_ingest_ack_payload.py
+    decodes the result strictly and compares it with the make_message form)."""
+    msg = Message(kind=PatchAck.KIND, device_id=SENDER, fleet=fleet, base_version="", variant_id="", seq=seq,
+                  sent_at=time.time() if sent_at is None else sent_at, payload=PatchAck(tuple(entries)),
+                  content_hash="")
+    return encode(replace(msg, content_hash=content_hash_of(to_json(msg))))
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
