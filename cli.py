@@ -198,8 +198,11 @@ def demo_cmd(
     out: Path = typer.Option(Path("edgepatch-demo"), "--out", "-o", help="results, bundles, device state"),
     model: str = typer.Option("digits_cnn"),
     devices: int = typer.Option(8, help="device processes"),
-    rounds: int = typer.Option(2, help="train φ → upload → MoMoDistill → new bundle rounds"),
-    steps: int = typer.Option(120, help="φ steps per device per round"),
+    rounds: int = typer.Option(20, help="device rounds: train φ → upload (every round)"),
+    steps: int = typer.Option(30, help="φ steps per device per round"),
+    base_every: int = typer.Option(10, min=1, help="the companion updates the base (MoMoDistill → new bundle) every "
+                                   "this many rounds; devices wait for it then"),
+    rounds_per_day: float = typer.Option(24.0, help="rounds a day, for the bytes-per-day report"),
     broker: str | None = typer.Option(None, help="mqtt://host:port (MQTT 5); default: embedded amqtt"),
     variants: str = typer.Option("auto", help="'auto' (DSE) or keep ratios"),
     seed: int = typer.Option(0),
@@ -208,7 +211,7 @@ def demo_cmd(
     from edgepatch.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(out=out, model=model, devices=devices, rounds=rounds, steps=steps, broker=broker,
-                         variants=variants, seed=seed))
+                         variants=variants, seed=seed, base_every=base_every, rounds_per_day=rounds_per_day))
 
 
 @app.command("simulate")

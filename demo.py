@@ -2,8 +2,14 @@
 
 Everything is real: the bundle is exported to LiteRT, every device is its own process running the
 device runtime (LiteRT, no torch), they talk MQTT to a broker (embedded amqtt unless --broker), the
-companion ingests into SQLite, runs MoMoDistill, re-exports and announces each new bundle, and the
+companion ingests into SQLite, runs MoMoDistill, republishes and announces each new bundle, and the
 devices fetch, verify and adopt it before their next round.
+
+The schedule (issue 13): devices train φ and upload it every round; the companion updates the base every
+`base_every` rounds (R, `cloud serve --base-every`), and devices wait for that update after every R-th
+round (`device run --await-every R`). The report counts every MQTT payload per device and the bundle bytes
+served, and compares bytes per device per day with FedAvg of the full model on the same schedule
+(demo_bytes.py).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from edgepatch.demo_bytes import Schedule, WireBytes, fedavg_blob_bytes, per_day
+
 console = Console(stderr=True)
 
 
@@ -28,8 +36,10 @@ class DemoOptions:
     out: Path = Path("edgepatch-demo")
     model: str = "digits_cnn"
     devices: int = 8
-    rounds: int = 2
-    steps: int = 120
+    rounds: int = 20
+    steps: int = 30
+    base_every: int = 10  # R: the companion updates the base every R device rounds
+    rounds_per_day: float = 24.0  # what "per day" means in the bytes report
     broker: str | None = None
     variants: str = "auto"
     runtimes: tuple[str, ...] = ("litert",)
@@ -102,23 +112,30 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         np.savez(out / "cloud-data.npz", x=cloud_data.x, y=cloud_data.y)
         companion = Companion(CompanionConfig(bundle=bundle0, work_dir=out / "cloud", broker_host=host,
                                               broker_port=port, protocol=protocol, fleet="demo",
-                                              distill_after=opts.devices, runtimes=opts.runtimes,
+                                              distill_after=opts.devices, base_every=opts.base_every,
+                                              runtimes=opts.runtimes,
                                               data=out / "cloud-data.npz",
                                               # devices stop after their last round: canaries of the final
                                               # distillation cannot answer, so do not wait minutes for them
                                               rollout=RolloutSettings(canary_timeout_s=30.0)))
         companion.start_background()
+        wire = WireBytes(host, port, "demo", protocol).start()  # every MQTT payload of the fleet
         console.print(f"[bold]4/5[/bold] companion up: fleet page {companion.web.url}/fleet, "
                       f"metrics {companion.web.url}/metrics")
 
         procs = _start_devices(opts, fleet, bundle0, out, f"mqtt://{host}:{port}",
                                MqttVersion.parse(protocol).value)
         _follow(opts, companion, procs)
-        if not companion.wait_distillations(opts.rounds, 600):
-            console.print(f"[yellow]only {len(companion.history)} of {opts.rounds} distillations finished[/yellow]")
+        # The updates devices could adopt: one made after their last round (rounds a multiple of R) has no
+        # device left to answer its canary stage, so it is not waited for.
+        updates = (opts.rounds - 1) // opts.base_every
+        if not companion.wait_distillations(updates, 600):
+            console.print(f"[yellow]only {len(companion.history)} of {updates} base updates finished[/yellow]")
         bytes_in = sum(d.get("bytes_in", 0) for d in companion.store.devices("demo"))
+        wire.stop()
         report = _report(opts, out, fleet, companion, spec, base0, bundle0, load_local_data, _cloud_accuracy,
                          bytes_in)
+        report["bytes"].update(_bytes_per_device(opts, fleet, companion, wire, base0))
         companion.stop()
     finally:
         if broker is not None:
@@ -141,7 +158,8 @@ def _start_devices(opts: DemoOptions, fleet: list[Any], bundle0: Path, out: Path
                "--runtime", "litert", "--bundle", str(bundle0), "--data", str(ddir / "data"),
                "--state-dir", str(ddir / "state"), "--device-id", device.device_id, "--fleet", "demo",
                "--broker", broker_url, "--mqtt-protocol", mqtt_protocol, "--rounds", str(opts.rounds), "--steps", str(opts.steps),
-               "--deadline", "60", "--await-bundle", "600", "--log-level", "WARNING"]
+               "--deadline", "60", "--await-bundle", "600", "--await-every", str(opts.base_every),
+               "--log-level", "WARNING"]
         log = open(ddir / "device.log", "wb")  # noqa: SIM115 - closed when the process ends
         procs[device.device_id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     return procs
@@ -162,9 +180,8 @@ def _follow(opts: DemoOptions, companion: Any, procs: dict[str, subprocess.Popen
             reported = len(companion.store.latest_patches(companion.current.base_version, "demo")) \
                 if companion.current else 0
             progress.update(task, completed=sum(p.poll() is not None for p in procs.values()),
-                            description=f"round {min(len(companion.history) + 1, opts.rounds)}/{opts.rounds}: "
-                                        f"{reported}/{opts.devices} reported on base {bundle}, "
-                                        f"{len(companion.history)} distillations")
+                            description=f"{reported}/{opts.devices} devices reported on base {bundle}, "
+                                        f"{len(companion.history)} base updates (every {opts.base_every} rounds)")
     for device_id, proc in procs.items():
         if proc.poll() is None:
             proc.kill()
@@ -206,7 +223,8 @@ def _report(opts: DemoOptions, out: Path, fleet: list[Any], companion: Any, spec
         buckets[bucket]["devices"] = len(members)
     bytes_out = int(companion.metrics.value("edgepatch_bytes_out_total"))  # bundle files served over HTTP
     edgepatch_bytes = bytes_in + bytes_out
-    fedavg_bytes = 2 * param_bytes * opts.devices * opts.rounds
+    fedavg_round = fedavg_blob_bytes(base0)  # real serialized fp32 weights down and a full update up
+    fedavg_bytes = (fedavg_round["down"] + fedavg_round["up"]) * opts.devices * opts.rounds
     report = {"devices": rows, "buckets": buckets, "rounds": opts.rounds, "distillations": companion.history,
               "final_base_version": final_version, "bytes": {
                   "patches_and_metrics_up": bytes_in, "bundles_down": bytes_out, "bundle_bytes": bundle_bytes,
@@ -232,10 +250,45 @@ def _report(opts: DemoOptions, out: Path, fleet: list[Any], companion: Any, spec
         bt.add_row(name, str(b["devices"]), _pct(b["acc_base_model"]), _pct(b["acc_personalized"]),
                    _pct(b["cloud_acc_before"]), _pct(b["cloud_acc_after"]))
     Console().print(bt)
-    Console().print(f"bytes moved: devices → cloud {bytes_in:,} B (φ + metrics); cloud → devices "
-                    f"{edgepatch_bytes - bytes_in:,} B (bundles); FedAvg of the full model would move "
-                    f"{fedavg_bytes:,} B ({param_bytes:,} B of weights up and down per device per round)")
+    Console().print(f"bytes moved in {opts.rounds} rounds: devices → cloud {bytes_in:,} B (φ + metrics); cloud → "
+                    f"devices {edgepatch_bytes - bytes_in:,} B (bundle files); FedAvg of the full model would move "
+                    f"{fedavg_bytes:,} B ({fedavg_round['down']:,} B of fp32 weights down and {fedavg_round['up']:,} "
+                    "B up per device per round)")
     return report
+
+
+def _bytes_per_device(opts: DemoOptions, fleet: list[Any], companion: Any, wire: WireBytes,
+                      base0: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Bytes per device from the wire (every MQTT payload) and the bundle bytes the web server sent, per round,
+    per base update and per day on this schedule, against FedAvg of the full model on the same schedule."""
+    per_device = {d.device_id: wire.device(d.device_id) for d in fleet}
+    up = np.mean([sum(v for k, v in b.items() if k.startswith("up_")) for b in per_device.values()])
+    acks = np.mean([sum(v for k, v in b.items() if k.startswith("down_") and k != "down_bundle_announcements")
+                    for b in per_device.values()])
+    # Every fetch of a new bundle ends in one adoption-gate decision (adopted or not) on the metrics channel.
+    fetches = sum(len(companion.store.metric_values(d.device_id, "update_adopted")) for d in fleet)
+    served = companion.metrics.value("edgepatch_bytes_out_total")
+    announced = wire.fleet_wide.get("bundle", 0) / max(1, len(companion.history))  # the first one included
+    update = (served / fetches if fetches else 0.0) + announced
+    fedavg = fedavg_blob_bytes(base0)
+    day = per_day(Schedule(opts.base_every, opts.rounds_per_day), phi_up_per_round=float(up) / opts.rounds,
+                  phi_down_per_round=float(acks) / opts.rounds, update_down=update, update_up=0.0,
+                  fedavg_per_round=fedavg["down"] + fedavg["up"])
+    t = Table("bytes per device", "per round", "per base update", "per day",
+              title=f"bytes per device: φ every round, base every {opts.base_every} rounds, "
+                    f"{opts.rounds_per_day:g} rounds a day (measured over {opts.rounds} rounds)")
+    t.add_row("φ up (patch, metrics, state)", f"{day['phi_up_per_round']:,.0f}", "",
+              f"{opts.rounds_per_day * day['phi_up_per_round']:,.0f}")
+    t.add_row("acks down", f"{day['phi_down_per_round']:,.0f}", "",
+              f"{opts.rounds_per_day * day['phi_down_per_round']:,.0f}")
+    t.add_row("base update down (bundle files, announcements)", "",
+              f"{update:,.0f}" if fetches else "none fetched", f"{day['edgepatch_base_per_day']:,}")
+    t.add_row("edgepatch total", "", "", f"{day['edgepatch_per_day']:,}")
+    t.add_row("FedAvg, full model (fp32 down, update up)", f"{day['fedavg_per_round']:,}", "",
+              f"{day['fedavg_per_day']:,}")
+    t.add_row("FedAvg / edgepatch", "", "", f"{day['fedavg_over_edgepatch']}×")
+    Console().print(t)
+    return {"per_device": per_device, "bundle_fetches": fetches, "per_day": day, "fedavg_round": fedavg}
 
 
 def _update_decisions(store: Any, device_id: str) -> list[dict[str, Any]]:
@@ -272,9 +325,9 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     ax1.set_xticks(xs, [f"{n}\n{r['bucket']}" for n, r in zip(names, rows, strict=True)], fontsize=7)
     ax1.set_ylabel("holdout accuracy")
     ax1.legend(fontsize=7)
-    b = report["bytes"]
-    ax2.bar(["edgepatch", "FedAvg\nfull model"], [b["edgepatch_total"], b["fedavg_full_model"]])
-    ax2.set_ylabel("bytes moved")
+    day = report["bytes"]["per_day"]
+    ax2.bar(["edgepatch", "FedAvg\nfull model"], [day["edgepatch_per_day"], day["fedavg_per_day"]])
+    ax2.set_ylabel(f"bytes per device per day (base every {day['base_every']} rounds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
