@@ -32,6 +32,23 @@ def _nodelay(client: Any, userdata: Any, sock: Any) -> None:
         log.warning("could not set TCP_NODELAY: %s", exc)
 
 
+class _PahoErrors(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """paho's log, errors only. paho reports socket/TLS errors after the handshake (e.g. the broker's TLS 1.3
+    alert that a client certificate is required) only through its log; on_disconnect just says "Unspecified
+    error". Its "not connected" errors while we close on purpose are noise, not errors."""
+
+    def __init__(self, client: PahoClient) -> None:
+        super().__init__(log, {})
+        self.client = client
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - logging's name
+        return level >= logging.ERROR and not self.client._closing
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if self.isEnabledFor(level):
+            log.error("MQTT client error with broker %s: %s", self.client.settings.url, str(msg) % args)
+
+
 class PahoClient(MqttClient):
     def __init__(self, settings: MqttSettings) -> None:
         super().__init__(settings)
@@ -51,8 +68,10 @@ class PahoClient(MqttClient):
         c = self._client
         c.on_socket_open = _nodelay
         c.on_connect, c.on_connect_fail, c.on_disconnect = self._paho_connect, self._paho_connect_fail, self._paho_gone
-        c.on_publish, c.on_message, c.on_subscribe, c.on_log = (self._paho_published, self._paho_message,
-                                                                 self._paho_subscribed, self._paho_log)
+        c.on_publish, c.on_message, c.on_subscribe = self._paho_published, self._paho_message, self._paho_subscribed
+        # Errors only, through a logger: with an on_log callback paho formats a debug line (properties
+        # included) for every packet, ~20 µs each at ingest rates; a logger below ERROR skips the formatting.
+        c.enable_logger(_PahoErrors(self))
         self._lock = threading.Lock()  # never held while calling into paho (its callbacks hold its own locks)
         self._waiting: dict[int, PublishDone] = {}
         self._early: dict[int, tuple[bool, str]] = {}  # PUBACKs that beat publish() returning its mid
@@ -174,12 +193,6 @@ class PahoClient(MqttClient):
         # (connection refused, TLS handshake or certificate verification failure, ...).
         log.warning("cannot connect to broker %s: %s (retrying)", self.settings.url,
                     sys.exc_info()[1] or "unknown error")
-
-    def _paho_log(self, client: Any, userdata: Any, level: int, buf: str) -> None:
-        # paho reports socket/TLS errors after the handshake (e.g. the broker's TLS 1.3 alert that a client
-        # certificate is required) only through its log; on_disconnect just says "Unspecified error".
-        if level == paho.MQTT_LOG_ERR and not self._closing:
-            log.error("MQTT client error with broker %s: %s", self.settings.url, buf)
 
     def _paho_gone(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if self._connected.is_set():
