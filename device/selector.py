@@ -1,8 +1,9 @@
-"""DISTREAL run-time variant choice: the best-converging variant that fits the time and memory left.
+"""DISTREAL run-time variant choice: accuracy first — the largest variant that fits the time and memory left.
 
 The bundle's variant table gives, per variant, the measured train-step time on each runtime class
-(on the export machine), its memory footprint and its convergence score (loss after the DSE's
-budget; lower is better). On the device:
+(on the export machine), its memory footprint, its convergence score (loss after the DSE's budget;
+lower is better) and, from a DSE run over several seeds, that score's spread (`convergence_std`). On the
+device:
 
     expected step time = train_ms[runtime] / 1000 × factor[variant] / cpu_share
 
@@ -10,8 +11,10 @@ budget; lower is better). On the device:
 machine's time to this device's full-speed time and is learned from observed steps
 (`observe`), so neither the table nor the profile's relative_speed has to be exact. Among the Pareto
 variants whose `steps_left × expected step time` fits the time left (with a safety margin) and whose
-memory fits the free memory and the profile's cap, the best-converging one wins; if none fits, the
-cheapest, and the decision says so. The trainer calls `select` every `reselect_every` steps.
+memory fits the free memory and the profile's cap, the largest wins; a smaller one only when its
+convergence beats the largest's by more than both spreads (issue 10: filters are dropped when the deadline
+requires it, not on a noisy estimate). If none fits, the cheapest, and the decision says so. The trainer
+calls `select` every `reselect_every` steps.
 """
 
 from __future__ import annotations
