@@ -6,6 +6,10 @@ PostgreSQL restart / kill -9 run on a private cluster (initdb, a free port): nev
 Columns: sent (valid patches the devices sent), acknowledged (the devices count delivered: the companion's
 PatchAck said stored/duplicate), stored (sent patches in the store), lost (acknowledged but not stored: must
 be 0), unconfirmed (still in an outbox at the end), peak RSS of the ingest process (VmHWM, MB).
+Resource faults (sim/fault_extra.py): a 1 MB zip bomb (1 GiB unpacked) opened by a device process, refused at
+the manifest's declared sizes (its description names the bytes the device wrote and its peak memory), and
+400 idle connections on the companion's web server (the server still answers, its threads stay bounded, it
+closes them after its idle timeout), both during the patch stream.
 The control row (no application acks, the device trusts the broker's PUBACK) shows the loss the acks fix;
 it is not counted among the faults tried. The last line counts the faults survived of those tried.
 
@@ -23,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgepatch.sim.fault_extra import EXTRA_FAULTS, run_extra
 from edgepatch.sim.fault_runs import FAULTS, PG_FAULTS, POISONS, FaultRow, run_fault, run_poison
 
 PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -67,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.append((True, lambda f=fault: run_fault(f, "5", work / f, patches=min(patches, 60), outage_s=2.0)))
     runs.append((False, lambda: _control(run_fault("broker_restart", "5", work / "control", app_ack=False,
                                                    patches=patches, outage_s=3.0))))
+    for fault in EXTRA_FAULTS:  # archive bomb at a device, idle-connection flood on the web server
+        runs.append((True, lambda f=fault: run_extra(f, work / f, patches=min(patches, 60))))
     for kind in POISONS:
         runs.append((True, lambda k=kind: run_poison(k, work / f"poison-{k}", patches=min(patches, 60))))
     if args.postgres:
