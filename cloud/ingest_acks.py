@@ -23,7 +23,6 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from typing import Any
 
 # A refused binary patch frame's hash is its sha256, a JSON envelope's the hash it claims (protocol/frame.py).
@@ -33,8 +32,9 @@ from edgepatch.protocol.messages import (
     AckEntry,
     Message,
     PatchAck,
+    PatchUpdate,
+    canonical_bytes,
     content_hash_of,
-    encode,
     to_json,
 )
 from edgepatch.protocol.mqtt import Incoming, MqttClient
@@ -43,6 +43,7 @@ from edgepatch.protocol.topics import Channel, TopicError, device_topic, parse_t
 from .store import BatchResult, Received, Reject
 
 log = logging.getLogger(__name__)
+PATCH_KIND = PatchUpdate.KIND
 
 SENDER = "cloud"  # the companion's id as a sender (the same as companion.CLOUD_ID; not imported: heavy module)
 # seq only has to grow per sender; starting from the clock keeps it growing across restarts.
@@ -58,20 +59,24 @@ def patch_acks(batch: Iterable[tuple[Incoming, Received | Reject | None]], resul
     quarantined = {q.message.content_hash: q.reason for q in result.quarantined}
     out: dict[Address, list[AckEntry]] = {}
     for incoming, item in batch:
-        try:
-            address = parse_topic(incoming.topic)
-        except TopicError:
-            continue
-        if address.channel is not Channel.PATCH or address.device_id is None:
-            continue
-        key = (address.fleet, address.device_id)
-        if isinstance(item, Received):
-            h = item.message.content_hash
+        if isinstance(item, Received):  # decode() checked its topic: the sender's own patch channel
+            m = item.message
+            if m.kind != PATCH_KIND:
+                continue
+            key = (m.fleet, m.device_id)
+            h = m.content_hash
             if h in quarantined:
                 entry = AckEntry(h, "quarantined", quarantined[h][:200])
             else:
                 entry = AckEntry(h, "stored" if h in new else "duplicate")
         elif isinstance(item, Reject):
+            try:
+                address = parse_topic(incoming.topic)
+            except TopicError:
+                continue
+            if address.channel is not Channel.PATCH or address.device_id is None:
+                continue
+            key = (address.fleet, address.device_id)
             claimed = claimed_hash(incoming.payload, max_bytes)
             if claimed is None:
                 continue
@@ -103,10 +108,11 @@ def ack_payload(fleet: str, entries: Sequence[AckEntry], seq: int, sent_at: floa
     load). Safe because every value is already checked: the fleet and device come from a topic the
     ingest parsed, hashes are sha256 hex, statuses fixed, reasons printable (tests/test_ingest_ack_payload.py
     decodes the result strictly and compares it with the make_message form)."""
-    msg = Message(kind=PatchAck.KIND, device_id=SENDER, fleet=fleet, base_version="", variant_id="", seq=seq,
-                  sent_at=time.time() if sent_at is None else sent_at, payload=PatchAck(tuple(entries)),
-                  content_hash="")
-    return encode(replace(msg, content_hash=content_hash_of(to_json(msg))))
+    env = to_json(Message(kind=PatchAck.KIND, device_id=SENDER, fleet=fleet, base_version="", variant_id="",
+                          seq=seq, sent_at=time.time() if sent_at is None else sent_at,
+                          payload=PatchAck(tuple(entries)), content_hash=""))
+    env["content_hash"] = content_hash_of(env)
+    return canonical_bytes(env)  # what encode() writes for a JSON message (far below the size limit)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
