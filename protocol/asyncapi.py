@@ -168,7 +168,7 @@ def _message(kind: str) -> dict[str, Any]:
                        "properties": header}}
     if kind in framed_kinds():
         out.update(title=_camel(kind) + "Json", description="The JSON envelope of this kind: still accepted "
-                   "(older devices, docs/android.md), no longer what edgepatch devices send.")
+                   "(older devices, docs/android.md), no longer what edgepatch devices and the companion send.")
     return out
 
 
@@ -179,7 +179,8 @@ def _frame_message(kind: str) -> dict[str, Any]:
             "description": (f"Binary frame (protocol/frame.py), what devices send: the envelope's fields packed "
                             "little-endian, then the payload's; φ as raw float32. Each field obeys the rules of "
                             f"the JSON form ({_camel(kind)}Json); content_hash is the sha256 of the frame bytes (no "
-                            f"hash field). Size: {fixed} bytes + the four ids' UTF-8 bytes + 4·k."),
+                            f"hash field). Size: {fixed} bytes, plus the four ids' UTF-8 bytes and the variable-length "
+                            "fields of x-frame."),
             "payload": {"type": "string", "format": "binary", "maxLength": MAX_MESSAGE_BYTES},
             "x-frame": {"magic": MAGIC.decode(), "format_version": FORMAT_VERSION, "kind_code": framed_kinds()[kind],
                         "byte_order": "little-endian", "content_hash": "sha256 of the frame bytes",
@@ -224,8 +225,8 @@ def document() -> dict[str, Any]:
                      "protocol/wire.py; tests/test_asyncapi.py fails when they drift.\n\n"
                      f"* Every message is one envelope of at most {MAX_MESSAGE_BYTES} bytes: schema, "
                      "kind, device_id (the sender; the cloud's id for what the cloud sends), fleet, base_version, "
-                     "variant_id, seq, sent_at, payload, content_hash; as UTF-8 JSON, or, for patch_update, as a "
-                     f"binary frame (payload starts with \"{MAGIC.decode()}\", layout in the message's x-frame; "
+                     "variant_id, seq, sent_at, payload, content_hash; as UTF-8 JSON, or, for patch_update and "
+                     f"metrics, as a binary frame (payload starts with \"{MAGIC.decode()}\", layout in the message's x-frame; "
                      "receivers accept both forms).\n"
                      "* content_hash = sha256 (hex) of the canonical JSON of the envelope without content_hash "
                      "(keys sorted, separators \",\" and \":\", no ASCII escaping), or of a frame's bytes; it is "

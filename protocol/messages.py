@@ -2,7 +2,8 @@
 
 They travel in the one envelope of `wire.py` (schema, kind, sender, seq, content hash, strict JSON); this
 module only defines what is inside `payload`, and re-exports the codec so `messages.decode` keeps working.
-PatchUpdate also has a binary frame (frame.py, the default on the wire): φ as raw little-endian float32.
+PatchUpdate and Metrics also have binary frames (frame.py, the default on the wire): φ as raw little-endian
+float32, metrics as (name, float64) pairs.
 
 Arrays never travel as pickles: `{"dtype": "<f4", "shape": [k], "b64": base64(little-endian float32)}`.
 """
@@ -169,17 +170,58 @@ METRIC_NAME = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
 MAX_METRICS = 128
 
 
+_F64 = struct.Struct("<d")
+
+
+@register_frame
 @register
 @dataclass(frozen=True)
 class Metrics:
-    """Named scalar measurements (e.g. train_ms, infer_ms, rss_bytes, battery)."""
+    """Named scalar measurements (e.g. train_ms, infer_ms, rss_bytes, battery). Travels as a binary frame by
+    default: a count, then (name length, ASCII name, float64) per value, names strictly ascending so one set
+    of values has one byte string (the content hash is the frame's sha256)."""
 
     KIND: ClassVar[str] = "metrics"
     CHANNELS: ClassVar[tuple[Channel, ...]] = (Channel.METRICS,)
+    FRAME_CODE: ClassVar[int] = 2
+    FRAME_FIELDS: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"name": "count", "bytes": 1, "type": "uint8"},
+        {"name": "values", "bytes": "count × (1 + name_bytes + 8)",
+         "type": "count × (name_bytes uint8, name ascii, value float64), names strictly ascending"})
     values: Mapping[str, float]
 
     def to_json(self) -> dict[str, Any]:
         return {"values": {str(k): number(float(v), f"values.{k}") for k, v in self.values.items()}}
+
+    def to_frame(self) -> bytes:
+        items = sorted((str(k), number(float(v), f"values.{k}")) for k, v in self.values.items())
+        if len(items) > MAX_METRICS:
+            raise MessageError("bad_field", f"{len(items)} metrics in one message > {MAX_METRICS}")
+        for k, _ in items:
+            if not METRIC_NAME.fullmatch(k):
+                raise MessageError("bad_field", f"metric name {k!r} must match {METRIC_NAME.pattern}")
+        return bytes([len(items)]) + b"".join(bytes([len(k)]) + k.encode("ascii") + _F64.pack(v) for k, v in items)
+
+    @classmethod
+    def from_frame(cls, data: memoryview) -> Metrics:
+        if len(data) < 1 or data[0] > MAX_METRICS:
+            raise MessageError("bad_shape" if len(data) < 1 else "bad_field",
+                               f"metrics frame needs a count of 0..{MAX_METRICS} values")
+        out: dict[str, float] = {}
+        at, prev = 1, ""
+        for i in range(data[0]):
+            n = data[at] if at < len(data) else 0
+            if not 1 <= n <= 64 or at + 1 + n + _F64.size > len(data):
+                raise MessageError("bad_shape", f"metrics value {i}: name of {n} bytes does not fit the frame")
+            name = bytes(data[at + 1:at + 1 + n]).decode("ascii", errors="replace")
+            if not METRIC_NAME.fullmatch(name) or name <= prev:
+                raise MessageError("bad_field", f"metric name {name!r} must match {METRIC_NAME.pattern} and come "
+                                                f"after {prev!r} (names strictly ascending)")
+            out[name] = number(_F64.unpack_from(data, at + 1 + n)[0], f"values.{name}")
+            at, prev = at + 1 + n + _F64.size, name
+        if at != len(data):
+            raise MessageError("bad_shape", f"{len(data) - at} bytes after the last metrics value")
+        return cls(values=out)
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Metrics:
@@ -187,7 +229,7 @@ class Metrics:
         values = obj_of(need(obj, "values", "metrics"), "metrics.values", MAX_METRICS)
         out: dict[str, float] = {}
         for k, v in values.items():
-            if not METRIC_NAME.match(k):
+            if not METRIC_NAME.fullmatch(k):
                 raise MessageError("bad_field", f"metric name {k!r} must match {METRIC_NAME.pattern}")
             out[k] = number(v, f"values.{k}")
         return cls(values=out)

@@ -130,8 +130,27 @@ def frame_from_the_document(fields: list[dict], values: dict) -> bytes:
     return out
 
 
-@pytest.mark.parametrize("kind", sorted(asyncapi.framed_kinds()))
-def test_the_frame_layout_in_the_document_is_what_decode_reads_and_encode_writes(doc, kind):
+def test_framed_kinds_are_patches_and_metrics():
+    assert sorted(asyncapi.framed_kinds()) == ["metrics", "patch_update"]
+
+
+def test_the_metrics_frame_layout_in_the_document_is_what_the_codec_writes(doc):
+    message = doc["components"]["messages"]["Metrics"]
+    spec = message["x-frame"]
+    assert spec["kind_code"] == Metrics.FRAME_CODE and "strictly ascending" in spec["fields"][-1]["type"]
+    ids = {"device_id": "dev-7", "fleet": "lab", "base_version": "b1", "variant_id": "k50"}
+    values = {"magic": b"EPB", "format_version": spec["format_version"], "kind_code": spec["kind_code"],
+              **{f"{k}_bytes": len(v.encode()) for k, v in ids.items()}, **ids, "seq": 3, "sent_at": 1.25,
+              "count": 2}
+    head = frame_from_the_document(spec["fields"][:-1], values)
+    data = head + b"".join(bytes([len(n)]) + n.encode() + struct.pack("<d", v) for n, v in (("a.b", 1.5), ("c", 2.0)))
+    msg = decode(device_topic("lab", "dev-7", Channel.METRICS), data)
+    assert msg.payload.values == {"a.b": 1.5, "c": 2.0}
+    assert encode(make_message(Metrics({"c": 2.0, "a.b": 1.5}), seq=3, sent_at=1.25, **ids)) == data
+
+
+def test_the_patch_frame_layout_in_the_document_is_what_decode_reads_and_encode_writes(doc):
+    kind = "patch_update"
     message = doc["components"]["messages"][asyncapi._camel(kind)]
     spec = message["x-frame"]
     assert message["contentType"] == "application/octet-stream" and spec["byte_order"] == "little-endian"

@@ -69,15 +69,15 @@ def test_patch_payload_is_at_most_4k_plus_200_bytes(k):
     assert len(data) < len(as_json)
 
 
-def test_patches_travel_as_frames_and_other_kinds_as_json():
-    msg = make_message(patch(), seq=1, **IDS)
-    data = encode(msg)
-    assert msg.binary and is_frame(data) and data[:3] == b"EPB" and data[3] == FORMAT_VERSION
-    for payload in (Metrics(values={"train_ms": 1.0}), DeviceState(state="online", last_seen=1.0)):
-        other = make_message(payload, seq=2, **IDS)
-        assert not other.binary and encode(other).startswith(b"{")
+def test_patches_and_metrics_travel_as_frames_and_other_kinds_as_json():
+    for payload, code in ((patch(), 1), (Metrics(values={"train_ms": 1.0}), 2)):
+        msg = make_message(payload, seq=1, **IDS)
+        data = encode(msg)
+        assert msg.binary and is_frame(data) and data[:3] == b"EPB" and data[3] == FORMAT_VERSION and data[4] == code
+    other = make_message(DeviceState(state="online", last_seen=1.0), seq=2, **IDS)
+    assert not other.binary and encode(other).startswith(b"{")
     with pytest.raises(AttributeError):  # a kind without a frame codec cannot be forced into one
-        make_message(Metrics(values={"train_ms": 1.0}), seq=3, binary=True, **IDS)
+        make_message(DeviceState(state="online", last_seen=1.0), seq=3, binary=True, **IDS)
 
 
 # ------------------------------------------------------------------------------------------ round trips
@@ -217,3 +217,66 @@ def test_claimed_hash_names_a_refused_frame_by_its_bytes():
     assert claimed_hash(encode(good), 65536) == good.content_hash
     assert claimed_hash(b"\x00garbage", 65536) is None and claimed_hash(b"", 65536) is None
     assert claimed_hash(bad, 10) is None  # oversize: not even hashed
+
+
+# ------------------------------------------------------------------------------------------ metrics frames
+
+METRICS_TOPIC = "edgepatch/v1/default/dev-007/metrics"
+
+
+def metrics_frame(entries: list[tuple[bytes, float]], count: int | None = None) -> bytes:
+    """A metrics frame by hand: count, then (name length, name, float64) per entry, in the order given."""
+    ids = tuple(IDS[k].encode() for k in ("device_id", "fleet", "base_version", "variant_id"))
+    body = bytes([len(entries) if count is None else count])
+    body += b"".join(bytes([len(n)]) + n + struct.pack("<d", v) for n, v in entries)
+    return HEADER.pack(MAGIC, FORMAT_VERSION, 2, *(len(i) for i in ids), 5, 1.5) + b"".join(ids) + body
+
+
+def test_metrics_frames_round_trip_and_are_half_the_json():
+    values = {"steps": 20.0, "holdout_acc": 0.75, "round_seconds": 1.8234, "holdout_acc_base": -0.0}
+    msg = make_message(Metrics(values=values), seq=4, **IDS)
+    data = encode(msg)
+    back = decode(METRICS_TOPIC, data)
+    assert back == msg and back.binary and back.payload.values == values and encode(back) == data
+    assert list(back.payload.values) == sorted(values)  # sent sorted: one byte string per set of values
+    as_json = encode(make_message(Metrics(values=values), seq=4, binary=False, **IDS))
+    assert len(data) <= len(as_json) / 2
+    assert decode(METRICS_TOPIC, metrics_frame([])).payload.values == {}
+    assert decode(METRICS_TOPIC, metrics_frame([(b"a", 1.0), (b"b", 2.0)])).payload.values == {"a": 1.0, "b": 2.0}
+
+
+def test_bad_metrics_frames_are_refused():
+    reject(metrics_frame([(b"b", 1.0), (b"a", 2.0)]), "bad_field", METRICS_TOPIC)  # not ascending
+    reject(metrics_frame([(b"a", 1.0), (b"a", 2.0)]), "bad_field", METRICS_TOPIC)  # duplicate
+    for name in (b"Upper", b"1st", b"a\n", b"a b", b"\xff", b"a" * 65):
+        with pytest.raises(MessageError):
+            decode(METRICS_TOPIC, metrics_frame([(name, 1.0)]))
+    reject(metrics_frame([(b"a", float("nan"))]), "non_finite", METRICS_TOPIC)
+    reject(metrics_frame([(b"a", float("inf"))]), "non_finite", METRICS_TOPIC)
+    reject(metrics_frame([(b"a", 1.0)], count=2), "bad_shape", METRICS_TOPIC)  # count says more than there is
+    reject(metrics_frame([], count=129), "bad_field", METRICS_TOPIC)
+    reject(metrics_frame([(b"a", 1.0)]) + b"\x00", "bad_shape", METRICS_TOPIC)
+    reject(metrics_frame([(b"a", 1.0)])[:-1], "bad_shape", METRICS_TOPIC)
+    reject(metrics_frame([(b"a", 1.0)]), "topic_mismatch", TOPIC)  # a metrics frame on the patch topic
+    with pytest.raises(MessageError):
+        make_message(Metrics(values={"Bad": 1.0}), seq=1, **IDS)
+    with pytest.raises(MessageError):
+        make_message(Metrics(values={f"m{i:03d}": 1.0 for i in range(129)}), seq=1, **IDS)
+
+
+def test_fuzzed_metrics_frames_are_refused_or_canonical():
+    rng = np.random.default_rng(1)
+    data = encode(make_message(Metrics(values={"holdout_acc": 0.75, "steps": 20.0}), seq=4, **IDS))
+    accepted = 0
+    for _ in range(2000):
+        mutated = bytearray(data)
+        for pos in rng.integers(0, len(data), size=int(rng.integers(1, 3))):
+            mutated[pos] = int(rng.integers(0, 256))
+        try:
+            msg = decode(METRICS_TOPIC, bytes(mutated))
+        except MessageError as exc:
+            assert exc.reason in REASONS
+            continue
+        accepted += 1
+        assert encode(msg) == bytes(mutated)
+    assert 0 < accepted < 2000
