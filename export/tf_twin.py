@@ -39,24 +39,42 @@ def _tap_slices(x: tf.Tensor, kh: int, kw: int, ho: int, wo: int, stride: int) -
     return taps
 
 
-def conv2d_valid(x: tf.Tensor, w: tf.Tensor, stride: int) -> tf.Tensor:
-    """VALID conv of an already padded NHWC `x` with an HWIO `w`, with a builtins-only gradient."""
+def _same(kh: int, kw: int, stride: int, pads: tuple[int, int, int, int]) -> bool:
+    """Whether VALID on `pads`-padded input equals TF's "SAME" (stride 1, odd kernel, symmetric k // 2): then
+    the runtime pads inside the conv (no PAD pass) and the input gradient has the unpadded shape directly."""
+    return stride == 1 and kh % 2 == 1 and kw % 2 == 1 and pads == (kh // 2, kh // 2, kw // 2, kw // 2)
+
+
+def _padded(x: tf.Tensor, pads: tuple[int, int, int, int]) -> tf.Tensor:
+    top, bottom, left, right = pads
+    return tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]]) if any(pads) else x
+
+
+def conv2d_valid(x: tf.Tensor, w: tf.Tensor, stride: int, pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+                 ) -> tf.Tensor:
+    """VALID conv of NHWC `x` zero-padded by `pads` (top, bottom, left, right) with an HWIO `w`, with a
+    builtins-only gradient; the input gradient is of the unpadded `x`."""
 
     @tf.custom_gradient
     def conv(x: tf.Tensor, w: tf.Tensor) -> tuple[tf.Tensor, Callable]:
-        y = tf.nn.conv2d(x, w, strides=[1, stride, stride, 1], padding="VALID")
+        kh, kw, cin, cout = w.shape
+        same = _same(kh, kw, stride, pads)
+        xp = x if same else _padded(x, pads)
+        y = tf.nn.conv2d(xp, w, strides=[1, stride, stride, 1], padding="SAME" if same else "VALID")
 
         def grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            kh, kw, cin, cout = w.shape
             n, ho, wo = dy.shape[0], dy.shape[1], dy.shape[2]
-            if (kh, kw, stride) == (1, 1, 1):  # a 1x1 conv with the transposed kernel: XNNPACK's GEMM,
+            if (kh, kw, stride) == (1, 1, 1) and not any(pads):  # a 1x1 conv with the transposed kernel:
                 dx = tf.nn.conv2d(dy, tf.transpose(w, [0, 1, 3, 2]), strides=[1, 1, 1, 1], padding="VALID")
-            else:  # ... faster than its deconvolution. Otherwise a transposed conv (static shape, fixed batch)
-                dx = tf.nn.conv2d_transpose(dy, w, output_shape=x.shape, strides=[1, stride, stride, 1],
-                                            padding="VALID")
+            elif same:  # ... XNNPACK's GEMM, faster than its deconvolution. Else a transposed conv (fixed batch)
+                dx = tf.nn.conv2d_transpose(dy, w, output_shape=x.shape, strides=[1, 1, 1, 1], padding="SAME")
+            else:  # the gradient of the padded input, its border cut away
+                dxp = tf.nn.conv2d_transpose(dy, w, output_shape=xp.shape, strides=[1, stride, stride, 1],
+                                             padding="VALID")
+                dx = dxp[:, pads[0]:pads[0] + x.shape[1], pads[2]:pads[2] + x.shape[2], :] if any(pads) else dxp
             # filter gradient: im2col of the taps, one matmul (Conv2DBackpropFilter would need Flex)
-            cols = tf.concat(_tap_slices(x, kh, kw, ho, wo, stride), axis=-1)  # (N, Ho, Wo, kh*kw*cin)
-            cols = tf.reshape(cols, [n * ho * wo, kh * kw * cin])
+            taps = _tap_slices(_padded(x, pads), kh, kw, ho, wo, stride)
+            cols = tf.reshape(tf.concat(taps, axis=-1), [n * ho * wo, kh * kw * cin])  # (N·Ho·Wo, kh·kw·cin)
             dw = tf.matmul(cols, tf.reshape(dy, [n * ho * wo, cout]), transpose_a=True)
             return dx, tf.reshape(dw, [kh, kw, cin, cout])
 
@@ -85,25 +103,32 @@ def depthwise_valid(x: tf.Tensor, w: tf.Tensor, stride: int = 1, pads: tuple[int
 
     @tf.custom_gradient
     def dwconv(x: tf.Tensor, w: tf.Tensor) -> tuple[tf.Tensor, Callable]:
-        xp = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]]) if any(pads) else x
-        y = tf.nn.depthwise_conv2d(xp, w, strides=[1, stride, stride, 1], padding="VALID")
+        kh, kw, c, _ = w.shape
+        same = _same(kh, kw, stride, pads)
+        y = tf.nn.depthwise_conv2d(x if same else _padded(x, pads), w, strides=[1, stride, stride, 1],
+                                   padding="SAME" if same else "VALID")
 
         def grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            kh, kw, c, _ = w.shape
+            xp = _padded(x, pads)
             _, hh, ww, _ = xp.shape
             ho, wo = dy.shape[1], dy.shape[2]
             # input gradient: full correlation of the zero-dilated dy with the flipped kernel (a plain stride-1
             # depthwise conv), its window cut to the rows/cols of the unpadded x: pad dy by what the kernel
-            # reaches beyond them, crop where it reaches less; rows of x no output reads get zero
-            dyd = _dilate(dy, stride)
-            extra_h, extra_w = hh - ho * stride, ww - wo * stride
-            if extra_h < 0 or extra_w < 0:
-                dyd = dyd[:, :ho * stride + min(extra_h, 0), :wo * stride + min(extra_w, 0), :]
-            dy_full = _pad_or_crop(dyd, (kh - 1 - top, max(extra_h, 0) - bottom, kw - 1 - left, max(extra_w, 0) - right))
-            # the flipped kernel, not flipped activations (two REVERSE_V2 copies per layer, outside XNNPACK);
+            # reaches beyond them, crop where it reaches less; rows of x no output reads get zero.
+            # The flipped kernel, not flipped activations (two REVERSE_V2 copies per layer, outside XNNPACK):
             # a weights-baked program stores it as a constant of its own, which the weight layout records as
-            # a reversed-axes spot (protocol/weight_layout.py), so rewriting weights in place covers it
-            dx = tf.nn.depthwise_conv2d(dy_full, tf.reverse(w, axis=[0, 1]), strides=[1, 1, 1, 1], padding="VALID")
+            # a reversed-axes spot (protocol/weight_layout.py), so rewriting weights in place covers it.
+            flipped = tf.reverse(w, axis=[0, 1])
+            if same:  # the window is "SAME" again: the runtime pads inside the conv
+                dx = tf.nn.depthwise_conv2d(dy, flipped, strides=[1, 1, 1, 1], padding="SAME")
+            else:
+                dyd = _dilate(dy, stride)
+                extra_h, extra_w = hh - ho * stride, ww - wo * stride
+                if extra_h < 0 or extra_w < 0:
+                    dyd = dyd[:, :ho * stride + min(extra_h, 0), :wo * stride + min(extra_w, 0), :]
+                dy_full = _pad_or_crop(dyd, (kh - 1 - top, max(extra_h, 0) - bottom,
+                                             kw - 1 - left, max(extra_w, 0) - right))
+                dx = tf.nn.depthwise_conv2d(dy_full, flipped, strides=[1, 1, 1, 1], padding="VALID")
             taps = [tf.reduce_sum(t * dy, axis=[0, 1, 2]) for t in _tap_slices(xp, kh, kw, ho, wo, stride)]
             return dx, tf.reshape(tf.stack(taps, axis=0), [kh, kw, c, 1])
 
@@ -132,8 +157,11 @@ def _pad_spatial(h: tf.Tensor, pads: tuple[int, ...], dims: int) -> tf.Tensor:
     return tf.pad(h, [[0, 0], rows, cols, [0, 0]])
 
 
-def _conv_pads(layer: LayerSpec, dims: int) -> tuple[int, ...]:
-    return tuple(p for p in graph.conv_padding(layer, dims) for _ in range(2))
+def _spatial_pads(layer: LayerSpec, dims: int) -> tuple[int, int, int, int]:
+    """A conv's symmetric padding as NHWC (top, bottom, left, right); a 1-D signal pads only W (H = 1)."""
+    pads = graph.conv_padding(layer, dims)
+    ph, pw = pads if dims == 2 else (0, pads[0])
+    return (ph, ph, pw, pw)
 
 
 def _avgpool(h: tf.Tensor, layer: LayerSpec, dims: int) -> tf.Tensor:
@@ -240,12 +268,10 @@ def _layer(layer: LayerSpec, h: tf.Tensor, params: Tensors, dims: int, other: tf
     if layer.kind in ("conv2d", "conv1d"):
         w = params[f"{n}.weight"]  # torch (O, I, kh, kw) or (O, I, k)
         w = tf.transpose(w, [2, 3, 1, 0]) if dims == 2 else tf.expand_dims(tf.transpose(w, [2, 1, 0]), 0)
-        return conv2d_valid(_pad_spatial(h, _conv_pads(layer, dims), dims), w, layer.stride) + params[f"{n}.bias"]
+        return conv2d_valid(h, w, layer.stride, _spatial_pads(layer, dims)) + params[f"{n}.bias"]
     if layer.kind == "dwconv2d":
         w = tf.transpose(params[f"{n}.weight"], [2, 3, 0, 1])  # (C, 1, kh, kw) -> (kh, kw, C, 1)
-        pads = graph.conv_padding(layer, dims)  # (ph, pw), or (pw,) for a 1-D signal (H = 1)
-        ph, pw = pads if dims == 2 else (0, pads[0])
-        return depthwise_valid(h, w, layer.stride, (ph, ph, pw, pw)) + params[f"{n}.bias"]
+        return depthwise_valid(h, w, layer.stride, _spatial_pads(layer, dims)) + params[f"{n}.bias"]
     if layer.kind == "dense":
         return tf.matmul(h, params[f"{n}.weight"], transpose_b=True) + params[f"{n}.bias"]
     if layer.kind == "relu":
