@@ -148,3 +148,156 @@ def test_executorch_programs_match_torch(model: str, kind: str, ratio: float) ->
     np.testing.assert_allclose(loss, ref.item(), rtol=1e-4)
     np.testing.assert_allclose(new_phi, adam_step(phi, phi_t.grad.numpy(), m, v, 0.0, AdamConfig(lr=0.05))[0],
                                rtol=1e-4, atol=1e-6)
+
+
+# -- a label-skewed device learns its prior on the real LiteRT path ----------------------------------
+
+NOISE = 1.5  # input noise (× the data's std) of the whole task: the base is unsure, so the prior matters
+
+
+def _noisy(x: np.ndarray, rng: np.random.Generator, std: float) -> np.ndarray:
+    return (x + rng.normal(0.0, NOISE * std, x.shape)).astype(np.float32)
+
+
+def _skewed_device(majority: int, seed: int, n_major: int = 120, n_other: int = 40):
+    """A device under pure label shift: the base's input distribution (noisy digits from the half the
+    base never saw), 75 % of its labels one class; time order = draw order."""
+    from edgepatch.data.datasets import load_digits
+    from edgepatch.data.fleet import base_split
+
+    digits = load_digits()
+    _, part = base_split(digits, fraction=0.5, seed=0)
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.choice(np.flatnonzero(part.y == majority), n_major),
+                          rng.choice(np.flatnonzero(part.y != majority), n_other)])
+    rng.shuffle(idx)
+    return _noisy(part.x[idx], rng, float(digits.x.std())), part.y[idx].astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def shift_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits_cnn with a head bias, pretrained on noisy digits (the cloud half), LiteRT and ExecuTorch."""
+    from edgepatch.data.datasets import load_digits
+    from edgepatch.data.fleet import base_split
+    from edgepatch.export.pipeline import ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("head-bias")
+    digits = load_digits()
+    cloud, _ = base_split(digits, fraction=0.5, seed=0)
+    np.savez(root / "noisy.npz", x=_noisy(cloud.x, np.random.default_rng(0), float(digits.x.std())), y=cloud.y)
+    export_bundle(ExportOptions(data=root / "noisy.npz", head_bias=True, variants="1,0.5",
+                                runtimes=("litert", "executorch"), dse_steps=5, dse_seeds=(0,)), root / "bundle")
+    return root / "bundle"
+
+
+def _effective_head_bias(params: dict[str, np.ndarray], phi: np.ndarray) -> np.ndarray:
+    return params["head.patch.bias"] + params["head.patch.bias_basis"] @ phi
+
+
+_TRAINED: dict[tuple[str, int], tuple[np.ndarray, float, float, float]] = {}
+
+
+def _train_device(bundle_dir: Path, majority: int, tmp: Path, seed: int = 0):
+    """φ after 60 steps of the device's own trainer on LiteRT, and holdout accuracies (base, personalized,
+    always-the-majority). Cached: the MoMoDistill test reuses the same devices."""
+    from edgepatch.device.engine import open_engine
+    from edgepatch.device.state import DeviceStateStore
+    from edgepatch.device.trainer import LocalData, PatchTrainer
+    from edgepatch.protocol.bundle import load_bundle
+
+    key = (str(bundle_dir), majority)
+    if key not in _TRAINED:
+        bundle = load_bundle(bundle_dir)
+        x, y = _skewed_device(majority, seed + majority)
+        data = LocalData.split(x, y, np.arange(len(x)))
+        trainer = PatchTrainer(bundle, open_engine(bundle, "litert"), DeviceStateStore(tmp / f"dev{majority}"),
+                               data, seed=seed, variant_id=bundle.manifest.variants[0].id)
+        base = trainer.holdout_accuracy(np.zeros(bundle.manifest.patch.k, np.float32))
+        trainer.train_round(60)
+        _TRAINED[key] = (trainer.phi.copy(), base, trainer.holdout_accuracy(),
+                         float((data.holdout_y == majority).mean()))
+    return _TRAINED[key]
+
+
+@pytest.mark.slow
+def test_label_skewed_devices_learn_their_prior_in_litert(shift_bundle: Path, tmp_path: Path) -> None:
+    """Ten devices, one per majority class, each trained by its own PatchTrainer on the LiteRT engine.
+
+    Under pure label shift the optimal head bias is the log ratio of the device's label prior to the
+    base's (Saerens et al. 2002), so the majority's coefficient should end on top; 60 Adam steps shared
+    with the FiLM coefficients make that noisy (margins 0.02–1.09 on this machine, all ten on top), hence
+    "at least 9 of 10". Personalization must beat both the base and always-the-majority on average."""
+    from edgepatch.protocol.bundle import load_bundle
+
+    bundle = load_bundle(shift_bundle)
+    assert bundle.manifest.patch.head_bias and bundle.manifest.patch.k == 16 + 10
+    params = bundle.all_params()
+    on_top, base, personal, majority = 0, [], [], []
+    for cls in range(10):
+        phi, base_acc, personal_acc, majority_acc = _train_device(shift_bundle, cls, tmp_path)
+        bias = _effective_head_bias(params, phi)
+        on_top += int(bias[cls] > np.delete(bias, cls).max())
+        base.append(base_acc)
+        personal.append(personal_acc)
+        majority.append(majority_acc)
+    assert on_top >= 9, on_top
+    assert np.mean(personal) > max(np.mean(base), np.mean(majority)), (personal, base, majority)
+
+
+@pytest.mark.slow
+def test_momodistill_and_republication_carry_the_head_bias(shift_bundle: Path, tmp_path: Path) -> None:
+    """A proxy-mode round distils θ̄_hb and Θ_hb with the rest; each device's old φ still leans its model
+    toward its own majority on the new base; the republished frozen programs (weights rewritten in place,
+    no converter) compute the torch reference with the new head bias on both runtimes."""
+    from edgepatch.cloud.momodistill import CloudData, DeviceContribution, DistillConfig, momodistill, personalized_logits
+    from edgepatch.cloud.republish import republish_bundle
+    from edgepatch.data.datasets import load_digits
+    from edgepatch.data.fleet import base_split
+    from edgepatch.device.engine import open_engine, predict_logits
+    from edgepatch.protocol.bundle import load_bundle
+
+    bundle = load_bundle(shift_bundle)
+    spec, patch, params = bundle.manifest.model, bundle.manifest.patch, bundle.all_params()
+    phis = {cls: _train_device(shift_bundle, cls, tmp_path)[0] for cls in (3, 8)}
+    digits = load_digits()
+    cloud, _ = base_split(digits, fraction=0.5, seed=0)
+    proxy = _noisy(cloud.x, np.random.default_rng(5), float(digits.x.std()))
+    result = momodistill(spec, patch, params, [DeviceContribution(f"dev-{c}", phi) for c, phi in phis.items()],
+                         CloudData(proxy_x=proxy), DistillConfig(phi_source="device", step1_epochs=2, step2_epochs=3))
+    new = result.params
+    for name in ("head.patch.bias", "head.patch.bias_basis"):
+        assert new[name].shape == params[name].shape
+        assert np.abs(new[name] - params[name]).max() > 1e-4, name  # step 2 trains the head bias too
+
+    def share(p: dict[str, np.ndarray], phi: np.ndarray, cls: int) -> float:
+        return float((personalized_logits(spec, patch, p, phi, proxy).argmax(axis=1) == cls).mean())
+
+    for p in (params, new):  # φ keeps its meaning: device c's model predicts c more often than the other's
+        assert share(p, phis[3], 3) > share(p, phis[8], 3) and share(p, phis[8], 8) > share(p, phis[3], 8)
+
+    republish_bundle(shift_bundle, new, tmp_path / "republished")
+    again = load_bundle(tmp_path / "republished")
+    assert again.manifest.patch == patch
+    published = again.all_params()
+    np.testing.assert_allclose(published["head.patch.bias_basis"], new["head.patch.bias_basis"], atol=1e-3)
+    phi = phis[8]
+    want = personalized_logits(spec, patch, published, phi, proxy[:40])
+    for runtime in ("litert", "executorch"):
+        got = predict_logits(open_engine(again, runtime), proxy[:40], phi)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=runtime)
+
+
+def test_bundles_without_a_head_bias_load_as_before(digits_bundle: Path) -> None:
+    """The shared test bundle is exported without the option: its manifest's patch has exactly the old
+    fields, no head parameters exist, and φ keeps its old size (its artifacts are byte-identical to the
+    code before the head bias existed: checked by exporting with both, see docs/DESIGN.md)."""
+    from edgepatch.device.engine import open_engine, predict_logits
+    from edgepatch.protocol.bundle import load_bundle
+
+    bundle = load_bundle(digits_bundle)
+    manifest = json.loads((digits_bundle / "manifest.json").read_text())
+    assert set(manifest["patch"]) == {"kind", "layers", "k", "rank"}
+    assert not bundle.manifest.patch.head_bias and bundle.manifest.patch.k == 16
+    assert not any(name.startswith("head.patch") for name in bundle.all_params())
+    x = np.zeros((3, *bundle.manifest.model.input_shape), np.float32)
+    assert predict_logits(open_engine(bundle, "litert"), x, np.zeros(16, np.float32)).shape == (3, 10)
