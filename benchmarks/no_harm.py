@@ -251,6 +251,15 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def print_devices(runs: list[dict[str, Any]]) -> None:
+    print(f"\n{'fleet':<14}{'seed':>4} {'gates':<6}{'device':<9}{'hold':>5}{'worst Δ (samples)':>18}"
+          f"{'personalized':>13}{'base':>7}{'majority':>9}")
+    for r in runs:
+        for n, d in r["devices"].items():
+            print(f"{r['fleet']:<14}{r['seed']:>4} {'on' if r['gates'] else 'off':<6}{n:<9}{d['holdout']:>5}"
+                  f"{d['worst_change_samples']:>+18.1f}{d['personalized']:>13.3f}{d['base']:>7.3f}{d['majority']:>9.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -259,6 +268,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--shadow-steps", type=int, default=20)
     ap.add_argument("--fleets", nargs="+", default=[f.name for f in FLEETS])
+    ap.add_argument("--per-device", action="store_true", help="also print every device's row (always in the JSON)")
     ap.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=True,
                     help="export the fleets' bundles with a head-bias patch (φ can carry a label prior)")
     # tmpfs when there is one: every φ step commits the device state with fsync (crash safety), which on a
@@ -294,6 +304,8 @@ def main() -> None:
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "summary": rows,
                                     "runs": runs, "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
                                     "load_average_before_after": [load0, load1]}, indent=1))
+    if args.per_device:
+        print_devices(runs)
     print(f"\n{'fleet':<14}{'gates':<6}{'devs':>5}{'worst Δacc':>11}{'(samples)':>10}{'harmed':>7}"
           f"{'personalized':>13}{'base':>7}{'majority':>9}")
     for r in rows:
