@@ -169,9 +169,31 @@ def _avgpool(h: tf.Tensor, layer: LayerSpec, dims: int) -> tf.Tensor:
     _, hh, ww, c = h.shape
     kh, kw = graph.kernel_size(layer, 2) if dims == 2 else (1, layer.kernel)
     ho, wo = hh // kh, ww // kw
+    if (ho, wo) == (1, 1):  # one window (the MLPerf Tiny heads): one MEAN, one broadcast MUL back
+        return _window_mean(h, kh, kw)
     if (ho * kh, wo * kw) != (hh, ww):  # floor mode drops the ragged edge; Slice's gradient is a builtin Pad
         h = tf.slice(h, [0, 0, 0, 0], [-1, ho * kh, wo * kw, c])
     return _pool_mean(h, kh, kw)
+
+
+def _window_mean(h: tf.Tensor, kh: int, kw: int) -> tf.Tensor:
+    """Mean of NHWC `h` over its top-left kh x kw window (floor-mode pooling to a single output cell). The
+    gradient is dy times a constant map (1 / (kh·kw) in the window, 0 on the dropped edge): one broadcast MUL,
+    where the general pooling gradient spreads rows and columns apart and pads the dropped edge back."""
+
+    @tf.custom_gradient
+    def pool(h: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+        _, hh, ww, c = h.shape
+        window = h if (hh, ww) == (kh, kw) else tf.slice(h, [0, 0, 0, 0], [-1, kh, kw, c])
+        out = tf.reduce_mean(window, axis=[1, 2], keepdims=True)
+
+        def grad(dy: tf.Tensor) -> tf.Tensor:
+            spread = tf.pad(tf.fill([1, kh, kw, 1], 1.0 / (kh * kw)), [[0, 0], [0, hh - kh], [0, ww - kw], [0, 0]])
+            return dy * spread
+
+        return out, grad
+
+    return pool(h)
 
 
 def _pool_mean(h: tf.Tensor, kh: int, kw: int) -> tf.Tensor:
