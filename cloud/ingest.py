@@ -22,8 +22,8 @@ Throughput: messages are batched - one transaction (one fsync) per batch, then t
 is flushed when it reaches `max_batch`, when its oldest message is `max_delay_s` old, when the broker's
 in-flight window is full (it will send no more until we ack) or when the socket has been quiet for
 `linger_s`. Messages are validated on the client's thread and queued; the ingest loop batches them and
-sends the acks. A batch never exceeds `max_batch` and the arrival queue holds at most `max_batch` more, so
-under overload the client's thread waits, the broker holds the backlog, and memory stays flat (nothing is
+sends the acks. A batch never exceeds `max_batch` and the arrival queue is bounded (the broker's in-flight
+window + `max_batch`), so under overload the broker holds the backlog and memory stays flat (nothing is
 dropped: what we never acknowledged the broker redelivers); the commit itself runs on a writer thread (one batch in flight), so the fsync of batch N
 overlaps receiving and validating batch N+1. A failed commit drops the connection, so the broker
 redelivers the batch (the store dedupes what was stored after all) - but only when the database itself
@@ -177,9 +177,12 @@ class IngestService:
         self.on_patch: list[PatchHook] = []  # called after commit with each NEW patch (not duplicates)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # Validated on the client's thread; bounded so an overloaded ingest holds the broker back instead of
-        # buffering without limit (memory stays flat under overload; the broker's queue takes the backlog).
-        self._arrivals: queue.Queue[_Pending] = queue.Queue(maxsize=self.settings.max_batch)
+        # Validated on the client's thread. The broker sends at most `receive_maximum` unacknowledged messages
+        # (MQTT 5), so this rarely fills; the bound is the backstop (3.1.1, a broker that overshoots): a full
+        # queue holds the client's thread, so the broker keeps the backlog and our memory stays flat. Not
+        # tighter: while that thread waits it also sends nothing (PatchAcks, PUBACKs wait behind it).
+        self._arrivals: queue.Queue[_Pending] = queue.Queue(
+            maxsize=max(self.settings.receive_maximum, self.settings.inflight_window) + self.settings.max_batch)
         self._dropping = False  # set while a failed commit drops the connection: arrivals are then let go
         self._pending: list[_Pending] = []
         self._in_flight: InFlight | None = None

@@ -5,7 +5,7 @@ its persistence, so after a restart it acknowledges patches that no ingest sessi
 that trusted the PUBACK lost them. The device therefore keeps a patch until a `PatchAck` naming its
 content hash arrives on `edgepatch/v1/<fleet>/<device>/ack`, and resends it otherwise.
 
-Order: commit -> these acks (QoS 1) -> the MQTT PUBACKs of the batch. A crash between the commit and the
+Order: commit -> these acks (QoS 0, ACK_QOS) -> the MQTT PUBACKs of the batch. A crash between the commit and the
 acks loses nothing: the broker (no PUBACK yet) or the device (no PatchAck, timeout) sends the patch again,
 the store dedupes it by content hash, and the ack goes out then, with status "duplicate".
 
@@ -45,6 +45,12 @@ from .store import BatchResult, Received, Reject
 log = logging.getLogger(__name__)
 PATCH_KIND = PatchUpdate.KIND
 
+# QoS 0: an ack lost on the way costs a resend (the device keeps the patch until an ack arrives; the store
+# dedupes it and the next ack says "duplicate"), never a patch. At QoS 1 every ack also held a slot in the
+# client's in-flight window until the broker's PUBACK: at fleet load (one ack per device per batch) they
+# queued inside paho faster than they drained (14,553 waiting after a 30,000-message burst), growing the
+# ingest's memory and delaying the devices' acks by tens of seconds.
+ACK_QOS = 0
 SENDER = "cloud"  # the companion's id as a sender (the same as companion.CLOUD_ID; not imported: heavy module)
 # seq only has to grow per sender; starting from the clock keeps it growing across restarts.
 _SEQ = itertools.count(time.time_ns() // 1_000_000)
@@ -88,13 +94,13 @@ def patch_acks(batch: Iterable[tuple[Incoming, Received | Reject | None]], resul
 
 
 def publish_acks(client: MqttClient, acks: dict[Address, list[AckEntry]]) -> int:
-    """Publish the acks (QoS 1, chunks of MAX_ACKS); returns the number of ack entries handed to the client.
+    """Publish the acks (ACK_QOS, chunks of MAX_ACKS); returns the number of ack entries handed to the client.
     A refused publish is logged, not raised: the device resends and the next batch acknowledges it."""
     handed = 0
     for (fleet, device), entries in acks.items():
         topic = device_topic(fleet, device, Channel.ACK)
         for chunk in _chunks(entries, MAX_ACKS):
-            if client.publish(topic, ack_payload(fleet, chunk, next(_SEQ)), qos=1):
+            if client.publish(topic, ack_payload(fleet, chunk, next(_SEQ)), qos=ACK_QOS):
                 handed += len(chunk)
             else:
                 log.warning("could not publish %d ack(s) to %s/%s; the device will resend", len(chunk), fleet,
