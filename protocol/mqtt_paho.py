@@ -23,6 +23,7 @@ from .mqtt import Incoming, MqttClient, MqttSettings, MqttVersion, PublishDone, 
 
 log = logging.getLogger("edgepatch.mqtt")
 _PROTOCOL = {MqttVersion.V5: paho.MQTTv5, MqttVersion.V311: paho.MQTTv311}
+MAX_INFLIGHT_OUT = 1000  # QoS-1 publishes awaiting the broker's PUBACK (MQTT 5: at most what it grants)
 
 
 def _nodelay(client: Any, userdata: Any, sock: Any) -> None:
@@ -185,6 +186,13 @@ class PahoClient(MqttClient):
             return
         log.info("%s connected to %s (session present: %s)", self.settings.client_id, self.settings.url,
                  getattr(flags, "session_present", None))
+        if self._v5:
+            # Use the in-flight window the broker grants (CONNACK Receive Maximum; 65535 when absent), up
+            # to MAX_INFLIGHT_OUT. paho keeps its own 20 otherwise: the ingest's PatchAcks (one per device
+            # per batch) then queued inside paho behind broker round trips, growing its memory under load.
+            # paho refuses its setter once connected, hence the attribute (it is read per publish).
+            granted = getattr(props, "ReceiveMaximum", 65535) if props is not None else 65535
+            self._client._max_inflight_messages = max(1, min(MAX_INFLIGHT_OUT, int(granted)))
         self.connection += 1
         self._on_connected(bool(getattr(flags, "session_present", False)))
 
