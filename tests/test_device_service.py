@@ -22,6 +22,7 @@ from edgepatch.device.outbox import Outbox
 from edgepatch.device.profile import list_profiles, load_profile
 from edgepatch.device.service import render_unit
 from edgepatch.device.state import DeviceStateStore
+from edgepatch.protocol.messages import decode
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT_FILE = REPO / "firmware_configs" / "edgepatch-device.service"
@@ -153,7 +154,7 @@ class Listener:
 
     def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         with self.lock:
-            self.hashes.add(json.loads(message.payload)["content_hash"])
+            self.hashes.add(decode(message.topic, message.payload).content_hash)  # a binary frame (issue 13)
 
     @property
     def patches(self) -> int:
