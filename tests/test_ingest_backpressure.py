@@ -46,22 +46,25 @@ def test_backlog_is_drained_in_bounded_batches(mosquitto: Any, pg_store: PatchSt
         pub.close()
 
     sizes: list[int] = []
+    queued: list[int] = []
     service = IngestService(pg_store, settings, metrics=CloudMetrics())
     commit = pg_store.commit_or_quarantine
 
     def slow_commit(accepted: Any, rejects: Any = ()) -> Any:
         sizes.append(len(accepted) + len(rejects))
+        queued.append(service._arrivals.qsize())
         time.sleep(0.05)  # a slow database: the backlog waits at the broker, not in the ingest
         return commit(accepted, rejects)
 
     pg_store.commit_or_quarantine = slow_commit  # type: ignore[method-assign]
-    assert service._arrivals.maxsize == 200 + 40  # the broker's window + one batch
+    assert service.arrival_bound == 200 + 40  # the broker's window + one batch
     service.start()
     try:
         wait_until(lambda: pg_store.count("patches") == 1000 and service.stats.acked == 1100, 60, "the backlog")
     finally:
         service.stop()
     assert max(sizes) <= 40 and sum(sizes) == 1100, (max(sizes), sum(sizes))
+    assert max(queued) <= service.arrival_bound
     assert set(pg_store.patch_hashes()) == {m.content_hash for m in patches}
     assert pg_store.count("metrics") == 100
     assert service.stats.new_patches == 1000 and service.stats.commit_failures == 0
