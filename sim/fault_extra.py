@@ -18,6 +18,7 @@ row also counts sent / acknowledged / stored / lost for the stream the fault mus
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import stat
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from .fault_runs import FaultRow, run_fault
 
+log = logging.getLogger(__name__)
 EXTRA_FAULTS = ("archive_bomb", "idle_flood")
 _CHUNK = 1 << 20
 
@@ -148,11 +150,12 @@ def run_extra(fault: str, workdir: Path, *, protocol: str = "5", patches: int = 
         archive, declared = make_archive_bomb(synthetic_bundle(workdir / "bundle"), workdir / "bomb.zip", bomb_bytes)
         got = _device_opens(archive, workdir / "device-tmp")
         bound = declared + _CHUNK
-        seen.update(archive_mb=round(archive.stat().st_size / 2**20, 2), unpacks_to_mb=bomb_bytes >> 20,
-                    written_kb=round(got["wchar"] / 1024), bound_kb=round(bound / 1024),
-                    device_peak_mb=round(got["vmhwm_kb"] / 1024, 1),
-                    outcome=str(got["outcome"])[:120])
-        harmed[0] = int(not str(got["outcome"]).startswith("refused") or got["wchar"] > bound)
+        refused = str(got["outcome"]).startswith("refused")
+        seen["text"] = (f"{archive.stat().st_size / 2**20:.1f} MB zip -> {bomb_bytes >> 20} MB: "
+                        f"{'refused' if refused else 'ACCEPTED'} after writing {got['wchar'] / 1024:.0f} kB "
+                        f"(bound {bound / 1024:.0f} kB), device peak {got['vmhwm_kb'] / 1024:.1f} MB")
+        seen["outcome"] = got["outcome"]
+        harmed[0] = int(not refused or got["wchar"] > bound)
 
     def idle() -> None:
         port_file = workdir / "web.port"
@@ -182,8 +185,8 @@ def run_extra(fault: str, workdir: Path, *, protocol: str = "5", patches: int = 
                     closed += 1
                 except OSError:  # timed out: still open
                     continue
-            seen.update(flood=flood, answer_s=answer_s, extra_threads=extra_threads, closed_by_server=closed,
-                        server_peak_mb=_vmhwm_mb(web.pid))
+            seen["text"] = (f"{flood} idle connections: /metrics answered in {answer_s} s, +{extra_threads} "
+                            f"threads, {closed} closed by the server; server peak {_vmhwm_mb(web.pid)} MB")
             harmed[0] = int(answer_s is None or answer_s > 2.0 or extra_threads > workers + 2 or closed < flood)
         finally:
             for s in socks:
@@ -192,6 +195,8 @@ def run_extra(fault: str, workdir: Path, *, protocol: str = "5", patches: int = 
             web.wait()
 
     row = run_fault(fault, protocol, workdir, patches=patches, strike=bomb if fault == "archive_bomb" else idle)
-    row.fault = f"{fault} ({', '.join(f'{k} {v}' for k, v in seen.items())})"
+    row.fault = f"{fault} ({seen.get('text', 'not struck')})"
+    if "outcome" in seen:
+        log.info("archive bomb: %s", seen["outcome"])
     row.poison_misplaced = harmed[0]
     return row
