@@ -225,6 +225,7 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, broker: tuple[s
     prep = prepare(name, args, work)
     with load_bundle(work / "bundle-0") as b:
         fp32 = int(sum(4 * v.size for v in b.all_params().values()))
+        fp32_base = int(sum(4 * v.size for v in b.base_params().values()))  # what FedAvg moves: W only
         k = b.patch_spec.k
     ep = run_edgepatch(name, prep, args, work, broker)
     fa = run_fedavg(name, prep, args, work, broker)
@@ -232,7 +233,7 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, broker: tuple[s
                   phi_down_per_round=ep["acks_down_per_round"], update_down=ep["update_down"], update_up=0.0,
                   fedavg_per_round=fa["per_round"])
     return {"model": name, "mlperf": name in MLPERF_MODELS, "data": prep["data"], "export_s": prep["export_s"],
-            "fp32_param_bytes": fp32, "k": k, "edgepatch": ep, "fedavg": fa, "per_day": day}
+            "fp32_param_bytes": fp32, "fp32_base_bytes": fp32_base, "k": k, "edgepatch": ep, "fedavg": fa, "per_day": day}
 
 
 def main(argv: list[str] | None = None) -> int:

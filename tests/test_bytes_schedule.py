@@ -85,3 +85,29 @@ def test_companion_updates_the_base_every_r_device_rounds(mosquitto: Any, digits
     finally:
         pub.close()
         comp.stop()
+
+
+@pytest.mark.slow
+def test_bytes_benchmark_quick_counts_real_messages(tmp_path: Path) -> None:
+    """`benchmarks/bytes.py --quick`: both systems ran, bytes come from the wire and the FL server's blobs, and
+    the report ends with the targets line."""
+    import json
+    import subprocess
+
+    out = tmp_path / "bytes.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "bytes.py"), "--quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("targets: >= 20x fewer bytes than FedAvg")
+    (row,) = json.loads(out.read_text())["rows"]
+    ep, fa, day = row["edgepatch"], row["fedavg"], row["per_day"]
+    assert ep["base_updates"] == 1 and all(d["bundle_http"] > 0 for d in ep["devices"])  # each device fetched it
+    # A device's update is the float16 delta and manifest of its runtime, less than the fp32 parameters.
+    assert 0 < ep["update_down"] < row["fp32_param_bytes"]
+    assert all(d["up_patch"] > 0 and d["down_ack"] > 0 for d in ep["devices"])  # counted on the wire
+    # FedAvg moves the full fp32 weights down and a full update up every round: at least twice the base weights.
+    assert fa["down_per_round"] + fa["up_per_round"] == pytest.approx(fa["per_round"])
+    assert fa["down_per_round"] > row["fp32_base_bytes"] and fa["up_per_round"] > row["fp32_base_bytes"]
+    assert fa["contributed"] == [2, 2]
+    assert day["fedavg_over_edgepatch"] == pytest.approx(day["fedavg_per_day"] / day["edgepatch_per_day"], rel=1e-2)
+    assert 0.0 <= ep["accuracy"] <= 1.0 and 0.0 <= fa["accuracy"] <= 1.0
