@@ -23,7 +23,7 @@ is flushed when it reaches `max_batch`, when its oldest message is `max_delay_s`
 in-flight window is full (it will send no more until we ack) or when the socket has been quiet for
 `linger_s`. Messages are validated on the client's thread and queued; the ingest loop batches them and
 sends the acks. A batch never exceeds `max_batch` and the arrival queue is bounded (the broker's in-flight
-window + `max_batch`), so under overload the broker holds the backlog and memory stays flat (nothing is
+window + 4 `max_batch`), so under overload the broker holds the backlog and memory stays flat (nothing is
 dropped: what we never acknowledged the broker redelivers); the commit itself runs on a writer thread (one batch in flight), so the fsync of batch N
 overlaps receiving and validating batch N+1. A failed commit drops the connection, so the broker
 redelivers the batch (the store dedupes what was stored after all) - but only when the database itself
@@ -103,14 +103,15 @@ class IngestService:
         self.on_patch: list[PatchHook] = []  # called after commit with each NEW patch (not duplicates)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # Validated on the client's thread. The broker sends at most `receive_maximum` unacknowledged messages
-        # (MQTT 5), so this rarely fills; the bound is the backstop (3.1.1, a broker that overshoots): a full
-        # queue holds the client's thread, so the broker keeps the backlog and our memory stays flat. Not
-        # tighter: while that thread waits it also sends nothing (PatchAcks, PUBACKs wait behind it).
+        # Validated on the client's thread. The broker should send at most `receive_maximum` unacknowledged
+        # messages (MQTT 5), but Mosquitto 2.0 overshoots it on shared subscriptions (a 20,000-message backlog
+        # filled a receive_maximum + max_batch queue); the bound is the backstop: a full queue holds the
+        # client's thread, so the broker keeps the backlog and our memory stays flat. Generous, since while
+        # that thread waits it also sends nothing (PatchAcks, PUBACKs, keepalive pings wait behind it).
         # SimpleQueue (C, lock-free for us) with the bound checked before each put: queue.Queue's condition
         # variables cost ~10 µs a message at fleet load.
         self._arrivals: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
-        self.arrival_bound = max(self.settings.receive_maximum, self.settings.inflight_window) + self.settings.max_batch
+        self.arrival_bound = max(self.settings.receive_maximum, self.settings.inflight_window) + 4 * self.settings.max_batch
         self._dropping = False  # set while a failed commit drops the connection: arrivals are then let go
         self._pending: list[_Pending] = []
         self._in_flight: InFlight | None = None

@@ -57,7 +57,7 @@ def test_backlog_is_drained_in_bounded_batches(mosquitto: Any, pg_store: PatchSt
         return commit(accepted, rejects)
 
     pg_store.commit_or_quarantine = slow_commit  # type: ignore[method-assign]
-    assert service.arrival_bound == 200 + 40  # the broker's window + one batch
+    assert service.arrival_bound == 200 + 4 * 40  # the broker's window + four batches
     service.start()
     try:
         wait_until(lambda: pg_store.count("patches") == 1000 and service.stats.acked == 1100, 60, "the backlog")
