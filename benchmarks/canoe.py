@@ -43,10 +43,10 @@ from edgepatch.cloud.canoe import rank_helpers
 from edgepatch.data.datasets import Dataset, load_digits
 from edgepatch.data.fleet import Drift, base_split, make_fleet
 from edgepatch.device.canoe_boost import TailoredModel, bundle_variants, tailored_from_bundle
-from edgepatch.device.canoe_helper import CanoeHelper, full_model_bytes
+from edgepatch.device.canoe_helper import CanoeHelper, SliceOptions, full_model_bytes, full_model_file
 from edgepatch.device.canoe_target import CanoeTarget, DriftDetector
 from edgepatch.protocol.bundle import Bundle, load_bundle
-from edgepatch.protocol.canoe import CanoeMeta, CanoeReply, CanoeTask, encode_message
+from edgepatch.protocol.canoe import CanoeMeta, CanoeReply, CanoeTask, decode_slice, encode_message
 from edgepatch.protocol.params import init_params, write_atomic
 
 NEW = (7, 8, 9)
@@ -106,15 +106,21 @@ def run_method(method: str, s: Setup, args: argparse.Namespace, seed: int) -> di
     variants = bundle_variants(s.bundle)
     target = CanoeTarget("target", s.start.copy(), variants, s.bundle.base_version,
                          DriftDetector(10, reference=96, window=64), cooldown=args.cooldown, seed=seed)
+    target.ensemble.balanced, target.ensemble.expert = args.balanced, args.expert
+    target.ensemble.boosted_classes, target.ensemble.soft = args.boosted_classes, args.soft
+    target.slice_steps = args.slice_steps
+    options = SliceOptions(args.variant, args.mass, args.encoding, recover_steps=args.recover_steps, focus=args.focus)
     peers = [(name, m.copy(), x, y) for name, m, x, y in s.peers]
     metas = {name: CanoeMeta(np.bincount(y, minlength=10).tolist()) for name, _, _, y in peers}
     rng = np.random.default_rng(seed)
-    curve, bytes_moved, events = [], 0, []
+    curve, bytes_moved, events, slice_steps = [], 0, [], {}
     full_bytes_raw = 4 * sum(v.size for v in s.start.base.values())
     t0 = time.perf_counter()
     for tick, begin in enumerate(range(0, len(s.stream_y), args.chunk)):
         xb, yb = s.stream_x[begin:begin + args.chunk], s.stream_y[begin:begin + args.chunk]
         target.observe(xb, yb)
+        for helper in target.ensemble.helpers:  # the target's extra compute: steps on each slice it holds
+            slice_steps[helper.variant_id] = slice_steps.get(helper.variant_id, 0) + target.slice_steps
         target.learn(args.steps_per_chunk)
         if method == "fedavg":
             for _, model, x, y in peers:
@@ -131,27 +137,57 @@ def run_method(method: str, s: Setup, args: argparse.Namespace, seed: int) -> di
             request = target.maybe_request()
             if request is not None and (method == "canoe" or not any(e["event"] == "full_model" for e in target.events)):
                 bytes_moved += len(encode_message(request, fleet="bench", device_id="target"))
-                ranked = rank_helpers(metas, request.classes, "target")
+                ranked = rank_helpers(metas, request.classes, "target",
+                                      context=request.label_histogram if args.context else None)
                 if not ranked:
                     target.on_reply(CanoeReply(request.request_id, error="no_helper: none"))
                     continue
                 name, model, x, y = next(p for p in peers if p[0] == ranked[0][0])
+                event = {"sample": begin + len(yb), "classes": request.classes, "helper": name,
+                         "full_bytes": full_model_bytes(model, options.encoding),
+                         "full_bytes_float32": full_model_bytes(model, "float32")}
                 if method == "canoe":
-                    helper = CanoeHelper(name, model, x, y, variants, s.bundle.base_version, seed=seed)
+                    helper = CanoeHelper(name, model, x, y, variants, s.bundle.base_version, options=options, seed=seed)
                     offer = helper.answer(CanoeTask(request.request_id, "target", request.classes))
-                    reply = CanoeReply(request.request_id, offer=offer)
                     bytes_moved += 2 * offer.size  # helper -> cloud -> target
-                    target.on_reply(reply)
-                else:
-                    target.adopt_full_model(model.base, name, request.classes, full_model_bytes(model))
-                    bytes_moved += 2 * full_model_bytes(model)  # helper -> cloud -> target
-                events.append({"sample": begin + len(yb), "classes": request.classes, "helper": name})
+                    target.on_reply(CanoeReply(request.request_id, offer=offer))
+                    event.update(slice_bytes=offer.size, variant=helper.served[-1]["variant"] if offer.ok else None)
+                else:  # the whole model through the same file format and encoding (what it would receive)
+                    blob = full_model_file(model, options.encoding)
+                    target.adopt_full_model(decode_slice(blob).base, name, request.classes, len(blob))
+                    bytes_moved += 2 * len(blob)  # helper -> cloud -> target
+                events.append(event)
         pred = target.ensemble.predict(s.test_x)
         mix, old, new = mixed_accuracy(pred, s.test_y)
         curve.append({"samples": begin + len(yb), "acc": mix, "old": old, "new": new, "bytes": bytes_moved,
                       "weights": target.ensemble.weights()})
-    return {"method": method, "curve": curve, "bytes": bytes_moved, "requests": events,
+    return {"method": method, "curve": curve, "bytes": bytes_moved, "requests": events, "slice_steps": slice_steps,
+            "own_steps": args.steps_per_chunk * len(curve),
             "seconds": time.perf_counter() - t0, "retired": target.ensemble.retired}
+
+
+def step_costs(model: TailoredModel, variants: list[Any], reps: int = 30) -> dict[str, float]:
+    """Seconds of one full-weight SGD step of each variant relative to the full variant's (best of 3 × reps,
+    measured here, so the target's extra work on its slices is counted in full-step equivalents)."""
+    from edgepatch.device.engine import sgd_step
+    from edgepatch.protocol.model_spec import param_infos
+    from edgepatch.protocol.variants import first_kept, slice_params
+
+    rng = np.random.default_rng(0)
+    x = rng.random((model.batch, *model.spec.input_shape), dtype=np.float32)
+    y = rng.integers(0, model.spec.num_classes, model.batch)
+    cost = {}
+    for v in variants:
+        base = slice_params(model.base, param_infos(model.spec, None), first_kept(model.spec, v))
+        sgd_step(model.engine, v.id, x, y, base, 0.0)
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(reps):
+                sgd_step(model.engine, v.id, x, y, base, 0.0)
+            best = min(best, (time.perf_counter() - t) / reps)
+        cost[v.id] = best
+    return {vid: c / cost[model.full_vid] for vid, c in cost.items()}
 
 
 def time_to_recover(curve: list[dict[str, Any]], drift_index: int, threshold: float) -> int | None:
@@ -165,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, default=None, help="digits_cnn bundle with variants 1 and 0.5")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--peers", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--steps-per-chunk", type=int, default=2)
@@ -173,6 +210,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fedavg-every", type=int, default=2, help="ticks between FedAvg rounds")
     ap.add_argument("--cooldown", type=int, default=96)
     ap.add_argument("--recover-frac", type=float, default=0.9)
+    ap.add_argument("--variant", default="", help="ship this bundle variant; default: chosen by importance mass")
+    ap.add_argument("--mass", type=float, default=SliceOptions.mass)
+    ap.add_argument("--encoding", choices=("float32", "float16"), default=SliceOptions.encoding)
+    ap.add_argument("--recover-steps", type=int, default=SliceOptions.recover_steps)
+    ap.add_argument("--focus", type=float, default=SliceOptions.focus)
+    ap.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=True,
+                    help="class-balanced SAMME sample weights at the target")
+    ap.add_argument("--expert", action=argparse.BooleanOptionalAction, default=True,
+                    help="a helper votes only for the classes it was asked for")
+    ap.add_argument("--context", action=argparse.BooleanOptionalAction, default=True,
+                    help="rank helpers also by the target's other classes they know (cloud.canoe.context_share)")
+    ap.add_argument("--boosted-classes", action=argparse.BooleanOptionalAction, default=True,
+                    help="class-conditional vote weights from SAMME's reweighted errors")
+    ap.add_argument("--soft", action=argparse.BooleanOptionalAction, default=True,
+                    help="members vote with weight × softmax probability instead of their argmax")
+    ap.add_argument("--slice-steps", type=int, default=CanoeTarget.slice_steps,
+                    help="target's steps per tick on each helper slice it holds")
+    ap.add_argument("--methods", default="isolation,canoe,full_transfer,fedavg")
     ap.add_argument("--out", type=Path, default=Path("results/canoe.json"))
     args = ap.parse_args(argv)
 
@@ -181,12 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         from edgepatch.export.pipeline import ExportOptions, export_bundle
         bundle_path = Path(tempfile.mkdtemp(prefix="canoe-bench-")) / "digits"
         print(f"exporting a digits bundle to {bundle_path} ...", file=sys.stderr)
-        export_bundle(ExportOptions(variants="1,0.5", runtimes=("litert",), pretrain_epochs=8, dse_steps=5,
+        export_bundle(ExportOptions(variants="1,0.5,0.25", runtimes=("litert",), pretrain_epochs=8, dse_steps=5,
                                     dse_seeds=(0,)), bundle_path)
     bundle = load_bundle(bundle_path)
-    methods = ("isolation", "canoe", "full_transfer", "fedavg")
+    methods = tuple(args.methods.split(","))
     runs: list[dict[str, Any]] = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         setup = build(bundle, seed, args.peers, args.pretrain_steps, args.peer_steps)
         pre = [mixed_accuracy(setup.start.logits(setup.test_x).argmax(1), setup.test_y)[1]]
         threshold = args.recover_frac * pre[0]
@@ -198,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed} {method:14s} recover={result['recover']} samples  bytes={result['bytes']:>9d}  "
                   f"final acc={result['curve'][-1]['acc']:.3f}  ({result['seconds']:.1f} s)", file=sys.stderr)
 
-    summary: dict[str, Any] = {}
+    costs = step_costs(setup.start, bundle_variants(bundle))
+    for r in runs:  # the target's training work in full-weight-step equivalents
+        r["compute_steps"] = r["own_steps"] + sum(n * costs[v] for v, n in r["slice_steps"].items())
+    summary: dict[str, Any] = {"step_cost_vs_full": costs}
     horizon = max(len(r["curve"]) for r in runs)
     for method in methods:
         rs = [r for r in runs if r["method"] == method]
@@ -209,20 +267,28 @@ def main(argv: list[str] | None = None) -> int:
         summary[method] = {"recover_samples": rec, "recover_mean": float(np.mean(rec_filled)),
                            "recovered_runs": sum(v is not None for v in rec), "bytes_mean": float(np.mean(
                                [r["bytes"] for r in rs])), "final_acc_mean": float(np.mean(
-                                   [r["curve"][-1]["acc"] for r in rs])), "horizon_ticks": horizon}
-    iso = summary["isolation"]["recover_mean"]
+                                   [r["curve"][-1]["acc"] for r in rs])), "horizon_ticks": horizon,
+                           "compute_steps_mean": float(np.mean([r["compute_steps"] for r in rs]))}
+    base = summary.get("isolation", {}).get("recover_mean", float("nan"))
     for method in methods:
-        summary[method]["speedup_vs_isolation"] = iso / max(summary[method]["recover_mean"], 1e-9)
-    canoe_bytes = max(summary["canoe"]["bytes_mean"], 1.0)
+        summary[method]["speedup_vs_isolation"] = base / max(summary[method]["recover_mean"], 1e-9)
+        summary[method]["compute_vs_own"] = summary[method]["compute_steps_mean"] / (
+            args.steps_per_chunk * summary[method]["horizon_ticks"])
+    canoe_bytes = max(summary.get("canoe", {}).get("bytes_mean", 1.0), 1.0)
     for method in methods:
         summary[method]["bytes_vs_canoe"] = summary[method]["bytes_mean"] / canoe_bytes
 
-    print(f"\n{'method':14s} {'recover (samples after drift)':>30s} {'×isolation':>10s} {'bytes moved':>12s} "
-          f"{'bytes/canoe':>11s} {'final acc':>9s}")
+    print(f"\n{'method':14s} {'recover (samples after drift)':>30s} {'mean':>6s} {'×isolation':>10s} "
+          f"{'bytes moved':>12s} {'bytes/canoe':>11s} {'final acc':>9s} {'target compute':>14s}")
     for method in methods:
         m = summary[method]
-        print(f"{method:14s} {str(m['recover_samples']):>30s} {m['speedup_vs_isolation']:>10.2f} "
-              f"{m['bytes_mean']:>12.0f} {m['bytes_vs_canoe']:>11.1f} {m['final_acc_mean']:>9.3f}")
+        print(f"{method:14s} {str(m['recover_samples']):>30s} {m['recover_mean']:>6.1f} "
+              f"{m['speedup_vs_isolation']:>10.2f} {m['bytes_mean']:>12.0f} {m['bytes_vs_canoe']:>11.1f} "
+              f"{m['final_acc_mean']:>9.3f} {m['compute_vs_own']:>13.2f}×")
+    print("target compute: the target's training work over the stream in full-weight steps, relative to its own "
+          f"{args.steps_per_chunk} steps per tick (slice steps weighed by measured step cost: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()) + "); FedAvg peers' work not counted")
+    verdict = slice_report(runs, summary, args.encoding) if {"canoe", "full_transfer"} <= set(methods) else None
 
     out = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
            "new_classes": list(NEW), "summary": summary, "runs": runs}
@@ -230,7 +296,28 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(args.out, json.dumps(out, indent=1).encode())
     plot(runs, methods, args.out.with_suffix(".png"))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    if verdict is not None:
+        print(verdict)
     return 0
+
+
+def slice_report(runs: list[dict[str, Any]], summary: dict[str, Any], encoding: str) -> str:
+    """Print the slice sizes against the helper's whole model; return the targets' verdict line (issue 13)."""
+    shipped = [e for r in runs if r["method"] == "canoe" for e in r["requests"] if e.get("slice_bytes")]
+    ratio = max(e["slice_bytes"] / e["full_bytes"] for e in shipped) if shipped else float("inf")
+    ratio32 = max(e["slice_bytes"] / e["full_bytes_float32"] for e in shipped) if shipped else float("inf")
+    variants = sorted({e["variant"] for e in shipped})
+    print(f"\nslices shipped: {len(shipped)}, variants {variants}, {encoding}: "
+          f"{np.mean([e['slice_bytes'] for e in shipped]) if shipped else 0:.0f} bytes mean; whole model in the "
+          f"same file format: {np.mean([e['full_bytes'] for e in shipped]) if shipped else 0:.0f} bytes "
+          f"({encoding}), {np.mean([e['full_bytes_float32'] for e in shipped]) if shipped else 0:.0f} (float32)")
+    print(f"largest slice / whole model: {ratio:.3f}× (same encoding), {ratio32:.3f}× (whole model in float32)")
+    canoe, full = summary["canoe"]["recover_mean"], summary["full_transfer"]["recover_mean"]
+    small, fast = ratio <= 0.25, canoe <= full
+    return (f"TARGETS {'MET' if small and fast else 'NOT MET'}: slice bytes {ratio:.3f}× the whole model "
+            f"(target ≤ 0.25: {'met' if small else 'missed'}); recovery {canoe:.1f} samples after the drift "
+            f"vs full-model transfer {full:.1f} (target no worse: {'met' if fast else 'missed'}), "
+            f"{len({r['seed'] for r in runs})} seeds")
 
 
 def plot(runs: list[dict[str, Any]], methods: tuple[str, ...], path: Path) -> None:
@@ -240,7 +327,7 @@ def plot(runs: list[dict[str, Any]], methods: tuple[str, ...], path: Path) -> No
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    colors = dict(zip(methods, ("tab:gray", "tab:blue", "tab:orange", "tab:green"), strict=True))
+    colors = dict(zip(("isolation", "canoe", "full_transfer", "fedavg"), ("tab:gray", "tab:blue", "tab:orange", "tab:green"), strict=True))
     for method in methods:
         rs = [r for r in runs if r["method"] == method]
         n = min(len(r["curve"]) for r in rs)

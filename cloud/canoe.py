@@ -3,8 +3,8 @@
 The companion keeps what devices publish about themselves (`canoe/meta`: label histogram, optional
 per-class accuracy, online flag) and answers each `canoe/request`:
 1. classes outside the model's label set → an `unknown_classes` error reply to the target;
-2. candidates = other devices, online, holding samples of the requested classes, ranked by
-   Σ_{c ∈ classes} hist[c] · acc[c] (acc = 1 when unknown), i.e. who has seen most of what is missing;
+2. candidates = other devices, online, holding samples of the requested classes, ranked by Σ_{c ∈ classes}
+   hist[c]·acc[c] (acc = 1 when unknown) × the share of the target's other classes they know (`context_share`);
    none → a `no_helper` reply (the target keeps learning alone). Histograms are claims: a helper that
    timed out, answered with an error or whose slice a target weighed at α <= 0 gets a strike, and helpers
    with fewer strikes are tried first (issue 11: a fake histogram made an attacker first for every request);
@@ -57,11 +57,24 @@ log = logging.getLogger("edgepatch.cloud.canoe")
 
 MAX_CLASS_COUNT = 10**9  # a device claiming more samples of one class than this is not believed
 MAX_METAS = 10_000  # devices whose histograms are kept (without provisioning, anyone could add more)
+MIN_CONTEXT_SAMPLES = 5  # samples of a class a helper must hold to count as knowing it (context_share)
 
 
-def rank_helpers(metas: dict[str, CanoeMeta], classes: list[int], target: str, exclude: set[str] | None = None
-                 ) -> list[tuple[str, float]]:
-    """(device, score) of devices that can help with `classes`, best first (score > 0 only)."""
+def context_share(helper_hist: list[int], target_hist: list[int] | None, classes: list[int]) -> float:
+    """Share of the target's other samples (its window histogram outside `classes`) whose class the helper
+    holds at least `MIN_CONTEXT_SAMPLES` samples of; 1.0 without a histogram. A helper that never saw the
+    target's other classes cannot tell them from the requested ones: its slice calls them requested classes
+    (benchmarks/canoe.py: a helper without four of the seven old classes named a new class for half of them)."""
+    others = [(c, n) for c, n in enumerate(target_hist or []) if c not in classes and n > 0]
+    total = sum(n for _, n in others)
+    known = sum(n for c, n in others if c < len(helper_hist) and helper_hist[c] >= MIN_CONTEXT_SAMPLES)
+    return known / total if total else 1.0
+
+
+def rank_helpers(metas: dict[str, CanoeMeta], classes: list[int], target: str, exclude: set[str] | None = None,
+                 context: list[int] | None = None) -> list[tuple[str, float]]:
+    """(device, score) of devices that can help with `classes`, best first (score > 0 only). Score: samples
+    of `classes` held (× claimed accuracy) × `context_share` of the target's window histogram `context`."""
     ranked = []
     for device, meta in metas.items():
         if device == target or not meta.online or (exclude and device in exclude):
@@ -69,6 +82,7 @@ def rank_helpers(metas: dict[str, CanoeMeta], classes: list[int], target: str, e
         hist = meta.label_histogram
         acc = [min(1.0, max(0.0, a)) for a in meta.class_accuracy]  # a claim: never above 1
         score = sum(hist[c] * (acc[c] if c < len(acc) else 1.0) for c in classes if c < len(hist))
+        score *= context_share(hist, context, classes)
         if score > 0:
             ranked.append((device, float(score)))
     return sorted(ranked, key=lambda r: (-r[1], r[0]))
@@ -199,7 +213,8 @@ class CanoeCompanion:
             self._reply(target, CanoeReply(request.request_id, error=f"unknown_classes: {exc}"))
             return
         with self._lock:
-            candidates = sorted((d for d, _ in rank_helpers(self.metas, classes, target)),
+            candidates = sorted((d for d, _ in rank_helpers(self.metas, classes, target,
+                                                            context=list(request.label_histogram))),
                                 key=lambda d: self.strikes.get(d, 0))  # stable: score order within a tier
         if not candidates:
             error = f"no online device has samples of classes {classes}"

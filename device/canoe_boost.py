@@ -101,12 +101,22 @@ class SliceModel:
     params: dict[str, np.ndarray]
     phi: np.ndarray
     nbytes: int = 0
+    classes: tuple[int, ...] = ()  # the classes it was cut for (() = all): an expert votes only for these
+    base_names: tuple[str, ...] = ()  # the slice's own (trainable) weights among `params`
 
     @classmethod
     def from_slice(cls, s: CanoeSlice, engine: Engine, spec: ModelSpec, patch: PatchSpec,
                    shared: Mapping[str, np.ndarray], nbytes: int = 0) -> SliceModel:
         params = {**s.base, **shared_slice(shared, spec, patch, s.kept)}
-        return cls(f"{s.helper}/{s.request_id}", engine, s.variant_id, params, s.phi, nbytes)
+        return cls(f"{s.helper}/{s.request_id}", engine, s.variant_id, params, s.phi, nbytes, tuple(s.classes),
+                   tuple(sorted(s.base)))
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
+        """One full-weight SGD step of the slice's own weights (its variant's program) on the target's data."""
+        base = {k: self.params[k] for k in self.base_names}
+        loss = sgd_step(self.engine, self.variant_id, x, y, base, lr)
+        self.params.update(base)
+        return loss
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return predict_variant(self.engine, self.variant_id, x, self.phi, self.params)
@@ -119,13 +129,18 @@ def samme_weights(predictions: list[np.ndarray], y: np.ndarray, num_classes: int
 
 
 def samme_fit(predictions: list[np.ndarray], y: np.ndarray, num_classes: int, eps: float = 1e-3,
-              smoothing: float = 1.0) -> tuple[list[float], np.ndarray]:
-    """(α per member, class-conditional α per member × predicted label) on the window."""
+              smoothing: float = 1.0, balanced: bool = False, boosted_classes: bool = True
+              ) -> tuple[list[float], np.ndarray]:
+    """(α per member, class-conditional α per member × predicted label) on the window. `balanced` starts
+    from equal total weight per class present instead of per sample; without `boosted_classes` the
+    class-conditional errors use those starting weights, not SAMME's reweighted ones (see the module
+    docstring)."""
     members = len(predictions)
     per_class = np.zeros((members, num_classes))
     if not len(y):
         return [1.0] + [0.0] * (members - 1), per_class
-    w = np.full(len(y), 1.0 / len(y))
+    w = 1.0 / np.bincount(y, minlength=num_classes)[y] if balanced else np.ones(len(y))
+    w = start = w / w.sum()
     alphas = []
     log_k = np.log(num_classes - 1)
     for m, pred in enumerate(predictions):
@@ -134,12 +149,13 @@ def samme_fit(predictions: list[np.ndarray], y: np.ndarray, num_classes: int, ep
         alpha = float(np.log((1 - err) / err) + log_k)
         alphas.append(alpha)
         prior = smoothing / len(y)  # Laplace: `smoothing` pseudo-samples at the member's overall error
+        cw = w if boosted_classes else start
         for k in range(num_classes):
             says_k = pred == k
             if not says_k.any():
                 per_class[m, k] = alpha
                 continue
-            e_k = (w[says_k & wrong].sum() + prior * err) / (w[says_k].sum() + prior)
+            e_k = (cw[says_k & wrong].sum() + prior * err) / (cw[says_k].sum() + prior)
             e_k = float(np.clip(e_k, eps, 1 - eps))
             per_class[m, k] = np.log((1 - e_k) / e_k) + log_k
         if alpha > 0:
@@ -149,16 +165,26 @@ def samme_fit(predictions: list[np.ndarray], y: np.ndarray, num_classes: int, ep
 
 
 def vote(predictions: list[np.ndarray], alphas: list[float] | np.ndarray, num_classes: int,
-         tie_break: np.ndarray) -> np.ndarray:
+         tie_break: np.ndarray, probs: list[np.ndarray] | None = None) -> np.ndarray:
     """argmax_k Σ_m weight_m(h_m(x)) [h_m(x) = k]; `alphas` per member (plain SAMME) or a members ×
-    classes array (class-conditional). Members with overall weight ≤ 0 do not vote."""
+    classes array (class-conditional). Members with overall weight ≤ 0 do not vote. With `probs` (each
+    member's softmax), the vote is soft: argmax_k Σ_m weight_m(k) · p_m(k | x)."""
     scores = 1e-6 * _softmax(tie_break)
     table = np.asarray(alphas, dtype=np.float64)
     for m, pred in enumerate(predictions):
+        if probs is not None:
+            row = table[m] if table.ndim == 2 else np.full(num_classes, table[m])
+            scores += np.where(row > 0, row, 0.0)[None, :] * probs[m]
+            continue
         weight = table[m][pred] if table.ndim == 2 else np.full(len(pred), table[m])
         rows = np.arange(len(pred))
         scores[rows, pred] += np.where(weight > 0, weight, 0.0)
     return scores.argmax(axis=1)
+
+
+def balanced_accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    """Mean over the classes present in y of the accuracy on that class."""
+    return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)])) if len(y) else float("nan")
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -173,6 +199,11 @@ class CanoeEnsemble:
     own: TailoredModel
     num_classes: int
     patience: int = 3
+    balanced: bool = True  # class-balanced SAMME sample weights on the window
+    expert: bool = True  # a helper votes only for the classes its slice was cut for
+    boosted_classes: bool = True  # class-conditional weights from SAMME's reweighted errors (else: start weights)
+    soft: bool = True  # members vote with their softmax (weight × probability), not their argmax
+    min_alpha: float = 0.5  # a helper whose SAMME α is below this (≈ chance: e ≳ 0.85 with 10 classes) retires
     helpers: list[SliceModel] = field(default_factory=list)
     alphas: list[float] = field(default_factory=lambda: [1.0])
     class_alphas: np.ndarray | None = None  # members × classes, the vote's weights
@@ -188,26 +219,36 @@ class CanoeEnsemble:
         names = ["own"] + [h.name for h in self.helpers]
         return {n: round(a, 4) for n, a in zip(names, self.alphas, strict=True)}
 
-    def _member_predictions(self, x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    def _member_predictions(self, x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray] | None]:
         own_logits = self.own.logits(x)
-        preds = [own_logits.argmax(axis=1)] + [h.logits(x).argmax(axis=1) for h in self.helpers]
-        return preds, own_logits
+        logits = [own_logits] + [h.logits(x) for h in self.helpers]
+        probs = [_softmax(z) for z in logits] if self.soft else None
+        return [z.argmax(axis=1) for z in logits], own_logits, probs
+
+    def _score(self, pred: np.ndarray, y: np.ndarray) -> float:
+        return balanced_accuracy(pred, y) if self.balanced else float((pred == y).mean())
 
     def refit(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         """Recompute α on the window; retire helpers with α ≤ 0 or that stopped helping."""
         if not self.helpers or not len(y):
             self.alphas, self.class_alphas = [1.0], None
             return self.weights()
-        preds, own_logits = self._member_predictions(x)
-        self.alphas, self.class_alphas = samme_fit(preds, y, self.num_classes)
-        with_all = float((vote(preds, self.class_alphas, self.num_classes, own_logits) == y).mean())
+        preds, own_logits, probs = self._member_predictions(x)
+        self.alphas, self.class_alphas = samme_fit(preds, y, self.num_classes, balanced=self.balanced,
+                                                   boosted_classes=self.boosted_classes)
+        if self.expert:
+            for m, helper in enumerate(self.helpers, start=1):
+                if helper.classes:
+                    others = np.setdiff1d(np.arange(self.num_classes), helper.classes)
+                    self.class_alphas[m, others] = 0.0
+        with_all = self._score(vote(preds, self.class_alphas, self.num_classes, own_logits, probs), y)
         keep: list[int] = []
         for i, helper in enumerate(self.helpers, start=1):
             rest = [j for j in range(len(preds)) if j != i]
-            without = float((vote([preds[j] for j in rest], self.class_alphas[rest], self.num_classes,
-                                  own_logits) == y).mean())
+            without = self._score(vote([preds[j] for j in rest], self.class_alphas[rest], self.num_classes,
+                                       own_logits, None if probs is None else [probs[j] for j in rest]), y)
             self._useless[helper.name] = self._useless.get(helper.name, 0) + 1 if without >= with_all else 0
-            if self.alphas[i] <= 0 or self._useless[helper.name] >= self.patience:
+            if self.alphas[i] < self.min_alpha or self._useless[helper.name] >= self.patience:
                 log.info("canoe: retiring helper %s (alpha %.3f, window acc with %.3f / without %.3f)",
                          helper.name, self.alphas[i], with_all, without)
                 self.retired.append(helper.name)
@@ -221,10 +262,10 @@ class CanoeEnsemble:
         return self.weights()
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        preds, own_logits = self._member_predictions(x)
+        preds, own_logits, probs = self._member_predictions(x)
         if not self.helpers or self.class_alphas is None:
             return preds[0]
-        return vote(preds, self.class_alphas, self.num_classes, own_logits)
+        return vote(preds, self.class_alphas, self.num_classes, own_logits, probs)
 
 
 def tailored_from_bundle(bundle: Bundle, engine: Engine | None = None, lr: float = 0.05,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from edgepatch.protocol.canoe import (
     encode_slice,
     sha256_hex,
 )
-from edgepatch.protocol.model_spec import param_infos
+from edgepatch.protocol.model_spec import ModelSpec, param_infos
 from edgepatch.protocol.params import write_atomic
 from edgepatch.protocol.variants import KeptSets, Variant, slice_params
 
@@ -64,30 +64,46 @@ def top_filters(importance: dict[str, np.ndarray], widths: dict[str, int]) -> Ke
     return kept
 
 
-def slice_variant(variants: list[Variant], spec_full_widths: dict[str, int], wanted: str = "") -> Variant:
-    """The requested variant, else the smallest one that is not the full model."""
+def mass_kept(importance: np.ndarray, width: int) -> float:
+    """Share of a layer's importance held by its `width` most important filters (1.0 for an all-zero layer)."""
+    total = float(importance.sum())
+    return float(np.sort(importance)[::-1][:width].sum() / total) if total > 0 else 1.0
+
+
+def slice_variant(variants: list[Variant], spec: ModelSpec, importance: dict[str, np.ndarray], mass: float,
+                  wanted: str = "") -> Variant:
+    """The requested variant; else the smallest sliced variant whose top filters hold at least `mass` of the
+    importance of every layer; else the largest sliced one (the most the bundle ships short of the whole
+    model). The kept fraction thus follows how concentrated the importance for these classes is, within the
+    widths the bundle has programs for (a slice must run as a bundle variant on the target)."""
     if wanted:
         for v in variants:
             if v.id == wanted:
                 return v
         raise CanoeError(f"bad_request: variant {wanted!r} is not in the bundle ({[v.id for v in variants]})")
-    small = [v for v in variants if any(v.keep.get(n, 1.0) < 1.0 for n in spec_full_widths)]
+    small = sorted((v for v in variants if not v.is_full(spec)), key=lambda v: sum(v.widths(spec).values()))
     if not small:
         raise CanoeError("bad_request: the bundle has no sliced variant to ship")
-    return min(small, key=lambda v: sum(v.keep.get(n, 1.0) * w for n, w in spec_full_widths.items()))
+    for v in small:
+        if all(mass_kept(importance[n], w) >= mass for n, w in v.widths(spec).items()):
+            return v
+    return small[-1]
 
 
 def recover_slice(model: TailoredModel, base: dict[str, np.ndarray], variant: Variant, x: np.ndarray,
-                  y: np.ndarray, classes: list[int], steps: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+                  y: np.ndarray, classes: list[int], steps: int, rng: np.random.Generator, focus: float = 0.5
+                  ) -> dict[str, np.ndarray]:
     """A few full-weight steps of the sliced network itself (the variant's full-weight program on the
-    device's runtime) on the helper's data, half of each batch from the requested classes: dropping half
-    the filters shifts the head's logits, and these steps recover most of that accuracy before anything
-    is shipped."""
+    device's runtime) on the helper's data, a `focus` share of each batch from the requested classes:
+    dropping filters shifts the head's logits, and these steps recover most of that accuracy before
+    anything is shipped. The rest of each batch keeps the slice from calling everything a requested class
+    (the target trusts it when it names one)."""
     base = {k: v.copy() for k, v in base.items()}
-    pick, rest = np.flatnonzero(np.isin(y, classes)), np.arange(len(y))
-    half = model.batch // 2
+    pick, rest = np.flatnonzero(np.isin(y, classes)), np.flatnonzero(~np.isin(y, classes))
+    n_pick = model.batch if not len(rest) else int(round(focus * model.batch))
     for _ in range(steps):
-        idx = np.concatenate([rng.choice(pick, size=half), rng.choice(rest, size=model.batch - half)])
+        idx = np.concatenate([rng.choice(pick, size=n_pick), rng.choice(rest, size=model.batch - n_pick)
+                              if len(rest) else np.zeros(0, np.int64)]).astype(np.int64)
         try:
             sgd_step(model.engine, variant.id, x[idx], y[idx], base, model.lr)
         except FloatingPointError as exc:
@@ -95,27 +111,56 @@ def recover_slice(model: TailoredModel, base: dict[str, np.ndarray], variant: Va
     return base
 
 
-def extract_slice(model: TailoredModel, x: np.ndarray, y: np.ndarray, classes: list[int], variant: Variant, *,
-                  base_version: str, helper: str, request_id: str, rng: np.random.Generator,
-                  batches: int = 8, recover_steps: int = 40) -> CanoeSlice:
-    """The significant sub-network of `model` for `classes`, with `variant`'s widths."""
+@dataclass(frozen=True)
+class SliceOptions:
+    """How a helper cuts its slices (see the module docstring); the defaults are the benchmarked ones."""
+
+    variant_id: str = ""  # a fixed bundle variant; "" = chosen by importance mass
+    mass: float = 0.0  # importance share each layer's kept filters must hold (0: the smallest sliced variant)
+    encoding: str = "float16"  # "float32" or "float16" (bounded rounding; float32 when out of range)
+    batches: int = 8  # Taylor-importance batches
+    recover_steps: int = 300
+    focus: float = 0.5  # share of each recovery batch from the requested classes
+
+
+def extract_slice(model: TailoredModel, x: np.ndarray, y: np.ndarray, classes: list[int], variants: list[Variant],
+                  *, base_version: str, helper: str, request_id: str, rng: np.random.Generator,
+                  options: SliceOptions = SliceOptions()) -> CanoeSlice:
+    """The significant sub-network of `model` for `classes`, shaped as one of `variants`."""
     classes = check_classes(classes, model.spec.num_classes)
-    importance = filter_importance(model, x, y, classes, rng, batches)
+    importance = filter_importance(model, x, y, classes, rng, options.batches)
+    variant = slice_variant(variants, model.spec, importance, options.mass, options.variant_id)
     kept = top_filters(importance, variant.widths(model.spec))
     infos = param_infos(model.spec, None)
     base = slice_params(model.base, infos, kept)
-    if recover_steps:
-        base = recover_slice(model, base, variant, x, y, classes, recover_steps, rng)
+    if options.recover_steps:
+        base = recover_slice(model, base, variant, x, y, classes, options.recover_steps, rng, options.focus)
     return CanoeSlice(base_version, variant.id, helper, request_id, classes, kept, base,
                       np.asarray(model.phi, np.float32), variant.spec(model.spec),
-                      {k: v.tolist() for k, v in importance.items()})
+                      {k: v.tolist() for k, v in importance.items()}, options.encoding)
 
 
-def full_model_bytes(model: TailoredModel) -> int:
-    """Bytes of the helper's whole tailored model in the same file format (the comparison point)."""
+def encode_or_widen(s: CanoeSlice) -> bytes:
+    """The slice file; a float16 slice whose weights leave float16's range is shipped as float32."""
+    try:
+        return encode_slice(s)
+    except CanoeError:
+        if s.encoding == "float32":
+            raise
+        log.warning("canoe helper: slice weights exceed float16's range, shipping float32")
+        return encode_slice(replace(s, encoding="float32"))
+
+
+def full_model_bytes(model: TailoredModel, encoding: str = "float32") -> int:
+    """Bytes of the helper's whole tailored model in the same file format and encoding (the comparison point)."""
+    return len(full_model_file(model, encoding))
+
+
+def full_model_file(model: TailoredModel, encoding: str = "float32") -> bytes:
+    """The helper's whole model as a slice file (every filter kept): what full-model transfer ships."""
     kept = {n: np.arange(model.spec.layer(n).out, dtype=np.int64) for n in model.spec.droppable_layers()}
-    whole = CanoeSlice("-", "full", "-", "-", [], kept, model.base, model.phi, model.spec)
-    return len(encode_slice(whole))
+    whole = CanoeSlice("-", "full", "-", "-", [], kept, model.base, model.phi, model.spec, encoding=encoding)
+    return encode_or_widen(whole)
 
 
 @dataclass
@@ -130,8 +175,7 @@ class CanoeHelper:
     base_version: str
     share_dir: Path | None = None  # where by-reference slices go (a directory the target can read)
     inline_limit: int = INLINE_LIMIT_BYTES
-    batches: int = 8
-    recover_steps: int = 40
+    options: SliceOptions = SliceOptions()
     seed: int = 0
     served: list[dict[str, object]] = field(default_factory=list)
 
@@ -143,20 +187,18 @@ class CanoeHelper:
         except CanoeError as exc:
             return self._error(task, f"unknown_classes: {exc}")
         try:
-            widths = {n: self.model.spec.layer(n).out for n in self.model.spec.droppable_layers()}
-            variant = slice_variant(self.variants, widths, task.variant_id)
-            s = extract_slice(self.model, self.x, self.y, classes, variant, base_version=self.base_version,
-                              helper=self.device_id, request_id=task.request_id, rng=rng, batches=self.batches,
-                              recover_steps=self.recover_steps)
+            options = replace(self.options, variant_id=task.variant_id) if task.variant_id else self.options
+            s = extract_slice(self.model, self.x, self.y, classes, self.variants, base_version=self.base_version,
+                              helper=self.device_id, request_id=task.request_id, rng=rng, options=options)
         except CanoeError as exc:
             code = str(exc).split(":", 1)[0]
             return self._error(task, str(exc) if code in ("no_data", "bad_request") else f"helper_failed: {exc}")
-        blob = encode_slice(s)
+        blob = encode_or_widen(s)
         digest = sha256_hex(blob)
         self.served.append({"request_id": task.request_id, "classes": classes, "bytes": len(blob),
-                            "variant": variant.id, "kept": {k: v.tolist() for k, v in s.kept.items()}})
+                            "variant": s.variant_id, "kept": {k: v.tolist() for k, v in s.kept.items()}})
         log.info("canoe helper %s: slice for %s classes %s: %d bytes (%s)", self.device_id, task.target, classes,
-                 len(blob), variant.id)
+                 len(blob), s.variant_id)
         if len(blob) <= self.inline_limit:
             return CanoeOffer(task.request_id, task.target, self.device_id, digest, len(blob),
                               inline_b64=base64.b64encode(blob).decode())

@@ -153,6 +153,7 @@ class CanoeTarget:
     detector: DriftDetector
     replay: int = 256
     cooldown: int = 64  # samples to wait after a request before the next one
+    slice_steps: int = 2  # full-weight steps per learning round on each helper slice (its variant's program)
     boost_window: int = 128  # recent labelled samples the SAMME weights are fit on (≤ replay)
     seed: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -162,6 +163,7 @@ class CanoeTarget:
     _y: deque[int] = field(default_factory=deque)
     _seen: int = 0
     _last_request_at: int | None = None
+    _asked: set[int] = field(default_factory=set)  # classes named by any request so far
     _pending: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _logged_weights: dict[str, float] = field(default_factory=dict)
@@ -198,6 +200,13 @@ class CanoeTarget:
         for _ in range(steps):
             idx = self.rng.choice(len(ys), size=self.model.batch, replace=len(ys) < self.model.batch)
             losses.append(self.model.train_step(xs[idx], ys[idx]))
+        with self._lock:
+            helpers = list(self.ensemble.helpers)
+        for helper in helpers:
+            for _ in range(self.slice_steps):
+                idx = self.rng.choice(len(ys), size=self.model.batch, replace=len(ys) < self.model.batch)
+                with self._lock:
+                    helper.train_step(xs[idx], ys[idx], self.model.lr)
         self.refit()
         return losses
 
@@ -259,11 +268,15 @@ class CanoeTarget:
         """A help request when drift is detected (none while one is pending or in the cooldown)."""
         if self._pending is not None:
             return None
-        if self._last_request_at is not None and self._seen - self._last_request_at < self.cooldown:
-            return None
         report = self.detector.check()
         if report is None:
             return None
+        # The cooldown holds back repeated requests for the same trouble; a label no request has named yet
+        # is asked for at once (a helper slice is an expert for the classes it was cut for only).
+        unasked = set(report.new_labels) - self._asked
+        if not unasked and self._last_request_at is not None and self._seen - self._last_request_at < self.cooldown:
+            return None
+        self._asked.update(report.classes)
         request_id = f"{self.device_id}-r{next(_request_counter)}-{self._seen}"
         self._pending, self._last_request_at = request_id, self._seen
         self.events.append({"event": "request", "request_id": request_id, "classes": report.classes,

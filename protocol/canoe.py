@@ -223,7 +223,7 @@ class CanoeTask:
     request_id: str
     target: str
     classes: list[int]
-    variant_id: str = ""  # the slice width the target's runtime runs ("" = the helper picks the smallest)
+    variant_id: str = ""  # the slice width the target's runtime runs ("" = the helper picks by importance mass)
 
     def to_json(self) -> dict[str, Any]:
         return {"request_id": self.request_id, "target": self.target, "classes": list(map(int, self.classes)),
