@@ -285,15 +285,19 @@ def _apply_patch(h: tf.Tensor, patch: PatchSpec, params: Tensors, layer: str, ph
     return APPLY_PATCH.get(patch.kind)(h, params, layer, phi)
 
 
-def _layer(layer: LayerSpec, h: tf.Tensor, params: Tensors, dims: int, other: tf.Tensor | None = None) -> tf.Tensor:
+def _layer(layer: LayerSpec, h: tf.Tensor, params: Tensors, dims: int, other: tf.Tensor | None = None,
+           pads: tuple[int, int, int, int] = (0, 0, 0, 0)) -> tf.Tensor:
+    """One layer on channels-last `h`; a conv also zero-pads `h` by `pads` (a `pad` layer folded into it)."""
     n = layer.name
+    if layer.kind in ("conv2d", "conv1d", "dwconv2d"):
+        pads = tuple(a + b for a, b in zip(_spatial_pads(layer, dims), pads, strict=True))  # type: ignore[assignment]
     if layer.kind in ("conv2d", "conv1d"):
         w = params[f"{n}.weight"]  # torch (O, I, kh, kw) or (O, I, k)
         w = tf.transpose(w, [2, 3, 1, 0]) if dims == 2 else tf.expand_dims(tf.transpose(w, [2, 1, 0]), 0)
-        return conv2d_valid(h, w, layer.stride, _spatial_pads(layer, dims)) + params[f"{n}.bias"]
+        return conv2d_valid(h, w, layer.stride, pads) + params[f"{n}.bias"]
     if layer.kind == "dwconv2d":
         w = tf.transpose(params[f"{n}.weight"], [2, 3, 0, 1])  # (C, 1, kh, kw) -> (kh, kw, C, 1)
-        return depthwise_valid(h, w, layer.stride, _spatial_pads(layer, dims)) + params[f"{n}.bias"]
+        return depthwise_valid(h, w, layer.stride, pads) + params[f"{n}.bias"]
     if layer.kind == "dense":
         return tf.matmul(h, params[f"{n}.weight"], transpose_b=True) + params[f"{n}.bias"]
     if layer.kind == "relu":
@@ -330,9 +334,15 @@ def forward(spec: ModelSpec, patch: PatchSpec | None, params: Tensors, x: tf.Ten
             phi: tf.Tensor | None = None) -> tf.Tensor:
     """Logits of the (patched) model; the same contract as export/torch_model.py::forward."""
     acts: dict[str, tf.Tensor] = {MODEL_INPUT: to_channels_last(x, spec.dims)}
+    folded = _foldable_pads(spec, patch)
     for layer in spec.layers:
-        ins = [acts[name] for name in spec.operands(layer.name)]
-        h = _layer(layer, ins[0], params, spec.dims, ins[1] if len(ins) > 1 else None)
+        names = spec.operands(layer.name)
+        if layer.name in folded:  # the conv reading it pads (and takes the gradient of the unpadded input)
+            acts[layer.name] = acts[names[0]]
+            continue
+        ins = [acts[name] for name in names]
+        pads = folded.get(names[0], (0, 0, 0, 0))
+        h = _layer(layer, ins[0], params, spec.dims, ins[1] if len(ins) > 1 else None, pads)
         if patch is not None and phi is not None and layer.name in patch.layers:
             h = _apply_patch(h, patch, params, layer.name, phi)
         acts[layer.name] = h
@@ -340,6 +350,25 @@ def forward(spec: ModelSpec, patch: PatchSpec | None, params: Tensors, x: tf.Ten
     if patch is not None and phi is not None and patch.head_bias:  # torch_model.add_head_bias
         logits = logits + _theta(params, spec.layers[-1].name, HEAD_BIAS_PART, phi)
     return logits
+
+
+def _foldable_pads(spec: ModelSpec, patch: PatchSpec | None) -> dict[str, tuple[int, int, int, int]]:
+    """`pad` layers read only by one convolution, as NHWC (top, bottom, left, right): that conv pads inside
+    its custom gradient, whose input gradient is then of the unpadded tensor (no gradient computed for the
+    border and cut away by the pad's own gradient, a SLICE, at every stride-2 block of the MLPerf models)."""
+    readers: dict[str, list[LayerSpec]] = {}
+    for layer in spec.layers:
+        for name in spec.operands(layer.name):
+            readers.setdefault(name, []).append(layer)
+    out = {}
+    for layer in spec.layers:
+        users = readers.get(layer.name, [])
+        if (layer.kind == "pad" and len(users) == 1 and spec.operands(users[0].name)[0] == layer.name
+                and users[0].kind in ("conv2d", "conv1d", "dwconv2d")
+                and (patch is None or layer.name not in patch.layers)):
+            p = layer.pads
+            out[layer.name] = (p[0], p[1], p[2], p[3]) if spec.dims == 2 else (0, 0, p[0], p[1])
+    return out
 
 
 def cross_entropy(logits: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
