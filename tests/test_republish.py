@@ -220,6 +220,29 @@ def test_layout_finds_transposed_and_shifted_weights_and_rewrites_only_them() ->
         find_layout(head + tail, markers)
 
 
+def test_layout_finds_a_kernels_flipped_copy_and_rewrites_it() -> None:
+    """A training program's depthwise input gradient holds the spatially flipped kernel as a constant of its
+    own (export/tf_twin.py): its spot has reversed axes (-1 - a), found, checked and rewritten like the rest."""
+    from edgepatch.protocol.weight_layout import check_layout
+
+    rng = np.random.default_rng(0)
+    markers = marker_params({"dw": np.zeros((4, 1, 3, 3)), "b": np.zeros(4)})
+    stored = np.ascontiguousarray(markers["dw"].transpose(1, 2, 3, 0))  # TFLite's (1, kh, kw, C)
+    flipped = np.ascontiguousarray(np.flip(markers["dw"], axis=(2, 3)).transpose(1, 2, 3, 0))
+    blob = rng.bytes(8) + stored.tobytes() + markers["b"].tobytes() + flipped.tobytes() + rng.bytes(4)
+    layout = find_layout(blob, markers)
+    assert sorted(layout["dw"]) == [[8, 0.0, 1, 2, 3, 0], [8 + 144 + 16, 0.0, 1, -3, -4, 0]]
+    check_layout(layout, {"dw": (4, 1, 3, 3), "b": (4,)}, len(blob), "test")
+    new = {"dw": rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+    out = write_weights(blob, layout, new)
+    np.testing.assert_array_equal(np.frombuffer(out[168:312], "<f4").reshape(1, 3, 3, 4),
+                                  np.flip(new["dw"], axis=(2, 3)).transpose(1, 2, 3, 0))
+    assert find_layout(out, new) == layout  # the rewritten program holds the new weights at the same spots
+    with pytest.raises(LayoutError, match="bad spot"):
+        check_layout({"dw": [[8, 0.0, 1, -3, -3, 0]], "b": layout["b"]}, {"dw": (4, 1, 3, 3), "b": (4,)},
+                     len(blob), "test")
+
+
 def test_manifest_refuses_a_layout_outside_the_program(digits_bundle_both: Path, tmp_path: Path) -> None:
     raw = json.loads((digits_bundle_both / "manifest.json").read_text())
     entry = next(e for e in raw["artifacts"].values() if e.get("weights"))
