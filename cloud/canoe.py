@@ -73,19 +73,18 @@ def context_share(helper_hist: list[int], target_hist: list[int] | None, classes
 
 def rank_helpers(metas: dict[str, CanoeMeta], classes: list[int], target: str, exclude: set[str] | None = None,
                  context: list[int] | None = None) -> list[tuple[str, float]]:
-    """(device, score) of devices that can help with `classes`, best first (score > 0 only). Score: samples
-    of `classes` held (× claimed accuracy) × `context_share` of the target's window histogram `context`."""
+    """(device, score) of devices holding samples of `classes`, best first. Score: those samples (× claimed
+    accuracy) × `context_share` of the target's window histogram `context`; ties (0) by the samples alone."""
     ranked = []
     for device, meta in metas.items():
         if device == target or not meta.online or (exclude and device in exclude):
             continue
         hist = meta.label_histogram
         acc = [min(1.0, max(0.0, a)) for a in meta.class_accuracy]  # a claim: never above 1
-        score = sum(hist[c] * (acc[c] if c < len(acc) else 1.0) for c in classes if c < len(hist))
-        score *= context_share(hist, context, classes)
-        if score > 0:
-            ranked.append((device, float(score)))
-    return sorted(ranked, key=lambda r: (-r[1], r[0]))
+        raw = sum(hist[c] * (acc[c] if c < len(acc) else 1.0) for c in classes if c < len(hist))
+        if raw > 0:  # one knowing none of the target's other classes is still better than no helper
+            ranked.append((device, float(raw * context_share(hist, context, classes)), raw))
+    return [(d, score) for d, score, _ in sorted(ranked, key=lambda r: (-r[1], -r[2], r[0]))]
 
 
 @dataclass

@@ -117,12 +117,12 @@ def _class_accuracy(target: CanoeTarget, world: World, classes: list[int], own_o
 
 def test_drift_request_match_slice_and_boost(world: World, mosquitto: object,
                                              links: Callable[[str], CanoeLink]) -> None:
-    comp = _companion(mosquitto)
+    comp = _companion(mosquitto, timeout_s=5.0)  # the default: the helper fine-tunes its slice (300 steps)
     try:
         # The best-ranked "helper" says it has lots of the new classes but never answers (offline).
         ghost = links("dev-ghost")
         ghost.start()
-        ghost.publish("meta", CanoeMeta([0] * 7 + [500, 500, 500]), retain=True)
+        ghost.publish("meta", CanoeMeta([50] * 7 + [500, 500, 500]), retain=True)
         helper = CanoeHelper("dev-h", world.helper, world.helper_x, world.helper_y, bundle_variants(world.bundle),
                              world.bundle.base_version)
         helper_link = links("dev-h")
@@ -223,14 +223,14 @@ def test_canoe_is_visible_in_metrics_fleet_page_and_device_logs(world: World, mo
     caplog.set_level(logging.INFO, logger="edgepatch.device.canoe")
     companion = Companion(CompanionConfig(bundle=digits_bundle, work_dir=tmp_path / "cloud",
                                           broker_host=mosquitto.host, broker_port=mosquitto.port,  # type: ignore[attr-defined]
-                                          fleet=FLEET, canoe=True, canoe_timeout_s=1.0))
+                                          fleet=FLEET, canoe=True, canoe_timeout_s=5.0))
     companion.start()
     try:
         comp = companion.canoe
         assert comp is not None
         ghost = links("dev-ghost")
         ghost.start()
-        ghost.publish("meta", CanoeMeta([0] * 7 + [500, 500, 500]), retain=True)
+        ghost.publish("meta", CanoeMeta([50] * 7 + [500, 500, 500]), retain=True)
         helper = CanoeHelper("dev-h", world.helper, world.helper_x, world.helper_y, bundle_variants(world.bundle),
                              world.bundle.base_version)
         helper_link = links("dev-h")

@@ -154,6 +154,9 @@ def test_helpers_are_matched_on_the_target_context_too() -> None:
     assert [d for d, _ in rank_helpers(metas, [7, 8, 9], "t", context=target_window)] == ["broad", "narrow"]
     assert context_share(metas["narrow"].label_histogram, target_window, [7, 8, 9]) == pytest.approx(30 / 70)  # 0, 1, 2
     assert context_share([0] * 10, None, [7]) == 1.0
+    # knowing none of the target's other classes ranks last but is still a candidate (better than none)
+    blind = {**metas, "blind": CanoeMeta([0] * 7 + [90, 90, 90])}
+    assert [d for d, _ in rank_helpers(blind, [7, 8, 9], "t", context=target_window)] == ["broad", "narrow", "blind"]
 
 
 def test_expert_soft_vote_and_balanced_weights() -> None:
