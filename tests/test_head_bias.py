@@ -287,17 +287,31 @@ def test_momodistill_and_republication_carry_the_head_bias(shift_bundle: Path, t
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=runtime)
 
 
-def test_bundles_without_a_head_bias_load_as_before(digits_bundle: Path) -> None:
-    """The shared test bundle is exported without the option: its manifest's patch has exactly the old
-    fields, no head parameters exist, and φ keeps its old size (its artifacts are byte-identical to the
-    code before the head bias existed: checked by exporting with both, see docs/DESIGN.md)."""
+@pytest.mark.slow
+def test_bundles_without_a_head_bias_load_as_before(tmp_path: Path) -> None:
+    """`--no-head-bias` exports the old layout: the manifest's patch has exactly the old fields, no head
+    parameters exist, φ keeps its old size, and devices run it (its artifacts are byte-identical to those
+    of the code before the head bias existed: checked by exporting with both, see docs/DESIGN.md 20)."""
     from edgepatch.device.engine import open_engine, predict_logits
+    from edgepatch.export.pipeline import ExportOptions, export_bundle
     from edgepatch.protocol.bundle import load_bundle
 
-    bundle = load_bundle(digits_bundle)
-    manifest = json.loads((digits_bundle / "manifest.json").read_text())
+    export_bundle(ExportOptions(head_bias=False, variants="1", runtimes=("litert",), pretrain_epochs=2, dse_steps=2,
+                                dse_seeds=(0,)), tmp_path / "old")
+    bundle = load_bundle(tmp_path / "old")
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
     assert set(manifest["patch"]) == {"kind", "layers", "k", "rank"}
     assert not bundle.manifest.patch.head_bias and bundle.manifest.patch.k == 16
     assert not any(name.startswith("head.patch") for name in bundle.all_params())
     x = np.zeros((3, *bundle.manifest.model.input_shape), np.float32)
     assert predict_logits(open_engine(bundle, "litert"), x, np.zeros(16, np.float32)).shape == (3, 10)
+
+
+def test_export_command_has_the_switch() -> None:
+    import os
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "edgepatch.cli", "export", "--help"], capture_output=True, text=True,
+                          timeout=120, check=False, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert "--head-bias" in proc.stdout and "--no-head-bias" in proc.stdout
