@@ -91,8 +91,9 @@ def export_cmd(
     patch_layers: str = typer.Option("", help="comma-separated layers to patch (default: every conv)"),
     k: int = typer.Option(16, help="size of the per-device vector φ"),
     rank: int = typer.Option(4, help="bottleneck of lowrank patches"),
-    head_bias: bool = typer.Option(False, "--head-bias/--no-head-bias", help="φ also shifts the head's logits "
-                                   "(num_classes more coefficients): lets a device learn its label prior"),
+    head_bias: bool = typer.Option(True, "--head-bias/--no-head-bias", help="φ also shifts the head's logits "
+                                   "(num_classes more coefficients): lets a device learn its label prior; "
+                                   "--no-head-bias exports the layout of bundles before it"),
     variants: str = typer.Option("auto", help="'auto' (DSE) or keep ratios '1,0.5' or 'conv1=1:conv2=0.5,…'"),
     runtimes: str = typer.Option("litert,executorch", help="programs to build"),
     batch: int = typer.Option(32, help="fixed batch of the training programs"),

@@ -46,7 +46,7 @@ class ExportOptions:
     patch_layers: tuple[str, ...] | None = None  # default: every conv layer
     k: int = 16
     rank: int = 4
-    head_bias: bool = False  # φ also shifts the head's logits (+ num_classes coefficients): a label prior
+    head_bias: bool = True  # φ also shifts the head's logits (+ num_classes coefficients): a label prior
     variants: str = "auto"  # "auto" = DSE, or "1,0.5" / "conv1=1:conv2=0.5,…" (see resolve.parse_variants)
     runtimes: tuple[str, ...] = RUNTIMES
     batch: int = 32
