@@ -101,14 +101,14 @@ class _Counting:
         return getattr(self.q, name)
 
 
-def drain_once(store_url: str, n: int, max_batch: int) -> dict[str, Any]:
+def drain_once(store_url: str, n: int, max_batch: int, protocol: str = "5") -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="edgepatch-drain-"))
     broker = MosquittoBroker(work / "broker", persistence=False, settings={
         "max_queued_messages": "1000000", "max_inflight_messages": "1000"}).start()
     store = PatchStore(store_url, table_prefix=f"dr{uuid.uuid4().hex[:10]}_")
     try:
         settings = IngestSettings(host=broker.host, port=broker.port, fleet=FLEET, max_batch=max_batch,
-                                  inflight_window=1000, client_id="ingest-drain")
+                                  inflight_window=1000, client_id="ingest-drain", protocol=protocol)
         first = IngestService(store, settings, metrics=CloudMetrics())
         first.start()
         if not first.wait_subscribed(10):
@@ -128,7 +128,7 @@ def drain_once(store_url: str, n: int, max_batch: int) -> dict[str, Any]:
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         service.stop()
         stored = store.count("patches")
-        return {"messages": n, "patches": patches, "stored": stored, "wall_s": round(wall, 2),
+        return {"protocol": settings.protocol.value, "messages": n, "patches": patches, "stored": stored, "wall_s": round(wall, 2),
                 "stored_per_s": round(stored / wall, 1), "cpu_s": round(cpu, 2),
                 "cpu_us_per_patch": round(cpu / max(stored, 1) * 1e6, 1), "batches": service.stats.batches,
                 "max_arrival_backlog": counting.max, "arrival_bound": service.arrival_bound,
@@ -145,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--max-batch", type=int, default=500)
     ap.add_argument("--store", default=PG_URL)
+    ap.add_argument("--protocol", default="5", help="the ingest's MQTT version: 5 (shared subscription) or 3.1.1")
     ap.add_argument("--out", type=Path, default=Path("results/ingest_drain.json"))
     args = ap.parse_args(argv)
     load_before = os.getloadavg()
-    runs = [drain_once(args.store, args.messages, args.max_batch) for _ in range(args.repeat)]
+    runs = [drain_once(args.store, args.messages, args.max_batch, args.protocol) for _ in range(args.repeat)]
     median = statistics.median(r["cpu_us_per_patch"] for r in runs)
     ok = all(r["stored"] == r["patches"] for r in runs) and median <= BUDGET_US
     report = {"benchmark": "ingest_drain", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
