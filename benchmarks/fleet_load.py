@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ingests.append(subprocess.Popen(
                     [sys.executable, *(["-m", "edgepatch.cloud.ingest"] if args.ingest_launcher is None
                                        else [str(args.ingest_launcher)]), "--store", args.store, "--table-prefix", prefix,
-                     "--port", str(broker.port), "--protocol", "5", "--worker", f"w{w}", "--fleet", fleet,
+                     "--port", str(broker.port), "--protocol", args.protocol, "--shared", "--worker", f"w{w}",
+                     "--fleet", fleet,
                      "--ready-file", str(ready), "--inflight-window", str(args.inflight),
                      "--max-batch", str(args.max_batch), "--stats-file", str(work / f"stats-{w}.json"),
                      "--log-level", "WARNING"]))
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connect-rate", type=float, default=500.0, help="new connections/s per generator")
     ap.add_argument("--inflight", type=int, default=1000, help="broker max_inflight_messages = ingest window")
     ap.add_argument("--max-batch", type=int, default=500)
+    ap.add_argument("--protocol", default="5", help="the ingest workers' MQTT version: 5 or 3.1.1 (both share)")
     ap.add_argument("--k", type=int, default=16, help="floats in each phi")
     ap.add_argument("--rss-every", type=float, default=5.0)
     ap.add_argument("--store", default=PG_URL)

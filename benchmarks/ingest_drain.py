@@ -108,7 +108,8 @@ def drain_once(store_url: str, n: int, max_batch: int, protocol: str = "5") -> d
     store = PatchStore(store_url, table_prefix=f"dr{uuid.uuid4().hex[:10]}_")
     try:
         settings = IngestSettings(host=broker.host, port=broker.port, fleet=FLEET, max_batch=max_batch,
-                                  inflight_window=1000, client_id="ingest-drain", protocol=protocol)
+                                  inflight_window=1000, client_id="ingest-drain", protocol=protocol,
+                                  shared=True)  # as fleet_load runs it
         first = IngestService(store, settings, metrics=CloudMetrics())
         first.start()
         if not first.wait_subscribed(10):

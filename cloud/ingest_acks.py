@@ -19,6 +19,7 @@ device resends it with backoff until its outbox bound evicts it.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import time
@@ -29,13 +30,11 @@ from typing import Any
 from edgepatch.protocol.frame import claimed_hash
 from edgepatch.protocol.messages import (
     MAX_ACKS,
+    SCHEMA_VERSION,
     AckEntry,
-    Message,
     PatchAck,
     PatchUpdate,
     canonical_bytes,
-    content_hash_of,
-    to_json,
 )
 from edgepatch.protocol.mqtt import Incoming, MqttClient
 from edgepatch.protocol.topics import Channel, TopicError, device_topic, parse_topic
@@ -110,15 +109,24 @@ def publish_acks(client: MqttClient, acks: dict[Address, list[AckEntry]]) -> int
 
 def ack_payload(fleet: str, entries: Sequence[AckEntry], seq: int, sent_at: float | None = None) -> bytes:
     """The encoded PatchAck: what `encode(make_message(PatchAck(entries), …))` gives, without its strict
-    round trip (3 JSON encodings, 1 parse and every field check: ~55 µs per device per batch at fleet
+    round trip (3 JSON encodings, 1 parse, here 1 encoding and every field check: ~55 µs per device per batch at fleet
     load). Safe because every value is already checked: the fleet and device come from a topic the
     ingest parsed, hashes are sha256 hex, statuses fixed, reasons printable (tests/test_ingest_ack_payload.py
     decodes the result strictly and compares it with the make_message form)."""
-    env = to_json(Message(kind=PatchAck.KIND, device_id=SENDER, fleet=fleet, base_version="", variant_id="",
-                          seq=seq, sent_at=time.time() if sent_at is None else sent_at,
-                          payload=PatchAck(tuple(entries)), content_hash=""))
-    env["content_hash"] = content_hash_of(env)
-    return canonical_bytes(env)  # what encode() writes for a JSON message (far below the size limit)
+    body = canonical_bytes({"schema": SCHEMA_VERSION, "kind": PatchAck.KIND, "device_id": SENDER, "fleet": fleet,
+                            "base_version": "", "variant_id": "", "seq": seq,
+                            "sent_at": float(time.time() if sent_at is None else sent_at),
+                            "payload": PatchAck(tuple(entries)).to_json()})
+    # One JSON encoding instead of two: the canonical form sorts its keys and base_version is always "",
+    # so the full envelope is the hashed one with `"content_hash":"…",` right after `{"base_version":"",`.
+    digest = hashlib.sha256(body).hexdigest().encode()
+    cut = len(_ACK_PREFIX)
+    if body[:cut] != _ACK_PREFIX:  # never: the envelope's first sorted key is base_version ("")
+        raise AssertionError("PatchAck envelope no longer starts with an empty base_version")
+    return b"".join((_ACK_PREFIX, b'"content_hash":"', digest, b'",', body[cut:]))
+
+
+_ACK_PREFIX = b'{"base_version":"",'
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

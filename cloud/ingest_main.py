@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=1883)
     ap.add_argument("--fleet", default="+")
     ap.add_argument("--protocol", default="5", help="MQTT version: 5 or 3.1.1")
+    ap.add_argument("--shared", action="store_true",
+                    help="shared subscription ($share/<group>/...) with 3.1.1 too (Mosquitto honours it)")
     ap.add_argument("--group", default="edgepatch-ingest")
     ap.add_argument("--worker", default="0")
     ap.add_argument("--client-id", default=None)
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     store = PatchStore(args.store, table_prefix=args.table_prefix, retention_s=args.reject_retention_days * 86400.0)
     policy = IngestPolicy(store if args.check_bundles else None, devices) if (devices or args.check_bundles) else None
     settings = IngestSettings(host=args.host, port=args.port, fleet=args.fleet, protocol=args.protocol,
-                              group=args.group, worker=args.worker, client_id=args.client_id,
+                              shared=True if args.shared else None, group=args.group, worker=args.worker, client_id=args.client_id,
                               max_batch=args.max_batch, inflight_window=args.inflight_window,
                               tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                               username=args.username, password=os.environ.get(args.password_env),
