@@ -133,7 +133,7 @@ class PatchUpdate:
             raise MessageError("bad_shape", f"phi of k={k} floats needs {4 * k} bytes, the frame has "
                                             f"{len(data) - _PATCH_HEAD.size} (k >= 1)")
         phi = np.frombuffer(data, dtype=ARRAY_DTYPE, offset=_PATCH_HEAD.size).astype(np.float32)
-        if not np.all(np.isfinite(phi)):
+        if not np.isfinite(phi).all():  # the method: np.all()'s dispatch costs ~4 µs a frame
             raise MessageError("non_finite", "phi holds NaN or infinity")
         phi.flags.writeable = False
         return cls(phi=phi, steps=integer(steps, "steps"), samples=integer(samples, "samples"), holdout_acc=_acc(acc),
