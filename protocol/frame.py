@@ -47,6 +47,7 @@ HEADER_FIELDS = (("magic", 3, 'b"EPB"'), ("format_version", 1, "uint8"), ("kind_
                  ("device_id_bytes", 1, "uint8"), ("fleet_bytes", 1, "uint8"), ("base_version_bytes", 2, "uint16"),
                  ("variant_id_bytes", 2, "uint16"), ("seq", 8, "uint64"), ("sent_at", 8, "float64"))
 assert sum(size for _, size, _ in HEADER_FIELDS) == HEADER.size == 27
+_HEADER_SIZE = HEADER.size
 
 
 FRAME_KINDS: dict[int, Any] = {}  # kind code -> payload class
@@ -106,6 +107,25 @@ def parse_frame(data: bytes | bytearray | memoryview) -> tuple[str, tuple[Any, .
     cls = FRAME_KINDS.get(code)
     if cls is None:
         raise MessageError("unknown_kind", f"frame kind code {code} is not one of {sorted(FRAME_KINDS)}")
+    end = _HEADER_SIZE + n_dev + n_fleet + n_base + n_var
+    # Fast path (every valid frame): lengths in range, the four strings decoded from one copy. Any failure
+    # falls back to the field-by-field checks, which name the field at fault.
+    if 1 <= n_dev <= 64 and 1 <= n_fleet <= 64 and n_base <= MAX_TEXT_BYTES and n_var <= MAX_TEXT_BYTES \
+            and end <= len(view):
+        raw = bytes(view[_HEADER_SIZE:end])
+        a, b, c = n_dev, n_dev + n_fleet, n_dev + n_fleet + n_base
+        try:
+            texts = [raw[:a].decode(), raw[a:b].decode(), raw[b:c].decode(), raw[c:].decode()]
+        except UnicodeDecodeError:
+            texts = _texts(view, n_dev, n_fleet, n_base, n_var)
+    else:
+        texts = _texts(view, n_dev, n_fleet, n_base, n_var)
+    payload = cls.from_frame(view[end:])
+    return cls.KIND, (*texts, seq, sent_at), payload
+
+
+def _texts(view: memoryview, n_dev: int, n_fleet: int, n_base: int, n_var: int) -> list[str]:
+    """The header strings, each length and encoding checked on its own (errors name the field)."""
     for n, what, lo, hi in ((n_dev, "device_id", 1, 64), (n_fleet, "fleet", 1, 64),
                             (n_base, "base_version", 0, MAX_TEXT_BYTES), (n_var, "variant_id", 0, MAX_TEXT_BYTES)):
         if not lo <= n <= hi:
@@ -120,8 +140,7 @@ def parse_frame(data: bytes | bytearray | memoryview) -> tuple[str, tuple[Any, .
         except UnicodeDecodeError:
             raise MessageError("bad_field", f"{what} is not valid UTF-8") from None
         at += n
-    payload = cls.from_frame(view[end:])
-    return cls.KIND, (*texts, seq, sent_at), payload
+    return texts
 
 
 def claimed_hash(data: bytes | bytearray | memoryview, max_bytes: int) -> str | None:
