@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
+
 from edgepatch.cloud.ingest_acks import SENDER, ack_payload
 from edgepatch.protocol.messages import AckEntry, PatchAck, decode, encode, make_message
 from edgepatch.protocol.topics import Channel, device_topic
@@ -30,3 +32,14 @@ def test_ack_payload_decodes_strictly_on_the_device_topic() -> None:
     msg = decode(device_topic("fleet-a", "dev-1", Channel.ACK), data)
     assert isinstance(msg.payload, PatchAck) and msg.payload.acks == entries
     assert msg.device_id == SENDER and msg.seq == 7
+
+
+@pytest.mark.parametrize("sent_at", [1.7e9, 0.1, 1e-7, 1234567890.123456, 3.0e20])
+def test_ack_payload_matches_with_awkward_text_and_floats(sent_at: float) -> None:
+    h = hashlib.sha256(b"x").hexdigest()
+    entries = (AckEntry(h, "rejected", 'bad_field: "quoted" \\ back\\slash, tab?, ünïcödé ✓ 🚀'),
+               AckEntry(h, "stored"))
+    fast = ack_payload("fleet_b-2.x", entries, seq=2**62, sent_at=sent_at)
+    strict = encode(make_message(PatchAck(entries), device_id=SENDER, fleet="fleet_b-2.x", seq=2**62,
+                                 sent_at=sent_at))
+    assert fast == strict
