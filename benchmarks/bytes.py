@@ -213,6 +213,7 @@ def run_fedavg(name: str, prep: dict[str, Any], args: argparse.Namespace, work: 
     per_round = [d.bytes_down + d.bytes_up for r in records for d in r.devices]
     return {"accuracy": float(np.mean(accuracy)), "accuracy_per_device": accuracy, "train_s": round(train_s, 1),
             "per_round": float(np.mean(per_round)), "contributed": [r.contributed for r in records],
+            "dropped": sorted({d.reason for r in records for d in r.devices if d.outcome == "dropped"}),
             "down_per_round": float(np.mean([d.bytes_down for r in records for d in r.devices])),
             "up_per_round": float(np.mean([d.bytes_up for r in records for d in r.devices]))}
 
@@ -233,6 +234,7 @@ def bench_model(name: str, args: argparse.Namespace, root: Path, broker: tuple[s
                   phi_down_per_round=ep["acks_down_per_round"], update_down=ep["update_down"], update_up=0.0,
                   fedavg_per_round=fa["per_round"])
     return {"model": name, "mlperf": name in MLPERF_MODELS, "data": prep["data"], "export_s": prep["export_s"],
+            "pretrain_heldout_accuracy": prep["pretrain_heldout_accuracy"],
             "fp32_param_bytes": fp32, "fp32_base_bytes": fp32_base, "k": k, "edgepatch": ep, "fedavg": fa, "per_day": day}
 
 
