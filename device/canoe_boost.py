@@ -24,7 +24,12 @@ member m on the window samples where it predicts k. The own model, which calls e
 predicting the new classes. Members never predicting k on the window use their overall α. Ties are
 broken by the own model's logits. Weights are recomputed whenever the target refits (it keeps learning);
 a helper is also retired when the ensemble without it is at least as accurate on the window for
-`patience` consecutive refits.
+`patience` consecutive refits, or at once when its α is below `min_alpha` (about chance).
+Three further refinements (issue 13, measured in benchmarks/canoe.py, docs/DESIGN.md §11): the sample
+weights start class-balanced (`balanced`: the few samples of a new class count as much as an old class,
+as in the post-drift mix the target must serve); a slice votes only for the classes it was cut for
+(`expert`); and members vote softly, argmax_k Σ_m α_{m,k} · p_m(k | x) (`soft`), so a member unsure of a
+sample lends it little weight. Window accuracies for retirement are class-balanced too.
 """
 
 from __future__ import annotations

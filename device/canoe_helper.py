@@ -5,10 +5,12 @@ own data only: score_j = Σ_batches Σ_{params of filter j} |w · ∂L/∂w| (we
 gradients of the full variant's full-weight training program on the device's runtime (LiteRT or
 ExecuTorch; `engine.taylor_importance`) on batches drawn from the helper's samples of those classes.
 The top filters per layer are kept, with as many filters as a bundle variant keeps, so the slice runs as
-that variant on the target (either runtime). The slice (sliced base W + kept indices + the helper's φ +
-the sliced model description) is serialized pickle-free (`protocol.canoe.encode_slice`) with its
-sha256; it travels inline when it fits in a message, else by reference (a file in a directory the
-target can read, or any http(s) URL serving it).
+that variant on the target (either runtime): by default the smallest sliced variant, or the smallest whose
+kept filters hold `SliceOptions.mass` of every layer's importance. The slice is fine-tuned on the helper's
+data, then (sliced base W + kept indices + the helper's φ + the sliced model description) serialized
+pickle-free in float16 (`protocol.canoe.encode_slice`; float32 when a weight leaves float16's range) with
+its sha256; it travels inline when it fits in a message, else by reference (a file in a directory the
+target can read, or any http(s) URL serving it). docs/DESIGN.md §11 has the measurements behind the defaults.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ samples are at least `drop` less accurate than the reference, or when labels nev
 period show up (`min_new` samples of one of them; the request then names all of them). The request names the under-performing classes (new labels and
 classes whose window accuracy is below `class_floor`) and the window's label histogram — never samples.
 
-`CanoeTarget` keeps learning alone all the time (full-weight SGD steps on a replay of its recent data);
-a helper slice that arrives (inline or by reference) is checked — sha256, base version, widths equal to a
+`CanoeTarget` keeps learning alone all the time (full-weight SGD steps on a replay of its recent data,
+and `slice_steps` steps on each helper slice it holds, with the slice's variant program); a request waits
+out `cooldown` unless it names a label no request named before; a helper slice that arrives (inline or by reference) is checked — sha256, base version, widths equal to a
 bundle variant's, shapes — and joins the SAMME ensemble; anything wrong is logged, counted in `events`
 and the target simply goes on alone.
 
