@@ -105,6 +105,7 @@ def known_kinds() -> dict[str, Any]:
 
 
 _FAMILIES_LOADED = False
+_BYTES = (bytes, bytearray, memoryview)
 
 
 # ---------------------------------------------------------------------------------------------- envelope
@@ -215,7 +216,7 @@ def _check_address(kind: Any, header_of: Any, topic: str) -> dict[str, Any]:
 def decode(topic: str, data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     """Validate everything about a received (topic, payload) pair and return the Message, or raise MessageError.
     A payload starting with the frame magic is a binary frame (frame.py), anything else a JSON envelope."""
-    if not isinstance(data, bytes | bytearray | memoryview):
+    if not isinstance(data, _BYTES):  # a tuple: `bytes | bytearray | …` builds a union object every call
         raise MessageError("bad_json", f"payload must be bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise MessageError("oversize", f"{len(data)} bytes > limit {max_bytes}")
