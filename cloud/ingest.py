@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 from edgepatch.protocol.messages import Message, MessageError, decode
 from edgepatch.protocol.mqtt import Incoming, MqttClient, make_client
 from edgepatch.protocol.topics import Channel
+from edgepatch.protocol.wire import known_kinds
 
 from .ingest_acks import patch_acks, publish_acks
 from .ingest_settings import INGEST_CHANNELS, IngestSettings  # noqa: F401 - re-exported: callers import them here
@@ -119,6 +120,7 @@ class IngestService:
         self._oldest = 0.0
         self._known_devices = {(d["fleet"], d["device_id"]) for d in store.devices()}
         self.metrics.devices_seen.set(len(self._known_devices))
+        known_kinds()  # the payload families' imports at start-up, not inside the first message's decode
         self.client = client or make_client(self.settings.mqtt())
         self.client.connect_hooks.append(self._on_connect)
         for topic_filter in self.settings.topic_filters():
