@@ -2,13 +2,15 @@
 competing for the cores, so the figure means something even on a shared machine.
 
 A real Mosquitto (started here) queues N messages (5 patches : 1 metrics, 1,000 devices, the device codec's
-payloads) for the ingest's persistent MQTT 5 shared-subscription session while the ingest is away; then one
+payloads) for the ingest's persistent shared-subscription session (MQTT 5, or 3.1.1 with `--protocol 3.1.1`:
+Mosquitto shares for 3.1.1 clients too, and paho's 3.1.1 receive path skips property parsing) while the
+ingest is away; then one
 IngestService (in this process) drains them into PostgreSQL (fresh tables, dropped afterwards), with PatchAcks
 to the devices' topics as in production. Measured: this process's CPU seconds (all threads: MQTT client,
 validation, batching, acks, the store writer) per stored patch, wall rate, batch count, the largest arrival
 backlog (bounded by `arrival_bound`).
 
-    python3 benchmarks/ingest_drain.py [--messages 12000] [--repeat 3]
+    python3 benchmarks/ingest_drain.py [--messages 12000] [--repeat 3] [--protocol 5|3.1.1]
 
 Budget: 5,000 stored patches/s on 2 cores leaves ~400 µs of CPU per patch for everything (load generators,
 broker, PostgreSQL, ingest); the ingest's share must stay well under that.
