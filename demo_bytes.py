@@ -40,7 +40,7 @@ class WireBytes:
     cloud sends to the device in the topic; the fleet-wide bundle topic reaches every device once per
     announcement (and the retained one once at connect, as this subscriber sees it too)."""
 
-    def __init__(self, host: str, port: int, fleet: str, protocol: str = "5", client_id: str | None = None) -> None:
+    def __init__(self, host: str, port: int, fleet: str, protocol: Any = "5", client_id: str | None = None) -> None:
         self.fleet = fleet
         self.up: Counter[tuple[str, str]] = Counter()
         self.down: Counter[tuple[str, str]] = Counter()

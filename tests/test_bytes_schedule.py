@@ -40,16 +40,19 @@ def test_companion_updates_the_base_every_r_device_rounds(mosquitto: Any, digits
     pub = Publisher(mosquitto, client_id="pub-schedule")
     seqs = {"dev-a": 0, "dev-b": 0}
     stored = [0]
+    last: dict[str, Any] = {}
 
     def round_of(device: str, resend: bool = False) -> None:
         """One device round: one patch for the current base (resend: the same message again, a redelivery)."""
         assert comp.current is not None
-        if not resend:
+        if resend:  # the very same message (its bytes), as a broker redelivers it
+            msg = last[device]
+        else:
             seqs[device] += 1
-        phi = np.full(comp.current.patch_spec.k, 0.01 * seqs[device], np.float32)
-        msg = make_message(PatchUpdate(phi=phi, steps=5, samples=8, holdout_acc=0.5, loss=0.5), device_id=device,
-                           fleet=FLEET, base_version=comp.current.base_version, variant_id="v100",
-                           seq=seqs[device])
+            phi = np.full(comp.current.patch_spec.k, 0.01 * seqs[device], np.float32)
+            msg = last[device] = make_message(
+                PatchUpdate(phi=phi, steps=5, samples=8, holdout_acc=0.5, loss=0.5), device_id=device,
+                fleet=FLEET, base_version=comp.current.base_version, variant_id="v100", seq=seqs[device])
         pub.send(msg).wait_for_publish(10)
         if not resend:
             stored[0] += 1
@@ -65,6 +68,8 @@ def test_companion_updates_the_base_every_r_device_rounds(mosquitto: Any, digits
             round_of("dev-b")
         round_of("dev-a")
         round_of("dev-a", resend=True)  # stored once: still dev-a's third round, not a fourth
+        time.sleep(1.0)
+        assert comp.store.count("patches") == stored[0]  # the redelivery was not stored again
         settle()
         assert comp.history == []  # dev-b has 2 rounds on this base: not yet
         round_of("dev-b")
