@@ -22,8 +22,8 @@ def _sibling_bundle(source: Path, out: Path) -> None:
     """Same programs, new shared patch parameters: what a distillation round that keeps W looks like."""
     with load_bundle(source) as old:
         m = old.manifest
-        params = {**old.base_params(), **{k: v for k, v in init_params(m.model, m.patch, seed=99).items()
-                                           if k.split(".")[-1] not in ("weight", "bias")}}
+        base = old.base_params()  # W kept; every shared patch parameter (θ̄, Θ, the head bias's) drawn anew
+        params = {**base, **{k: v for k, v in init_params(m.model, m.patch, seed=99).items() if k not in base}}
         writer = BundleWriter(out, m.model_id).set_model(m.model, m.patch).add_params(params)
         writer.set_train(m.train).set_variants(m.variants).set_labels(m.labels)
         for name, entry in m.artifacts.items():
