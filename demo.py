@@ -210,7 +210,10 @@ def _report(opts: DemoOptions, out: Path, fleet: list[Any], companion: Any, spec
                 "device": device.device_id, "bucket": device.bucket, "train": len(data.train_x),
                 "holdout": len(data.holdout_x),
                 "acc_base_model": base_acc[0][1] if base_acc else None,
-                "acc_personalized": pers_acc[-1][1] if pers_acc else None,
+                # as served: φ only while it beats φ = 0 on the holdout (device/adoption.served_phi), from the
+                # device's newest readings of both; the raw φ accuracy is kept beside it
+                "acc_personalized": _served(pers_acc, base_acc),
+                "acc_phi_raw": pers_acc[-1][1] if pers_acc else None,
                 "cloud_acc_before": cloud_accuracy(spec, base0, data.holdout_x, data.holdout_y),
                 "cloud_acc_after": cloud_accuracy(spec, base_final, data.holdout_x, data.holdout_y),
                 "updates": _update_decisions(store, device.device_id)})
@@ -230,7 +233,7 @@ def _report(opts: DemoOptions, out: Path, fleet: list[Any], companion: Any, spec
                   "patches_and_metrics_up": bytes_in, "bundles_down": bytes_out, "bundle_bytes": bundle_bytes,
                   "edgepatch_total": edgepatch_bytes, "fedavg_full_model": fedavg_bytes,
                   "model_param_bytes": param_bytes}}
-    table = Table("device", "bucket", "train", "base model", "personalized", "cloud before", "cloud after",
+    table = Table("device", "bucket", "train", "base model", "served (φ if better)", "cloud before", "cloud after",
                   "update decisions (active / new+old φ / new+refit φ)",
                   title="per-device holdout accuracy (newest 25 % of each device's data)")
     for r in rows:
@@ -244,7 +247,7 @@ def _report(opts: DemoOptions, out: Path, fleet: list[Any], companion: Any, spec
                         f"{decision.get('decision', 'published')}"
                         + (f", canaries {decision['canaries']} rejected by {decision.get('rejected_by', [])}"
                            if decision.get("canaries") else ""))
-    bt = Table("bucket", "devices", "base model", "personalized", "cloud before", "cloud after",
+    bt = Table("bucket", "devices", "base model", "served (φ if better)", "cloud before", "cloud after",
                title="long-tail buckets (mean)")
     for name, b in buckets.items():
         bt.add_row(name, str(b["devices"]), _pct(b["acc_base_model"]), _pct(b["acc_personalized"]),
@@ -255,6 +258,13 @@ def _report(opts: DemoOptions, out: Path, fleet: list[Any], companion: Any, spec
                     f"{fedavg_bytes:,} B ({fedavg_round['down']:,} B of fp32 weights down and {fedavg_round['up']:,} "
                     "B up per device per round)")
     return report
+
+
+def _served(phi_acc: list[Any], zero_acc: list[Any]) -> float | None:
+    """Served holdout accuracy from a device's newest φ and φ = 0 readings (ties keep φ, as on the device)."""
+    if not phi_acc:
+        return None
+    return max(phi_acc[-1][1], zero_acc[-1][1]) if zero_acc else phi_acc[-1][1]
 
 
 def _bytes_per_device(opts: DemoOptions, fleet: list[Any], companion: Any, wire: WireBytes,
@@ -319,7 +329,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     names = [r["device"] for r in rows]
     xs = np.arange(len(rows))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 1]})
-    for i, (key, label) in enumerate((("acc_base_model", "base model"), ("acc_personalized", "personalized φ"),
+    for i, (key, label) in enumerate((("acc_base_model", "base model"), ("acc_personalized", "served (φ if better)"),
                                       ("cloud_acc_before", "cloud before"), ("cloud_acc_after", "cloud after"))):
         ax1.bar(xs + (i - 1.5) * 0.2, [r[key] or 0 for r in rows], width=0.2, label=label)
     ax1.set_xticks(xs, [f"{n}\n{r['bucket']}" for n, r in zip(names, rows, strict=True)], fontsize=7)
