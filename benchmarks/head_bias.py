@@ -94,10 +94,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/head_bias.json"))
     args = ap.parse_args()
 
-    from edgepatch.data.datasets import load_digits
-    from edgepatch.data.fleet import base_split
     from rich.console import Console
     from rich.table import Table
+
+    from edgepatch.data.datasets import load_digits
+    from edgepatch.data.fleet import base_split
 
     started, cpu0 = time.perf_counter(), time.process_time()
     work = Path(tempfile.mkdtemp(prefix="edgepatch-head-bias-"))

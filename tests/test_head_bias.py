@@ -249,7 +249,13 @@ def test_momodistill_and_republication_carry_the_head_bias(shift_bundle: Path, t
     """A proxy-mode round distils θ̄_hb and Θ_hb with the rest; each device's old φ still leans its model
     toward its own majority on the new base; the republished frozen programs (weights rewritten in place,
     no converter) compute the torch reference with the new head bias on both runtimes."""
-    from edgepatch.cloud.momodistill import CloudData, DeviceContribution, DistillConfig, momodistill, personalized_logits
+    from edgepatch.cloud.momodistill import (
+        CloudData,
+        DeviceContribution,
+        DistillConfig,
+        momodistill,
+        personalized_logits,
+    )
     from edgepatch.cloud.republish import republish_bundle
     from edgepatch.data.datasets import load_digits
     from edgepatch.data.fleet import base_split
