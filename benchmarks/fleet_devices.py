@@ -9,8 +9,9 @@ codec's binary frame (`patch_frame`, checked equal to `encode(make_message(...))
 
 Each device publishes one PatchUpdate every `interval` seconds (random phase) and a Metrics message every
 `metrics_every`-th tick. The companion's PatchAck (cloud/ingest_acks.py, sent after the commit) closes the
-loop: sent_at -> ack received is the device-seen "stored" latency. Acks are read with json.loads (the hash
-and status only) rather than the strict decoder, to keep the generator's CPU for publishing.
+loop: sent_at -> ack received is the device-seen "stored" latency. Acks (binary frames, protocol/acks.py) are
+read by `ack_entries` (the hash and status only) rather than the strict decoder, to keep the generator's CPU
+for publishing.
 """
 
 from __future__ import annotations
@@ -27,11 +28,28 @@ from typing import Any
 
 import numpy as np
 
-from edgepatch.protocol.frame import encode_frame, frame_hash
+from edgepatch.protocol.acks import ACK_STATUSES, ENTRY_BYTES
+from edgepatch.protocol.frame import HEADER, encode_frame, frame_hash
 from edgepatch.protocol.messages import Metrics, PatchUpdate, encode, make_message
 from edgepatch.protocol.topics import Channel, device_topic
 
 BASE, VARIANT = "fleet-b1", "v100"
+_ACK_ENTRY = struct.Struct("<32sBH")  # protocol/acks.py: sha256, status code, reason bytes
+
+
+def ack_entries(payload: bytes) -> list[tuple[str, str]]:
+    """(content hash, status) of each entry of the companion's PatchAck frame, read without the strict checks
+    (the ack comes from our own companion; a malformed one raises struct.error / IndexError)."""
+    n_dev, n_fleet, n_base, n_var = HEADER.unpack_from(payload)[3:7]
+    at = HEADER.size + n_dev + n_fleet + n_base + n_var
+    (count,) = struct.unpack_from("<H", payload, at)
+    at += 2
+    out = []
+    for _ in range(count):
+        digest, code, n_reason = _ACK_ENTRY.unpack_from(payload, at)
+        out.append((digest.hex(), ACK_STATUSES[code]))
+        at += ENTRY_BYTES + n_reason
+    return out
 
 
 def patch_frame(dev: str, fleet: str, seq: int, sent_at: float, phi: np.ndarray) -> tuple[bytes, str]:
@@ -198,14 +216,14 @@ class Generator:
                     if qos:
                         writer.write(puback_packet(struct.unpack_from("!H", body, 2 + tlen)[0]))
                     now = time.time()
-                    for entry in json.loads(payload)["payload"]["acks"]:
-                        self.acks[entry["status"]] = self.acks.get(entry["status"], 0) + 1
-                        sent = self.pending.pop(entry["hash"], None)
+                    for content_hash, status in ack_entries(payload):
+                        self.acks[status] = self.acks.get(status, 0) + 1
+                        sent = self.pending.pop(content_hash, None)
                         if sent is not None:
                             self.latencies.append(now - sent)
         except asyncio.CancelledError:
             raise
-        except (OSError, asyncio.IncompleteReadError, ValueError, KeyError):
+        except (OSError, asyncio.IncompleteReadError, ValueError, KeyError, IndexError, struct.error):
             self.lost_connections += 1
 
     async def run(self) -> None:

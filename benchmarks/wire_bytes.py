@@ -11,8 +11,11 @@ readings follow a seeded schedule shaped like a device's (accuracy on a 40-sampl
 in about a third of the rounds, the base model's accuracy and the step count stay, the round time always
 varies), so the saving depends on that schedule and is reported as measured on it, not as a constant.
 Decode: median µs of `decode()` over the same message in both forms, side by side in one process.
+Acks (down): the companion's PatchAck for one stored patch, one rejected patch (with the reason the ingest
+writes) and a batch of 8, as the JSON envelope it used to send and as the frame `ingest_acks.ack_payload`
+sends now (sender "cloud", a millisecond-clock seq and a real clock's sent_at, as the ingest writes them).
 
-Target: a patch message's payload ≤ 4·k + 200 bytes for k = 16, 64, 1024.
+Targets: a patch message's payload ≤ 4·k + 200 bytes for k = 16, 64, 1024; a one-patch ack ≤ 150 bytes.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepatch.cloud.ingest_acks import SENDER, ack_payload
 from edgepatch.device.link import DeviceLink, LinkSettings
 from edgepatch.device.outbox import Outbox
-from edgepatch.protocol.messages import Metrics, PatchUpdate, decode, encode, make_message
+from edgepatch.protocol.messages import AckEntry, Metrics, PatchAck, PatchUpdate, decode, encode, make_message
 from edgepatch.protocol.mqtt import make_client
 from edgepatch.protocol.mqtt_memory import MemoryBroker
 from edgepatch.protocol.params import write_atomic
+from edgepatch.protocol.topics import Channel, device_topic
 
 IDS = {"device_id": "dev-007", "fleet": "default", "base_version": "1f" * 32, "variant_id": "k100-100"}
 
@@ -56,6 +61,36 @@ def patch_sizes(ks: list[int], reps: int) -> list[dict]:
         rows.append({"k": k, "json_bytes": len(jb), "frame_bytes": len(fb), "target_bytes": 4 * k + 200,
                      "met": len(fb) <= 4 * k + 200, "decode_us_json": round(us["json"], 1),
                      "decode_us_frame": round(us["frame"], 1)})
+    return rows
+
+
+def _median_us(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return round(1e6 * statistics.median(times), 1)
+
+
+def ack_sizes(reps: int) -> list[dict]:
+    """Bytes of the companion's PatchAck down to one device: the JSON envelope (before) and the frame (after)."""
+    rng = np.random.default_rng(13)
+    hashes = [bytes(rng.integers(0, 256, 32, dtype=np.uint8)).hex() for _ in range(8)]
+    rejected = AckEntry(hashes[0], "rejected", "wrong_size: phi has 15 floats, bundle base '1f1f1f1f1f1f' has k=16")
+    cases = (("1 stored", [AckEntry(hashes[0], "stored")]), ("1 rejected", [rejected]),
+             ("8 stored", [AckEntry(h, "stored") for h in hashes]))
+    topic = device_topic(IDS["fleet"], IDS["device_id"], Channel.ACK)
+    seq, sent_at = 1_796_025_025_408, 1_796_025_025.4083927  # as the ingest writes them: ms clock, time.time()
+    rows = []
+    for label, entries in cases:
+        frame = ack_payload(IDS["fleet"], entries, seq, sent_at)
+        old = encode(make_message(PatchAck(tuple(entries)), device_id=SENDER, fleet=IDS["fleet"], seq=seq,
+                                  sent_at=sent_at, binary=False))
+        assert decode(topic, frame).payload.acks == decode(topic, old).payload.acks == tuple(entries)
+        rows.append({"acks": label, "json_bytes": len(old), "frame_bytes": len(frame),
+                     "decode_us_json": _median_us(lambda d=old: decode(topic, d), reps),
+                     "decode_us_frame": _median_us(lambda d=frame: decode(topic, d), reps)})
     return rows
 
 
@@ -98,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     patches = patch_sizes([int(k) for k in args.ks.split(",")], args.decode_reps)
     with tempfile.TemporaryDirectory(prefix="wire-bytes-") as tmp:
         metrics = metric_rounds(args.rounds, args.full_every, Path(tmp))
+    acks = ack_sizes(args.decode_reps)
     met = all(r["met"] for r in patches)
+    ack_met = acks[0]["frame_bytes"] <= 150
     result = {"ids": IDS, "patches": patches, "metrics": {"rounds": args.rounds, "full_every": args.full_every,
-                                                          **metrics}, "targets": {"patch_le_4k_plus_200": met}}
+                                                          **metrics}, "acks": acks,
+              "targets": {"patch_le_4k_plus_200": met, "one_patch_ack_le_150": ack_met}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out, (json.dumps(result, indent=1) + "\n").encode())
     print(f"{'k':>5} {'JSON B':>8} {'frame B':>8} {'4k+200':>7} {'decode µs JSON':>15} {'frame':>7}")
@@ -114,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
                         ("changes_only", f"frames, changes only (full every {args.full_every})")):
         m = metrics[label]
         print(f"  {text:38} {m['messages']:>8} {m['values']:>7} {m['bytes']:>8,}")
+    print(f"PatchAck down to the device (sender {SENDER!r}, fleet {IDS['fleet']!r})")
+    print(f"  {'acks':12} {'JSON B':>8} {'frame B':>8} {'decode µs JSON':>15} {'frame':>7}")
+    for r in acks:
+        print(f"  {r['acks']:12} {r['json_bytes']:>8} {r['frame_bytes']:>8} {r['decode_us_json']:>15.1f} "
+              f"{r['decode_us_frame']:>7.1f}")
+    result["per_round_down_bytes"] = {"ack": "1 stored", "before": acks[0]["json_bytes"],
+                                      "after": acks[0]["frame_bytes"]}
     k16 = patches[0]
     before = k16["json_bytes"] + metrics["json_every_report_full"]["bytes"] / args.rounds
     after = k16["frame_bytes"] + metrics["changes_only"]["bytes"] / args.rounds
@@ -123,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(args.out, (json.dumps(result, indent=1) + "\n").encode())
     print(f"(results in {args.out})")
     print(f"target: patch payload <= 4·k + 200 bytes for k = {args.ks}: {'MET' if met else 'NOT MET'}")
-    return 0 if met else 1
+    print(f"target: one-patch ack <= 150 bytes: {'MET' if ack_met else 'NOT MET'} ({acks[0]['frame_bytes']} B)")
+    return 0 if met and ack_met else 1
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ its persistence, so after a restart it acknowledges patches that no ingest sessi
 that trusted the PUBACK lost them. The device therefore keeps a patch until a `PatchAck` naming its
 content hash arrives on `edgepatch/v1/<fleet>/<device>/ack`, and resends it otherwise.
 
+The ack is a binary frame (protocol/acks.py, issue 13: ~75 bytes for one patch where the JSON envelope took
+~360); devices still decode a JSON one from an older companion.
+
 Order: commit -> these acks (QoS 0, ACK_QOS) -> the MQTT PUBACKs of the batch. A crash between the commit and the
 acks loses nothing: the broker (no PUBACK yet) or the device (no PatchAck, timeout) sends the patch again,
 the store dedupes it by content hash, and the ack goes out then, with status "duplicate".
@@ -19,20 +22,20 @@ device resends it with backoff until its outbox bound evicts it.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+
+from edgepatch.protocol.acks import ENTRY_BYTES
 
 # A refused binary patch frame's hash is its sha256, a JSON envelope's the hash it claims (protocol/frame.py).
-from edgepatch.protocol.frame import claimed_hash
+from edgepatch.protocol.frame import HEADER, claimed_hash, encode_frame
 from edgepatch.protocol.messages import (
     MAX_ACKS,
-    SCHEMA_VERSION,
+    MAX_MESSAGE_BYTES,
     AckEntry,
+    MessageError,
     PatchAck,
     PatchUpdate,
 )
@@ -71,7 +74,7 @@ def patch_acks(batch: Iterable[tuple[Incoming, Received | Reject | None]], resul
             key = (m.fleet, m.device_id)
             h = m.content_hash
             if h in quarantined:
-                entry = AckEntry(h, "quarantined", quarantined[h][:200])
+                entry = AckEntry(h, "quarantined", _printable(quarantined[h])[:200])  # a database error may hold \n
             else:
                 entry = AckEntry(h, "stored" if h in new else "duplicate")
         elif isinstance(item, Reject):
@@ -99,7 +102,13 @@ def publish_acks(client: MqttClient, acks: dict[Address, list[AckEntry]]) -> int
     for (fleet, device), entries in acks.items():
         topic = device_topic(fleet, device, Channel.ACK)
         for chunk in _chunks(entries, MAX_ACKS):
-            if client.publish(topic, ack_payload(fleet, chunk, next(_SEQ)), qos=ACK_QOS):
+            try:
+                data = ack_payload(fleet, chunk, next(_SEQ))
+            except MessageError as exc:  # entries are built valid; if one is not, the rest still go out
+                log.error("could not encode %d ack(s) to %s/%s (%s); the device will resend", len(chunk), fleet,
+                          device, exc)
+                continue
+            if client.publish(topic, data, qos=ACK_QOS):
                 handed += len(chunk)
             else:
                 log.warning("could not publish %d ack(s) to %s/%s; the device will resend", len(chunk), fleet,
@@ -108,30 +117,34 @@ def publish_acks(client: MqttClient, acks: dict[Address, list[AckEntry]]) -> int
 
 
 def ack_payload(fleet: str, entries: Sequence[AckEntry], seq: int, sent_at: float | None = None) -> bytes:
-    """The encoded PatchAck: what `encode(make_message(PatchAck(entries), …))` gives, without its strict
-    round trip (3 JSON encodings, 1 parse and every field check: ~55 µs per device per batch at fleet load);
-    the canonical JSON is written directly. Safe because every value is already checked: the fleet and device come from a topic the
-    ingest parsed, hashes are sha256 hex, statuses fixed, reasons printable (tests/test_ingest_ack_payload.py
-    decodes the result strictly and compares it with the make_message form)."""
-    # The canonical form written directly (sorted keys, no spaces, strings as json.dumps writes them with
-    # ensure_ascii=False, floats as repr): one JSON encoding was ~half of an ack's CPU at fleet load.
-    acks = ",".join(f'{{"hash":{_s(a.content_hash)},"reason":{_s(a.reason)},"status":{_s(a.status)}}}'
-                    for a in entries)
-    sent = float(time.time() if sent_at is None else sent_at)
-    tail = (f'"device_id":{_s(SENDER)},"fleet":{_s(fleet)},"kind":{_s(PatchAck.KIND)},"payload":{{"acks":[{acks}]}},'
-            f'"schema":{int(SCHEMA_VERSION)},"sent_at":{sent!r},"seq":{int(seq)},"variant_id":""}}').encode()
-    # The hash covers everything but content_hash, which sorts right after base_version (always "").
-    digest = hashlib.sha256(_ACK_PREFIX + tail).hexdigest().encode()
-    return b"".join((_ACK_PREFIX, b'"content_hash":"', digest, b'",', tail))
+    """The encoded PatchAck, a binary frame (protocol/acks.py: ~75 bytes for one patch, the JSON form was ~360):
+    the bytes of `encode(make_message(PatchAck(entries), device_id=SENDER, …))` without make_message's
+    strict round trip (a parse of the frame it just wrote, per device per batch at fleet load). The entries
+    are still checked (PatchAck.to_frame); the header needs no check: the fleet comes from a topic the ingest
+    parsed. tests/test_ingest_ack_payload.py compares the bytes with the make_message form and decodes them."""
+    header = {"device_id": SENDER, "fleet": fleet, "base_version": "", "variant_id": "", "seq": int(seq),
+              "sent_at": float(time.time() if sent_at is None else sent_at)}
+    return encode_frame(header, PatchAck(tuple(entries)))
 
 
-_ACK_PREFIX = b'{"base_version":"",'
-_s = json.encoder.encode_basestring  # type: ignore[attr-defined] - what json.dumps(ensure_ascii=False) uses
+def _chunks(entries: Sequence[AckEntry], size: int, max_bytes: int = MAX_MESSAGE_BYTES
+            ) -> Iterable[Sequence[AckEntry]]:
+    """Runs of at most `size` entries whose frame stays under `max_bytes` (what a device's decode accepts):
+    256 rejections with long non-ASCII reasons would not fit one message."""
+    budget = max_bytes - _FRAME_OVERHEAD
+    start, used = 0, 0
+    for i, entry in enumerate(entries):
+        cost = ENTRY_BYTES + len(entry.reason.encode())
+        if i > start and (i - start == size or used + cost > budget):
+            yield entries[start:i]
+            start, used = i, 0
+        used += cost
+    if start < len(entries):
+        yield entries[start:]
 
 
-def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+# Header, the longest ids (sender, a 64-byte fleet) and the entry count: what a frame holds besides entries.
+_FRAME_OVERHEAD = HEADER.size + len(SENDER) + 64 + 2
 
 
 def _printable(value: str) -> str:

@@ -142,6 +142,9 @@ CHANNEL_NOTES = {
                  "keeps each patch in its outbox (and resends it) until then.",
 }
 RETAINED = {Channel.STATE, Channel.LWT, Channel.BUNDLE, Channel.CANOE_META}
+# Sent at QoS 0 (cloud/ingest_acks.ACK_QOS; the cloud layer is out of this module's reach, tests/test_asyncapi.py
+# checks the two agree): a lost ack costs a resend, which the store dedupes and the next ack answers.
+QOS0 = {Channel.ACK}
 
 
 def _camel(kind: str) -> str:
@@ -167,20 +170,28 @@ def _message(kind: str) -> dict[str, Any]:
            "payload": {"type": "object", "additionalProperties": False, "required": sorted(header),
                        "properties": header}}
     if kind in framed_kinds():
-        out.update(title=_camel(kind) + "Json", description="The JSON envelope of this kind: still accepted "
-                   "(older devices, docs/android.md), no longer what edgepatch devices and the companion send.")
+        older = "older companions" if _from_cloud(kind) else "older devices, docs/android.md"
+        out.update(title=_camel(kind) + "Json", description=f"The JSON envelope of this kind: still accepted "
+                   f"({older}), no longer what edgepatch devices and the companion send.")
     return out
+
+
+def _from_cloud(kind: str) -> bool:
+    """The cloud sends this kind to the devices (its channels are fleet-wide or relayed)."""
+    return all(ch in FLEET_CHANNELS or ch in RELAYED_CHANNELS for ch in known_kinds()[kind].CHANNELS)
 
 
 def _frame_message(kind: str) -> dict[str, Any]:
     """A binary frame: its byte layout as an `x-frame` extension (JSON Schema cannot describe bytes)."""
     fixed = sum(f["bytes"] for f in layout(kind) if isinstance(f["bytes"], int))
+    sender = "the companion sends" if _from_cloud(kind) else "devices send"
     return {"name": kind, "title": _camel(kind), "contentType": "application/octet-stream",
-            "description": (f"Binary frame (protocol/frame.py), what devices send: the envelope's fields packed "
-                            "little-endian, then the payload's; φ as raw float32. Each field obeys the rules of "
-                            f"the JSON form ({_camel(kind)}Json); content_hash is the sha256 of the frame bytes (no "
-                            f"hash field). Size: {fixed} bytes, plus the four ids' UTF-8 bytes and the variable-length "
-                            "fields of x-frame."),
+            "description": (f"Binary frame (protocol/frame.py), the form {sender}: the envelope's fields packed "
+                            "little-endian, then the payload's (numbers raw, "
+                            "hashes as 32 raw bytes). Each field obeys the rules of the JSON form "
+                            f"({_camel(kind)}Json); content_hash is the sha256 of the frame bytes (no hash field). "
+                            f"Size: {fixed} bytes, plus the four ids' UTF-8 bytes and the variable-length fields of "
+                            "x-frame."),
             "payload": {"type": "string", "format": "binary", "maxLength": MAX_MESSAGE_BYTES},
             "x-frame": {"magic": MAGIC.decode(), "format_version": FORMAT_VERSION, "kind_code": framed_kinds()[kind],
                         "byte_order": "little-endian", "content_hash": "sha256 of the frame bytes",
@@ -209,7 +220,8 @@ def document() -> dict[str, Any]:
         names = sorted(n for k in CHANNEL_KINDS[ch] for n in message_names(k))
         refs = [{"$ref": f"#/components/messages/{n}"} for n in names]
         cloud_sends = ch in FLEET_CHANNELS or ch in RELAYED_CHANNELS
-        op = {"operationId": ch.value.replace("/", "_"), "bindings": {"mqtt": {"qos": 1, "retain": ch in RETAINED}},
+        op = {"operationId": ch.value.replace("/", "_"), "bindings": {"mqtt": {"qos": 0 if ch in QOS0 else 1,
+                                                                   "retain": ch in RETAINED}},
               "message": refs[0] if len(refs) == 1 else {"oneOf": refs}}
         channels[address] = {"description": CHANNEL_NOTES[ch], "parameters": params,
                              ("subscribe" if cloud_sends else "publish"): op}
@@ -225,9 +237,9 @@ def document() -> dict[str, Any]:
                      "protocol/wire.py; tests/test_asyncapi.py fails when they drift.\n\n"
                      f"* Every message is one envelope of at most {MAX_MESSAGE_BYTES} bytes: schema, "
                      "kind, device_id (the sender; the cloud's id for what the cloud sends), fleet, base_version, "
-                     "variant_id, seq, sent_at, payload, content_hash; as UTF-8 JSON, or, for patch_update and "
-                     f"metrics, as a binary frame (payload starts with \"{MAGIC.decode()}\", layout in the message's x-frame; "
-                     "receivers accept both forms).\n"
+                     "variant_id, seq, sent_at, payload, content_hash; as UTF-8 JSON, or, for "
+                     f"{', '.join(sorted(framed_kinds()))}, as a binary frame (payload starts with "
+                     f"\"{MAGIC.decode()}\", layout in the message's x-frame; receivers accept both forms).\n"
                      "* content_hash = sha256 (hex) of the canonical JSON of the envelope without content_hash "
                      "(keys sorted, separators \",\" and \":\", no ASCII escaping), or of a frame's bytes; it is "
                      "the idempotency key.\n"

@@ -1,5 +1,6 @@
-"""Binary frames: the compact form of a message whose payload is mostly numbers (issue 13: a patch of k
-float32 costs 4·k + a small header on the wire, not base64 inside JSON; metrics cost half their JSON).
+"""Binary frames: the compact form of a message whose payload is mostly numbers or hashes (issue 13: a patch
+of k float32 costs 4·k + a small header on the wire, not base64 inside JSON; metrics cost half their JSON,
+a one-patch PatchAck a fifth: 76 bytes, not 361).
 
 A frame carries the same envelope as the JSON form of `wire.py` (kind, sender, fleet, base_version,
 variant_id, seq, sent_at), then the kind's payload. All integers and floats little-endian:
@@ -7,7 +8,7 @@ variant_id, seq, sent_at), then the kind's payload. All integers and floats litt
     offset  size  field
     0       3     magic b"EPB" (never the first byte of a JSON envelope, which is "{": `decode` dispatches on it)
     3       1     format version (FORMAT_VERSION; any other is refused, reason "schema")
-    4       1     kind code (FRAME_KINDS: 1 = patch_update, 2 = metrics; unknown, reason "unknown_kind")
+    4       1     kind code (FRAME_KINDS: 1 = patch_update, 2 = metrics, 3 = patch_ack; unknown: "unknown_kind")
     5       1     n_dev   bytes of device_id     (1..64, topic-level rules)
     6       1     n_fleet bytes of fleet         (1..64, topic-level rules)
     7       2     n_base  bytes of base_version  (0..MAX_TEXT_BYTES, UTF-8, no control characters)
@@ -17,7 +18,9 @@ variant_id, seq, sent_at), then the kind's payload. All integers and floats litt
     27      ...   device_id, fleet, base_version, variant_id (UTF-8, strict: no overlong or surrogate forms)
     ...     ...   payload (the kind's `to_frame`; patch_update: steps u64, samples u64, holdout_acc f64,
                   loss f64, k u32 (>= 1), then φ as float32 × k, exactly the rest of the frame; metrics:
-                  count u8, then per value name length u8, ASCII name, float64, names strictly ascending)
+                  count u8, then per value name length u8, ASCII name, float64, names strictly ascending;
+                  patch_ack (acks.py): count u16, then per entry sha256 as 32 raw bytes, status u8,
+                  reason length u16, UTF-8 reason)
 
 There is no content_hash field: the frame is the canonical encoding (one byte string per message and back:
 strict UTF-8, exact lengths, no padding, no trailing bytes, NaN refused, tests/test_frame.py checks that

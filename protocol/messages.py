@@ -1,9 +1,10 @@
-"""The patch loop's payloads: PatchUpdate, Metrics, DeviceState, BundleAnnouncement, PatchAck (numpy + stdlib).
+"""The patch loop's payloads: PatchUpdate, Metrics, DeviceState, BundleAnnouncement (numpy + stdlib), and
+PatchAck (acks.py, re-exported here).
 
 They travel in the one envelope of `wire.py` (schema, kind, sender, seq, content hash, strict JSON); this
 module only defines what is inside `payload`, and re-exports the codec so `messages.decode` keeps working.
-PatchUpdate and Metrics also have binary frames (frame.py, the default on the wire): φ as raw little-endian
-float32, metrics as (name, float64) pairs.
+PatchUpdate, Metrics and PatchAck also have binary frames (frame.py, the default on the wire): φ as raw
+little-endian float32, metrics as (name, float64) pairs, acks as (raw sha256, status code, reason).
 
 Arrays never travel as pickles: `{"dtype": "<f4", "shape": [k], "b64": base64(little-endian float32)}`.
 """
@@ -21,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .acks import ACK_STATUSES, MAX_ACKS, AckEntry, PatchAck  # noqa: F401 - re-exported (its own module)
 from .frame import register_frame
 from .topics import Channel
 from .wire import (  # noqa: F401 - the codec, re-exported for the callers of messages.decode & co.
@@ -312,53 +314,6 @@ class BundleAnnouncement:
                    sequence=integer(obj.get("sequence", 0), "sequence"),
                    signature=text(obj.get("signature", ""), "signature"),
                    targets=text_list(obj.get("targets", []), "targets", MAX_TARGETS))
-
-
-ACK_STATUSES = ("stored", "duplicate", "quarantined", "rejected")
-MAX_ACKS = 256  # entries per PatchAck message (each ~110 bytes: far under MAX_MESSAGE_BYTES)
-
-
-@dataclass(frozen=True)
-class AckEntry:
-    """One patch's fate, keyed by its content hash. stored / duplicate: in the store (the device counts it
-    delivered); quarantined: kept in the quarantine table (the database refused the row); rejected: refused
-    by validation or admission, `reason` says why (resending the same bytes cannot help: the device drops it)."""
-
-    content_hash: str
-    status: str
-    reason: str = ""
-
-
-@register
-@dataclass(frozen=True)
-class PatchAck:
-    """The companion's application-level acknowledgement, sent on the device's `ack` topic after the
-    batch holding the patches committed (issue 12): a device keeps a patch in its outbox until this arrives."""
-
-    KIND: ClassVar[str] = "patch_ack"
-    CHANNELS: ClassVar[tuple[Channel, ...]] = (Channel.ACK,)
-    acks: tuple[AckEntry, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"acks": [{"hash": a.content_hash, "status": a.status, "reason": a.reason} for a in self.acks]}
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> PatchAck:
-        only(obj, {"acks"}, "patch_ack")
-        raw = need(obj, "acks", "patch_ack")
-        if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_ACKS:
-            raise MessageError("bad_field", f"acks must be a list of 1..{MAX_ACKS} entries")
-        out = []
-        for i, item in enumerate(raw):
-            w = f"acks[{i}]"
-            item = obj_of(item, w)
-            only(item, {"hash", "status", "reason"}, w)
-            status = need(item, "status", w)
-            if status not in ACK_STATUSES:
-                raise MessageError("bad_field", f"{w}.status must be one of {ACK_STATUSES}, got {status!r}")
-            out.append(AckEntry(sha256_hex(need(item, "hash", w), f"{w}.hash"), status,
-                                text(need(item, "reason", w), f"{w}.reason")))
-        return cls(acks=tuple(out))
 
 
 MAX_TARGETS = 4096  # devices one staged announcement can name

@@ -130,8 +130,38 @@ def frame_from_the_document(fields: list[dict], values: dict) -> bytes:
     return out
 
 
-def test_framed_kinds_are_patches_and_metrics():
-    assert sorted(asyncapi.framed_kinds()) == ["metrics", "patch_update"]
+def test_framed_kinds_are_patches_metrics_and_acks():
+    assert sorted(asyncapi.framed_kinds()) == ["metrics", "patch_ack", "patch_update"]
+    assert asyncapi.message_names("patch_ack") == ["PatchAck", "PatchAckJson"]
+
+
+def test_the_ack_channel_is_documented_at_the_qos_the_companion_sends_it(doc):
+    from edgepatch.cloud.ingest_acks import ACK_QOS
+
+    qos = {a.rsplit("/", 1)[1]: (c.get("publish") or c["subscribe"])["bindings"]["mqtt"]["qos"]
+           for a, c in doc["channels"].items()}
+    assert qos["ack"] == ACK_QOS == 0 and qos["patch"] == 1
+
+
+def test_the_ack_frame_layout_in_the_document_is_what_the_codec_writes(doc):
+    message = doc["components"]["messages"]["PatchAck"]
+    spec = message["x-frame"]
+    assert spec["kind_code"] == PatchAck.FRAME_CODE and "the companion sends" in message["description"]
+    entry_doc = spec["fields"][-1]["type"]
+    codes = {s: i for i, s in enumerate(("stored", "duplicate", "quarantined", "rejected"))}
+    assert all(f"{i} {s}" in entry_doc for s, i in codes.items()) and "32 raw bytes" in entry_doc
+    ids = {"device_id": "cloud", "fleet": "lab", "base_version": "", "variant_id": ""}
+    values = {"magic": b"EPB", "format_version": spec["format_version"], "kind_code": spec["kind_code"],
+              **{f"{k}_bytes": len(v.encode()) for k, v in ids.items()}, **ids, "seq": 3, "sent_at": 1.25,
+              "count": 2}
+    entries = ((SHA, "stored", ""), ("cd" * 32, "rejected", "bad_field: \u00e9"))
+    data = frame_from_the_document(spec["fields"][:-1], values) + b"".join(
+        bytes.fromhex(h) + struct.pack("<BH", codes[s], len(r.encode())) + r.encode() for h, s, r in entries)
+    msg = decode(device_topic("lab", "dev-7", Channel.ACK), data)
+    assert msg.binary and msg.payload.acks == tuple(AckEntry(*e) for e in entries)
+    assert encode(make_message(PatchAck(msg.payload.acks), seq=3, sent_at=1.25, **ids)) == data
+    fixed = sum(f["bytes"] for f in spec["fields"] if isinstance(f["bytes"], int))
+    assert f"Size: {fixed} bytes" in message["description"]
 
 
 def test_the_metrics_frame_layout_in_the_document_is_what_the_codec_writes(doc):

@@ -1,5 +1,5 @@
-"""Binary patch frames (protocol/frame.py, issue 13): size on the wire, exact round trips, canonical bytes, and
-every malformed frame refused with its stable reason before anything is trusted."""
+"""Binary frames (protocol/frame.py, issue 13) of patches, metrics and acks: size on the wire, exact round trips,
+canonical bytes, and every malformed frame refused with its stable reason before anything is trusted."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import pytest
 from edgepatch.protocol.frame import FORMAT_VERSION, HEADER, MAGIC, claimed_hash, is_frame
 from edgepatch.protocol.messages import (
     REASONS,
+    AckEntry,
     DeviceState,
     MessageError,
     Metrics,
+    PatchAck,
     PatchUpdate,
     decode,
     encode,
@@ -69,8 +71,9 @@ def test_patch_payload_is_at_most_4k_plus_200_bytes(k):
     assert len(data) < len(as_json)
 
 
-def test_patches_and_metrics_travel_as_frames_and_other_kinds_as_json():
-    for payload, code in ((patch(), 1), (Metrics(values={"train_ms": 1.0}), 2)):
+def test_patches_metrics_and_acks_travel_as_frames_and_other_kinds_as_json():
+    ack = PatchAck((AckEntry("ab" * 32, "stored"),))
+    for payload, code in ((patch(), 1), (Metrics(values={"train_ms": 1.0}), 2), (ack, 3)):
         msg = make_message(payload, seq=1, **IDS)
         data = encode(msg)
         assert msg.binary and is_frame(data) and data[:3] == b"EPB" and data[3] == FORMAT_VERSION and data[4] == code
@@ -280,3 +283,79 @@ def test_fuzzed_metrics_frames_are_refused_or_canonical():
         accepted += 1
         assert encode(msg) == bytes(mutated)
     assert 0 < accepted < 2000
+
+
+# ---------------------------------------------------------------------------------------------- ack frames
+
+ACK_TOPIC = "edgepatch/v1/default/dev-007/ack"
+CLOUD = {"device_id": "cloud", "fleet": "default"}
+
+
+def ack_frame(entries: list[tuple[bytes, int, bytes]], count: int | None = None,
+              reason_len: int | None = None) -> bytes:
+    """An ack frame by hand: count u16, then (32-byte hash, status u8, reason length u16, reason) per entry."""
+    ids = (b"cloud", b"default", b"", b"")
+    body = struct.pack("<H", len(entries) if count is None else count)
+    body += b"".join(h + struct.pack("<BH", st, len(r) if reason_len is None else reason_len) + r
+                     for h, st, r in entries)
+    return HEADER.pack(MAGIC, FORMAT_VERSION, 3, *(len(i) for i in ids), 9, 1.5) + b"".join(ids) + body
+
+
+H1, H2 = hashlib.sha256(b"1").digest(), hashlib.sha256(b"2").digest()
+
+
+def test_ack_frames_round_trip_exactly_and_are_a_fifth_of_the_json():
+    acks = (AckEntry(H1.hex(), "stored"), AckEntry(H2.hex(), "duplicate"), AckEntry(H1.hex(), "quarantined", "db"),
+            AckEntry(H2.hex(), "rejected", "wrong_size: base '\u00e9' has k=16 \U0001f680"))
+    msg = make_message(PatchAck(acks), seq=2**63 - 1, sent_at=1_796_025_025.408, **CLOUD)
+    data = encode(msg)
+    back = decode(ACK_TOPIC, data)
+    assert back == msg and back.binary and back.payload.acks == acks and encode(back) == data
+    assert msg.content_hash == hashlib.sha256(data).hexdigest()
+    one = encode(make_message(PatchAck(acks[:1]), seq=1_796_025_025_408, sent_at=1_796_025_025.408, **CLOUD))
+    as_json = encode(make_message(PatchAck(acks[:1]), seq=1_796_025_025_408, sent_at=1_796_025_025.408,
+                                  binary=False, **CLOUD))
+    assert len(one) == HEADER.size + len("clouddefault") + 2 + 32 + 1 + 2 == 76 and len(one) <= len(as_json) / 4
+    assert decode(ACK_TOPIC, ack_frame([(H1, 3, "\u00e9".encode())])).payload.acks == (
+        AckEntry(H1.hex(), "rejected", "\u00e9"),)
+
+
+def test_bad_ack_frames_are_refused():
+    reject(ack_frame([]), "bad_field", ACK_TOPIC)  # an ack of nothing
+    reject(ack_frame([(H1, 0, b"")] * 2, count=257), "bad_field", ACK_TOPIC)  # more than MAX_ACKS
+    reject(ack_frame([(H1, 0, b"")], count=2), "bad_shape", ACK_TOPIC)  # count says more than there is
+    reject(ack_frame([(H1, 0, b""), (H2, 0, b"")], count=1), "bad_shape", ACK_TOPIC)  # trailing entry
+    reject(ack_frame([(H1, 0, b"")]) + b"\x00", "bad_shape", ACK_TOPIC)
+    reject(ack_frame([(H1, 0, b"")])[:-1], "bad_shape", ACK_TOPIC)  # cut inside the entry
+    reject(ack_frame([(H1, 0, b"ab")], reason_len=3), "bad_shape", ACK_TOPIC)  # reason longer than the frame
+    reject(ack_frame([(H1, 0, b"ab")], reason_len=1), "bad_shape", ACK_TOPIC)  # shorter: a byte left over
+    reject(ack_frame([(H1, 0, b"x" * 1025)]), "bad_shape", ACK_TOPIC)  # beyond MAX_TEXT_BYTES, checked first
+    reject(ack_frame([(H1, 0, b"x" * 257)]), "bad_field", ACK_TOPIC)  # > MAX_TEXT characters
+    reject(ack_frame([(H1, 4, b"")]), "bad_field", ACK_TOPIC)  # no such status
+    reject(ack_frame([(H1, 255, b"")]), "bad_field", ACK_TOPIC)
+    for reason in (b"\xc0\xaf", b"\xed\xa0\x80", b"\xff", b"a\nb", "x\u009b".encode()):  # overlong, surrogate,
+        reject(ack_frame([(H1, 3, reason)]), "bad_field", ACK_TOPIC)  # not UTF-8, control characters
+    reject(ack_frame([(H1, 0, b"")]), "topic_mismatch", TOPIC)  # an ack on a device's patch topic
+    reject(ack_frame([(H1, 0, b"")]), "topic_mismatch", "edgepatch/v1/other/dev-007/ack")
+    with pytest.raises(MessageError):  # the sender refuses what receivers refuse
+        make_message(PatchAck((AckEntry(H1.hex().upper(), "stored"),)), seq=1, **CLOUD)
+
+
+def test_fuzzed_ack_frames_are_refused_or_canonical():
+    rng = np.random.default_rng(2)
+    data = ack_frame([(H1, 0, b""), (H2, 3, b"bad_field: x")])
+    accepted = 0
+    for _ in range(2000):
+        mutated = bytearray(data)
+        for pos in rng.integers(0, len(data), size=int(rng.integers(1, 3))):
+            mutated[pos] = int(rng.integers(0, 256))
+        if rng.random() < 0.2:
+            mutated = mutated[:int(rng.integers(1, len(mutated)))]
+        try:
+            msg = decode(ACK_TOPIC, bytes(mutated))
+        except MessageError as exc:
+            assert exc.reason in REASONS
+            continue
+        accepted += 1
+        assert encode(msg) == bytes(mutated) and msg.content_hash == hashlib.sha256(mutated).hexdigest()
+    assert 0 < accepted < 2000  # hash and reason edits are valid acks; count and length edits are not
