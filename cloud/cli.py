@@ -45,6 +45,10 @@ def serve_cmd(
                                    "training round ending in one patch upload): with --distill-after N, distil "
                                    "once N devices each sent R patches for the current base; 1 = every round"),
     aggregator: str = typer.Option("momodistill", help="momodistill, model_over_data or fedavg_patches"),
+    delta_encoding: str = typer.Option("int8", help="how a base update's change travels to devices holding the "
+                                       "parent: int8 (per-row scales, a quarter of the parameter bytes), float16 "
+                                       "(half), or none (devices download the parameters); devices rebuild the "
+                                       "published weights exactly either way"),
     mode: str = typer.Option("proxy", help="MoMoDistill data mode: proxy, teacher_outputs or samples"),
     canoe: bool = typer.Option(False, "--canoe/--no-canoe", help="also match Canoe help requests to helper "
                                "devices (counters on /metrics, requests and ensemble weights on /fleet)"),
@@ -89,7 +93,7 @@ def serve_cmd(
         companion = Companion(CompanionConfig(
             bundle=bundle, work_dir=work_dir, broker_host=host, broker_port=port, protocol=proto, fleet=fleet,
             db_url=db, http_port=http_port, distill_after=distill_after, base_every=base_every,
-            aggregator=aggregator,
+            aggregator=aggregator, delta_encoding=None if delta_encoding == "none" else delta_encoding,
             distill={"mode": mode}, canoe=canoe, canoe_timeout_s=canoe_timeout, data=data, proxy=proxy,
             mqtt=mqtt, signing_key=signing_key, http_host=http_host, public_url=public_url,
             max_message_bytes=max_message_bytes, reject_retention_s=reject_retention_days * 86400.0,

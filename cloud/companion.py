@@ -26,6 +26,7 @@ from edgepatch.protocol.bundle import Bundle, load_bundle
 from edgepatch.protocol.messages import MAX_MESSAGE_BYTES, BundleAnnouncement, Message, encode, make_message
 from edgepatch.protocol.mqtt import MqttSettings, make_client
 from edgepatch.protocol.mqtt_memory import MemoryBroker
+from edgepatch.protocol.param_delta import DELTA_ENCODINGS
 from edgepatch.protocol.signing import BundleSigner, SequenceFile, SignatureError
 from edgepatch.protocol.topics import bundle_topic
 
@@ -65,6 +66,7 @@ class CompanionConfig:
     aggregator: str = "momodistill"
     distill: dict[str, Any] = field(default_factory=dict)  # DistillConfig overrides
     runtimes: tuple[str, ...] | None = None  # republished runtimes (default: those of the first bundle)
+    delta_encoding: str | None = "int8"  # a base update's change for devices holding the parent (param_delta.py)
     canoe: bool = False  # also match Canoe help requests (helpers, slices, ensemble weights)
     canoe_timeout_s: float = 5.0  # wait this long for a helper's offer before trying the next
     data: Path | None = None  # labelled data (shard dir or .npz x, y): CE rows and, without `proxy`, proxy set
@@ -84,6 +86,9 @@ class Companion:
         """`twin`: run every MQTT client of the companion on the in-memory broker (unit tests)."""
         if cfg.base_every < 1:
             raise CompanionError(f"base_every must be at least 1 device round, got {cfg.base_every}")
+        if cfg.delta_encoding is not None and cfg.delta_encoding not in DELTA_ENCODINGS:
+            raise CompanionError(f"unknown delta encoding {cfg.delta_encoding!r}; choose from "
+                                 f"{', '.join(DELTA_ENCODINGS)} or none")
         self.cfg = cfg
         self.twin = twin
         self.signer: BundleSigner | None = None
@@ -358,6 +363,7 @@ class Companion:
         if out.exists():
             shutil.rmtree(out)
         manifest = republish_bundle(bundle.root, result.params, out, runtimes=self.cfg.runtimes,
+                                    delta=self.cfg.delta_encoding,
                                     meta={"distilled_from_devices": len(devices),
                                           "aggregator": self.cfg.aggregator})
         # A run counts once its candidate bundle exists; what the rollout decides is counted on its own

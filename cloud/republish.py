@@ -8,10 +8,12 @@ infer.tflite and phi_const.tflite, ExecuTorch infer.pte) carry their weight layo
 (protocol/weight_layout.py). The
 variant table is kept whole, timings included: the programs that were timed are the same programs.
 
-With `delta` (the default) the published weights are the parent's plus the float16-rounded change, and
-the bundle carries that change as `params_delta` (protocol/param_delta.py): a device holding the parent
-fetches half the parameter bytes and rebuilds the parameter files exactly. The error against the distilled
-weights (half a float16 ulp of each change) is recorded in the manifest's meta as `delta_max_abs_error`.
+With `delta` (default "int8") the published weights are the parent's plus the quantized change, and the
+bundle carries that change as `params_delta` (protocol/param_delta.py): a device holding the parent fetches
+a quarter (int8, per-row scales) or half (float16) of the parameter bytes and rebuilds the parameter files
+exactly. The error against the distilled weights (at most max|change of a row|/254 for int8, half a float16
+ulp of each change for float16) is recorded in the manifest's meta as `delta_max_abs_error`, the encoding as
+`delta_encoding`; the cloud's gate judges the published weights.
 
 A baked program without a layout (a bundle exported before layouts existed) cannot be rewritten and is
 left out of the new bundle, with a warning: devices then run inference and φ steps from the trainable
@@ -30,7 +32,12 @@ from edgepatch.protocol.bundle import load_bundle
 from edgepatch.protocol.bundle_writer import BundleWriter
 from edgepatch.protocol.manifest import BAKED_KINDS, Manifest, artifact_runtime, split_kind
 from edgepatch.protocol.model_spec import param_infos
-from edgepatch.protocol.param_delta import delta_to_bytes, quantize_update
+from edgepatch.protocol.param_delta import (
+    DEFAULT_DELTA_ENCODING,
+    DELTA_ENCODINGS,
+    delta_to_bytes,
+    quantize_update,
+)
 from edgepatch.protocol.params import Params, ParamsError, check_params
 from edgepatch.protocol.weight_layout import check_layout, write_weights
 
@@ -45,9 +52,9 @@ RUNTIMES = ("litert", "executorch")
 
 def republish_bundle(previous: str | Path, params: Params, out: str | Path, *,
                      runtimes: Sequence[str] | None = None, meta: Mapping[str, Any] | None = None,
-                     delta: bool = True) -> Manifest:
+                     delta: str | None = DEFAULT_DELTA_ENCODING) -> Manifest:
     """A new verified bundle at `out`: `previous` with `params` (every role) as its weights (rounded to
-    parent + float16 change with `delta`).
+    parent + the change in the `delta` encoding, one of DELTA_ENCODINGS; None: the weights as given, no delta).
 
     `runtimes` keeps only those runtimes' programs (default: all the previous bundle has).
     """
@@ -55,6 +62,8 @@ def republish_bundle(previous: str | Path, params: Params, out: str | Path, *,
     unknown = set(runtimes or ()) - set(RUNTIMES)
     if unknown:
         raise ValueError(f"unknown runtimes {sorted(unknown)}; choose from {', '.join(RUNTIMES)}")
+    if delta is not None and delta not in DELTA_ENCODINGS:
+        raise ValueError(f"unknown delta encoding {delta!r}; choose from {', '.join(DELTA_ENCODINGS)}")
     with load_bundle(previous) as old:
         manifest = old.manifest
         spec, patch = manifest.model, manifest.patch
@@ -64,10 +73,10 @@ def republish_bundle(previous: str | Path, params: Params, out: str | Path, *,
         deltas: dict[str, Any] = {}
         if delta:
             try:
-                params, deltas, error = quantize_update(old.all_params(), {n: params[n] for n in shapes})
-                extra["delta_max_abs_error"] = error
-            except ParamsError as exc:  # a change beyond float16: publish the weights as they are
-                log.warning("no float16 delta: %s", exc)
+                params, deltas, error = quantize_update(old.all_params(), {n: params[n] for n in shapes}, delta)
+                extra.update(delta_max_abs_error=error, delta_encoding=delta)
+            except ParamsError as exc:  # a change beyond float16 or not finite: publish the weights as they are
+                log.warning("no %s delta: %s", delta, exc)
         writer = BundleWriter(out, manifest.model_id).set_model(spec, patch).add_params(params)
         if deltas:
             writer.add_bytes("params_delta", delta_to_bytes(deltas))
@@ -94,7 +103,8 @@ def republish_bundle(previous: str | Path, params: Params, out: str | Path, *,
             blob = write_weights(source.read_bytes(), layout, params)
             writer.add_bytes(entry.kind, blob, name=name, path=entry.path, weights=layout)
             rewritten += 1
-        carried = {k: v for k, v in manifest.meta.items() if k != "delta_max_abs_error"}  # not this round's
+        carried = {k: v for k, v in manifest.meta.items()
+                   if k not in ("delta_max_abs_error", "delta_encoding")}  # not this round's
         writer.set_meta(**{**carried, "parent_base_version": manifest.base_version, **extra, **(meta or {})})
         result = writer.finish()
     log.info("republished %s: %d programs reused, %d frozen programs rewritten in place (%.2f s)",

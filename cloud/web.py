@@ -10,7 +10,10 @@ help requests and ensemble weights), so this module imports none of them.
     GET /bundles/<version>/<path>   files of a published bundle directory (claim check: the retained
                                     bundle announcement carries this URL, devices fetch and verify hashes)
 
-Bundle files get `ETag: "<sha256>"` (the same hash as the manifest lists) and honour If-None-Match. Paths
+Bundle files get `ETag: "<sha256>"` (the same hash as the manifest lists) and honour If-None-Match. A client
+that accepts gzip gets a file gzip-compressed when that saves at least GZIP_MIN_SAVING of it (a manifest
+shrinks to about a ninth, an int8 parameter delta by a fifth; compiled programs barely: sent as they are),
+compressed once per file and kept in a small LRU; its ETag is "<sha256>-gzip" (another representation). Paths
 are resolved inside the registered directory; '..', absolute paths, backslashes and symlinks leading out
 are refused.
 """
@@ -18,12 +21,14 @@ are refused.
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import hashlib
 import html
 import json
 import logging
 import socket
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
@@ -44,6 +49,22 @@ SectionHtml = Callable[[dict[str, Any]], str]  # gets the section's data; return
 _CONTENT_TYPES = {".json": "application/json", ".tflite": "application/octet-stream",
                   ".pte": "application/octet-stream", ".npz": "application/octet-stream",
                   ".txt": "text/plain; charset=utf-8"}
+GZIP_MIN_SAVING = 0.1  # compress a file only if that saves at least this fraction of its bytes
+GZIP_CACHE_FILES = 64
+
+
+def accepts_gzip(header: str | None) -> bool:
+    """Accept-Encoding names gzip (or *) without q=0."""
+    for part in (header or "").split(","):
+        token, _, params = part.strip().partition(";")
+        q = params.strip().removeprefix("q=").strip() if params.strip().startswith("q=") else "1"
+        try:
+            weight = float(q)
+        except ValueError:
+            weight = 0.0
+        if token.strip().lower() in ("gzip", "*") and weight > 0:
+            return True
+    return False
 
 
 def file_sha256(path: Path) -> str:
@@ -72,6 +93,7 @@ class FleetWeb:
                        "request_timeout_s": request_timeout_s}
         self._bundles: dict[str, Path] = {}
         self._etags: dict[tuple[Path, int, int], str] = {}  # (path, mtime_ns, size) -> sha256
+        self._gzip: OrderedDict[tuple[Path, int, int], bytes | None] = OrderedDict()  # LRU, see gzipped()
         self._lock = threading.Lock()
         self._server: BoundedHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -209,6 +231,24 @@ Quarantined: {data['counts']['quarantine']}.</p>
             return None
         return target
 
+    def gzipped(self, path: Path) -> bytes | None:
+        """The file gzip-compressed (deterministic: no name, no time), or None when that saves too little."""
+        st = path.stat()
+        key = (path, st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if key in self._gzip:
+                self._gzip.move_to_end(key)
+                return self._gzip[key]
+        raw = path.read_bytes()
+        packed: bytes | None = gzip.compress(raw, compresslevel=9, mtime=0)
+        if len(packed) > (1.0 - GZIP_MIN_SAVING) * len(raw):
+            packed = None
+        with self._lock:
+            self._gzip[key] = packed
+            while len(self._gzip) > GZIP_CACHE_FILES:
+                self._gzip.popitem(last=False)
+        return packed
+
     def etag(self, path: Path) -> str:
         st = path.stat()
         key = (path, st.st_mtime_ns, st.st_size)
@@ -273,16 +313,20 @@ class _Handler(OneRequestHandler):
         if target is None:
             self._error(HTTPStatus.NOT_FOUND, f"no file {rel!r} in bundle {version!r}")
             return
-        etag = f'"{self.web.etag(target)}"'
+        packed = self.web.gzipped(target) if accepts_gzip(self.headers.get("Accept-Encoding")) else None
+        sha = self.web.etag(target)
+        etag = f'"{sha}-gzip"' if packed is not None else f'"{sha}"'
         if self.headers.get("If-None-Match") == etag:
             self.send_response(HTTPStatus.NOT_MODIFIED)
             self.send_header("ETag", etag)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        body = target.read_bytes()
+        body = target.read_bytes() if packed is None else packed
         if self.command == "GET":
             # Counted before sending: a client that has read the body must already see it on /metrics.
             self.web.metrics.bytes_out.inc(len(body))
-        self._send(HTTPStatus.OK, body, _CONTENT_TYPES.get(target.suffix, "application/octet-stream"),
-                   {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"})
+        headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable", "Vary": "Accept-Encoding"}
+        if packed is not None:
+            headers["Content-Encoding"] = "gzip"
+        self._send(HTTPStatus.OK, body, _CONTENT_TYPES.get(target.suffix, "application/octet-stream"), headers)

@@ -8,6 +8,8 @@ programs do not change (their weights are inputs), and a frozen inference progra
 manifest gives is rebuilt locally by writing the new parameters into the active copy (protocol/
 weight_layout.py), kept only if it hashes to the manifest's sha256 (else downloaded). Given the device's
 `runtime`, the other runtime's programs are not fetched at all (the copy is marked as holding one runtime).
+Every file is requested with `Accept-Encoding: gzip` and inflated within its manifest size
+(protocol/blobs.py); `FetchStats.downloaded_bytes` counts the bytes on the wire.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgepatch.protocol.blobs import fetch_to_file
+from edgepatch.protocol.blobs import Wire, fetch_to_file
 from edgepatch.protocol.bundle import RUNTIME_MARKER, Bundle
 from edgepatch.protocol.manifest import MANIFEST_NAME, ArtifactEntry, Manifest, artifact_runtime
 from edgepatch.protocol.param_delta import apply_delta, delta_from_bytes
@@ -40,9 +42,14 @@ class FetchStats:
     skipped_bytes: int = 0  # the other runtime's programs, not fetched
 
 
-def _download(url: str, target: Path, max_bytes: int) -> int:
-    """Stream `url` into `target`, at most `max_bytes` (protocol/blobs.py: bounded, same-host redirects)."""
-    return fetch_to_file(url, target, max_bytes=max_bytes, allow_file=False)
+def _download(url: str, target: Path, max_bytes: int, stats: FetchStats) -> int:
+    """Stream `url` into `target`, at most `max_bytes` of content (protocol/blobs.py: bounded, same-host
+    redirects, gzip inflated within the bound); counts the wire bytes in `stats`, returns the content's."""
+    wire = Wire()
+    try:
+        return fetch_to_file(url, target, max_bytes=max_bytes, allow_file=False, accept_gzip=True, wire=wire)
+    finally:
+        stats.downloaded_bytes += wire.bytes
 
 
 def fetch_bundle(reference: str, manifest_sha256: str, dest: Path, have: Bundle | None, max_bytes: int,
@@ -55,7 +62,7 @@ def fetch_bundle(reference: str, manifest_sha256: str, dest: Path, have: Bundle 
         return root, stats
     if parsed.scheme in ("http", "https"):
         target = dest / (Path(parsed.path).name or "bundle.tar.gz")
-        stats.downloaded_bytes = _download(reference, target, max_bytes)
+        _download(reference, target, max_bytes, stats)
         return target, stats
     path = Path(urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else reference)
     if not path.exists():
@@ -65,7 +72,7 @@ def fetch_bundle(reference: str, manifest_sha256: str, dest: Path, have: Bundle 
 
 def _fetch_directory(base: str, manifest_sha256: str, root: Path, have: Bundle | None, max_bytes: int,
                      stats: FetchStats, runtime: str | None = None) -> Path:
-    stats.downloaded_bytes += _download(base + MANIFEST_NAME, root / MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    _download(base + MANIFEST_NAME, root / MANIFEST_NAME, MAX_MANIFEST_BYTES, stats)
     raw = (root / MANIFEST_NAME).read_bytes()
     if hashlib.sha256(raw).hexdigest() != manifest_sha256:
         raise ValueError(f"manifest at {base} does not match the announced sha256 {manifest_sha256[:12]}")
@@ -88,10 +95,8 @@ def _fetch_directory(base: str, manifest_sha256: str, root: Path, have: Bundle |
         if entry.kind == "params_delta":
             if not _delta_applies(manifest, have, local):
                 continue  # optional: only a device holding the parent parameters can use it
-            got = _download(base + urllib.parse.quote(entry.path), target, min(entry.bytes, budget))
-            budget -= got
-            stats.downloaded_bytes += got
-            deltas = _read_delta(target)
+            budget -= _download(base + urllib.parse.quote(entry.path), target, min(entry.bytes, budget), stats)
+            deltas = _read_delta(target, entry)
             continue
         if entry.sha256 in local:
             shutil.copyfile(local[entry.sha256], target)
@@ -101,9 +106,7 @@ def _fetch_directory(base: str, manifest_sha256: str, root: Path, have: Bundle |
         if _rebuild_params(entry, have, deltas, target) or _rebuild_frozen(entry, manifest, root, have, target):
             stats.rebuilt_bytes += entry.bytes
             continue
-        got = _download(base + urllib.parse.quote(entry.path), target, min(entry.bytes, budget))
-        budget -= got
-        stats.downloaded_bytes += got
+        budget -= _download(base + urllib.parse.quote(entry.path), target, min(entry.bytes, budget), stats)
     log.info("fetched bundle %s: %d B downloaded, %d B (%d artifacts) reused from the active bundle, %d B "
              "rebuilt locally, %d B of the other runtime skipped", manifest_sha256[:12], stats.downloaded_bytes,
              stats.reused_bytes, stats.reused_artifacts, stats.rebuilt_bytes, stats.skipped_bytes)
@@ -122,15 +125,20 @@ def _delta_applies(manifest: Manifest, have: Bundle | None, local: dict) -> bool
                for e in manifest.artifacts.values())
 
 
-def _read_delta(path: Path) -> dict | None:
+def _read_delta(path: Path, entry: ArtifactEntry) -> dict | None:
+    """The delta's arrays if the file is the one the (pinned) manifest names; None: fetch the parameters
+    (also what a device does with an encoding it does not know)."""
     try:
-        return delta_from_bytes(path.read_bytes())
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            return None
+        return delta_from_bytes(data)
     except (ParamsError, OSError):
         return None
 
 
 def _rebuild_params(entry: ArtifactEntry, have: Bundle | None, deltas: dict | None, target: Path) -> bool:
-    """The active parameter file of this kind moved by the float16 deltas, if it hashes as the manifest says."""
+    """The active parameter file of this kind moved by the deltas, if it hashes as the manifest says."""
     if deltas is None or have is None or entry.kind not in ("params_base", "params_shared"):
         return False
     try:

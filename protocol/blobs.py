@@ -5,6 +5,11 @@ A reference is an http(s) URL, a `file://` URL or a local path (`allow_file=Fals
 what a device accepts from the network should be http(s) only); http redirects are followed only to the
 same scheme, host and port. Every read is bounded: more than `max_bytes` is refused while streaming, and
 with `size`/`sha256` the content must match its reference.
+
+With `accept_gzip` an http(s) fetch offers `Accept-Encoding: gzip` (the companion's web server compresses
+bundle files that shrink: a manifest to a ninth, cloud/web.py); the body is inflated while streaming, never
+beyond the bound (`max_length` on every inflate call: a small gzip bomb costs at most `max_bytes` + one
+chunk), and `Wire` counts the bytes that crossed the network next to the content's.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import io
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -45,12 +51,30 @@ class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_SameHostRedirects)
 
 
-def _chunks(uri: str, allow_file: bool, timeout_s: float) -> Iterator[bytes]:
+class Wire:
+    """Bytes that crossed the network for a fetch (compressed when the server sent gzip)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
+def _chunks(uri: str, allow_file: bool, timeout_s: float, limit: int, accept_gzip: bool = False,
+            wire: Wire | None = None) -> Iterator[bytes]:
     parsed = urllib.parse.urlparse(uri)
     stream: IO[bytes] | Any
+    wire = wire or Wire()
     try:
         if parsed.scheme in ("http", "https"):
-            stream = _OPENER.open(uri, timeout=timeout_s)
+            headers = {"Accept-Encoding": "gzip"} if accept_gzip else {}
+            stream = _OPENER.open(urllib.request.Request(uri, headers=headers), timeout=timeout_s)
+            encoding = (stream.headers.get("Content-Encoding") or "identity").strip().lower()
+            if encoding not in ("identity", "gzip") or (encoding == "gzip" and not accept_gzip):
+                stream.close()
+                raise BlobError(f"{uri}: content encoding {encoding!r} was not asked for")
+            if encoding == "gzip":
+                with stream:
+                    yield from _inflated(uri, stream, limit, wire)
+                return
         elif parsed.scheme in ("file", "") and allow_file:
             path = Path(urllib.request.url2pathname(parsed.path) if parsed.scheme else uri)
             stream = open(path, "rb")  # noqa: SIM115 - closed below
@@ -58,14 +82,41 @@ def _chunks(uri: str, allow_file: bool, timeout_s: float) -> Iterator[bytes]:
             raise BlobError(f"reference {uri[:80]!r}: scheme {parsed.scheme or 'file'!r} is not accepted here")
         with stream:
             while chunk := stream.read(CHUNK):
+                wire.bytes += len(chunk)
+                if wire.bytes > limit:  # stop reading what would be refused anyway
+                    raise BlobError(f"{uri} is larger than the {limit} bytes it may have")
                 yield chunk
     except OSError as exc:
         raise BlobError(f"cannot fetch {uri}: {exc}") from exc
 
 
+def _inflated(uri: str, stream: IO[bytes], limit: int, wire: Wire) -> Iterator[bytes]:
+    """The gzip body of `stream`, inflated at most `limit` + 1 bytes (the caller refuses the last one)."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    produced = 0
+    try:
+        while raw := stream.read(CHUNK):
+            wire.bytes += len(raw)
+            if wire.bytes > limit:  # a server only compresses what shrinks
+                raise BlobError(f"{uri} is larger than the {limit} bytes it may have")
+            while raw and not inflater.eof:
+                out = inflater.decompress(raw, limit + 1 - produced)
+                raw = inflater.unconsumed_tail
+                produced += len(out)
+                yield out
+                if produced > limit:
+                    return
+            if inflater.eof and (raw or inflater.unused_data or stream.read(1)):
+                raise BlobError(f"{uri}: data after the end of the gzip stream")
+    except zlib.error as exc:
+        raise BlobError(f"{uri}: corrupt gzip body: {exc}") from exc
+    if not inflater.eof:
+        raise BlobError(f"{uri}: the gzip body ends early")
+
+
 def _checked(uri: str, chunks: Iterator[bytes], sink: Any, max_bytes: int, size: int | None,
              sha256: str | None) -> int:
-    limit = max_bytes if size is None else min(max_bytes, size)
+    limit = _limit(max_bytes, size)
     digest, total = hashlib.sha256(), 0
     for chunk in chunks:
         total += len(chunk)
@@ -78,20 +129,29 @@ def _checked(uri: str, chunks: Iterator[bytes], sink: Any, max_bytes: int, size:
     return total
 
 
+def _limit(max_bytes: int, size: int | None) -> int:
+    return max_bytes if size is None else min(max_bytes, size)
+
+
 def fetch_bytes(uri: str, *, max_bytes: int, size: int | None = None, sha256: str | None = None,
-                allow_file: bool = True, timeout_s: float = 30.0) -> bytes:
+                allow_file: bool = True, timeout_s: float = 30.0, accept_gzip: bool = False,
+                wire: Wire | None = None) -> bytes:
     """The referenced bytes (bounded, and checked against `size`/`sha256` when given)."""
     parts: list[bytes] = []
-    _checked(uri, _chunks(uri, allow_file, timeout_s), parts.append, max_bytes, size, sha256)
+    chunks = _chunks(uri, allow_file, timeout_s, _limit(max_bytes, size), accept_gzip, wire)
+    _checked(uri, chunks, parts.append, max_bytes, size, sha256)
     return b"".join(parts)
 
 
 def fetch_to_file(uri: str, target: Path, *, max_bytes: int, size: int | None = None, sha256: str | None = None,
-                  allow_file: bool = True, timeout_s: float = 30.0) -> int:
-    """Stream the referenced content into `target` (bounded, checked like fetch_bytes); returns its bytes."""
+                  allow_file: bool = True, timeout_s: float = 30.0, accept_gzip: bool = False,
+                  wire: Wire | None = None) -> int:
+    """Stream the referenced content into `target` (bounded, checked like fetch_bytes); returns its bytes
+    (the content's; `wire` counts what crossed the network)."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    chunks = _chunks(uri, allow_file, timeout_s, _limit(max_bytes, size), accept_gzip, wire)
     with open(target, "wb") as out:
-        return _checked(uri, _chunks(uri, allow_file, timeout_s), out.write, max_bytes, size, sha256)
+        return _checked(uri, chunks, out.write, max_bytes, size, sha256)
 
 
 def publish_blob(directory: Path, name: str, data: bytes) -> BlobRef:
