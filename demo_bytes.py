@@ -7,8 +7,8 @@ round, and the companion updates the base every R rounds (`cloud serve --base-ev
   patch acknowledgements. `WireBytes` counts the payload of every MQTT message of the fleet as a
   subscriber on the same broker receives it, by device and channel — the real messages, not a formula.
 - every R rounds, cloud → device: the bundle announcement (every device receives it) and the files a
-  device of that runtime downloads (manifest, float16 parameter delta: device/fetch.py), counted where they
-  are served or fetched.
+  device of that runtime downloads (manifest, int8 parameter delta, gzip on the wire: device/fetch.py),
+  counted as wire bytes where they are served or fetched.
 - FedAvg of the full model over the same rounds: the global weights down and the device's update up, every
   round, as the FL server and clients serialize them (cloud/fl, device/fl_client.py). `fedavg_blob_bytes`
   measures one round's pair from real serialized tensors when no FL run is at hand (the demo).

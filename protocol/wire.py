@@ -13,7 +13,7 @@ of the canonical encoding of the envelope without `content_hash`:
 Receivers recompute it from the parsed object, so the hash doubles as an idempotency key (a message resent
 after a lost PUBACK has the same hash) and catches corruption and half-edited payloads.
 
-Binary frames (frame.py, issue 13): kinds that register a frame code (patch_update, metrics) travel as the
+Binary frames (frame.py, issue 13): kinds that register a frame code (patch_update, metrics, patch_ack) travel as the
 same envelope packed little-endian with the payload's numbers raw (φ as float32: 4·k bytes plus a header
 of 63 bytes and the ids), and `content_hash` = sha256 of the frame. `make_message` picks the frame for
 those kinds; `decode` tells the forms apart by the frame's magic and still accepts their JSON form (older
