@@ -265,9 +265,18 @@ APPLY_PATCH: PatchBuilders[Callable[..., tf.Tensor]] = PatchBuilders("TensorFlow
 
 @APPLY_PATCH.register("film")
 def _film(h: tf.Tensor, params: Tensors, layer: str, phi: tf.Tensor) -> tf.Tensor:
-    scale = _theta(params, layer, "scale", phi)
-    shift = _theta(params, layer, "shift", phi)
-    return h * (1.0 + scale) + shift
+    """h·(1 + scale) + shift per channel, closed-form gradient: the converter puts autodiff's (1, 1, 1, C) sums
+    after the whole backward pass (all activations re-read cold); these are taken where the gradient is made."""
+
+    @tf.custom_gradient
+    def film(h: tf.Tensor, scale: tf.Tensor, shift: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+        def grad(dy: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            axes = list(range(len(dy.shape) - 1))
+            return dy * (1.0 + scale), tf.reduce_sum(dy * h, axis=axes), tf.reduce_sum(dy, axis=axes)
+
+        return h * (1.0 + scale) + shift, grad
+
+    return film(h, _theta(params, layer, "scale", phi), _theta(params, layer, "shift", phi))
 
 
 @APPLY_PATCH.register("lowrank")

@@ -22,6 +22,7 @@ from edgepatch.protocol.params import check_params
 from edgepatch.protocol.variants import Variant
 
 DEFAULT_BATCH = 32
+PHI_CONST_CHUNK = 8  # samples per forward/backward pass of the weights-baked φ step (`_phi_step`)
 InputSpec = tuple[str, tuple[int | None, ...], tf.DType]
 
 
@@ -85,13 +86,32 @@ def _param_inputs(spec: ModelSpec, patch: PatchSpec | None, roles: tuple[str, ..
 
 
 def _phi_step(spec: ModelSpec, patch: PatchSpec, params: Mapping[str, tf.Tensor], inputs: dict[str, tf.Tensor],
-              adam: AdamConfig) -> dict[str, tf.Tensor]:
-    """One Adam step on φ (inputs x, y, phi, m, v, step, lr); `params` are signature inputs or constants."""
-    phi = inputs["phi"]
-    with tf.GradientTape() as tape:
-        tape.watch(phi)
-        loss = tf_twin.cross_entropy(tf_twin.forward(spec, patch, params, inputs["x"], phi), inputs["y"])
-    grad = tape.gradient(loss, phi)
+              adam: AdamConfig, chunk: int | None = None) -> dict[str, tf.Tensor]:
+    """One Adam step on φ (inputs x, y, phi, m, v, step, lr); `params` are signature inputs or constants.
+
+    `chunk` runs forward and backward over at most `chunk` samples at a time and sums the gradients (the
+    same step up to float summation order). Why: the backward keeps every patched layer's activation and
+    relu mask live, and at batch 32 those tensors fall out of the core's cache, so every elementwise pass
+    of the backward is a trip to shared cache or memory; a few samples at a time stay in cache. Chunk i+1
+    reads φ through `phi + 0·grad_i`, a data dependency that makes the converter emit the chunks one after
+    the other (without it, it schedules every chunk's forward first and nothing is gained)."""
+    phi, x, y = inputs["phi"], inputs["x"], inputs["y"]
+    batch = x.shape[0]
+    size = batch if chunk is None or chunk >= batch else chunk
+    loss = grad = None
+    p = phi
+    for start in range(0, batch, size):
+        stop = min(start + size, batch)
+        xs, ys = (x, y) if size == batch else (x[start:stop], y[start:stop])
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            part = tf_twin.cross_entropy(tf_twin.forward(spec, patch, params, xs, p), ys)
+            if size != batch:  # the batch mean from chunk means
+                part = part * ((stop - start) / batch)
+        g = tape.gradient(part, p)
+        loss, grad = (part, g) if grad is None else (loss + part, grad + g)
+        if stop < batch:
+            p = phi + 0.0 * g
     new_phi, m, v = tf_twin.adam(phi, grad, inputs["m"], inputs["v"], inputs["step"], inputs["lr"],
                                  adam.beta1, adam.beta2, adam.eps)
     return {"loss": loss, "phi": new_phi, "m": m, "v": v, "grad": grad}
@@ -160,20 +180,25 @@ def build_trainable_tflite(spec: ModelSpec, patch: PatchSpec, variants: Sequence
 
 
 def build_phi_const_tflite(spec: ModelSpec, patch: PatchSpec, params: Mapping[str, np.ndarray],
-                           batch: int = DEFAULT_BATCH, adam: AdamConfig = AdamConfig()) -> bytes:
+                           batch: int = DEFAULT_BATCH, adam: AdamConfig = AdamConfig(),
+                           chunk: int = PHI_CONST_CHUNK) -> bytes:
     """The full variant's φ step with W, Θ and θ̄ baked in: signature `train_phi` (x, y, phi, m, v, step, lr
     -> loss, phi, m, v, grad), the same maths as `train_phi_<full>` of the trainable program.
 
     Why a second program: weights fed as signature inputs are not pre-packed by XNNPACK, so the
     trainable program's step is several times slower than it needs to be (benchmarks/step_vs_torch.py).
     It holds weights, so it is rebuilt (or rewritten in place, export/frozen.py) with every base update.
+    It runs the batch `chunk` samples at a time (`_phi_step`: same step, summed in another order, the
+    difference far inside the load-time probe's tolerance, device/phi_const.py).
     """
     check_params(params, spec, patch)
+    if chunk < 1:
+        raise SpecError(f"chunk must be >= 1, got {chunk}")
     consts = {name: tf.constant(np.asarray(params[name], np.float32)) for name in param_infos(spec, patch)}
     k = patch.k
 
     def train_phi(inp: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        return _phi_step(spec, patch, consts, inp, adam)
+        return _phi_step(spec, patch, consts, inp, adam, chunk)
 
     inputs: list[InputSpec] = [_x_input(spec, batch), ("y", (batch,), tf.int32), ("phi", (k,), tf.float32),
                                ("m", (k,), tf.float32), ("v", (k,), tf.float32),
