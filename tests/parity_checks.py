@@ -108,3 +108,24 @@ def check_litert_variant(program: object, spec: ModelSpec, patch: PatchSpec, var
     loss, grads = program.train_full(variant.id, x, y, ref["base"])  # type: ignore[attr-defined]
     np.testing.assert_allclose(loss, ref["full_loss"], rtol=1e-4)
     assert_grads_close(grads, ref["base_grads"])
+
+
+def check_phi_const_step(program: object, spec: ModelSpec, patch: PatchSpec, params: Params, n: int, seed: int
+                         ) -> None:
+    """One weights-baked φ step (`train_phi_const`) on a batch of `n` equals the torch reference's Adam step."""
+    from edgepatch.protocol.variants import full_variant
+
+    rng = np.random.default_rng(seed)
+    x, y = batch(spec, n, rng)
+    phi = rng.normal(0.0, 0.3, patch.k).astype(np.float32)
+    m = rng.normal(0.0, 0.01, patch.k).astype(np.float32)
+    v = rng.uniform(1e-4, 1e-3, patch.k).astype(np.float32)
+    ref = torch_reference(spec, patch, full_variant(spec), params, x, y, phi)
+    out = program.train_phi_const(x, y, phi, m, v, 3.0, 0.02)  # type: ignore[attr-defined]
+    want_phi, want_m, want_v = adam_step(phi, ref["grad_phi"], m, v, 3.0, AdamConfig(), lr=0.02)
+    np.testing.assert_allclose(out["loss"], ref["loss"], rtol=1e-4)
+    scale = float(np.abs(ref["grad_phi"]).max())
+    np.testing.assert_allclose(out["grad"], ref["grad_phi"], rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(out["phi"], want_phi, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out["m"], want_m, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(out["v"], want_v, rtol=1e-4, atol=1e-9)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from edgepatch.device.backends.litert import LiteRTProgram
@@ -15,12 +14,10 @@ from edgepatch.export.frozen import build_frozen
 from edgepatch.export.reference_models import default_patch, mnist_cnn
 from edgepatch.export.tflite_builder import build_inference_tflite, build_phi_const_tflite
 from edgepatch.protocol.model_spec import SpecError
-from edgepatch.protocol.optim import AdamConfig, adam_step
-from edgepatch.protocol.variants import full_variant
 from edgepatch.protocol.weight_layout import write_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parity_checks import batch, dag_probe, live_params, torch_reference  # noqa: E402
+from parity_checks import check_phi_const_step, dag_probe, live_params  # noqa: E402
 
 BATCH, CHUNK = 7, 3  # chunks of 3, 3 and 1 samples
 CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV")
@@ -50,18 +47,7 @@ def test_chunked_step_matches_torch_and_takes_new_weights(make_spec) -> None:  #
     blob, layout = build_frozen(_chunked, spec, patch, params, BATCH)
     for weights in (params, live_params(spec, patch, seed=5, scale=0.1)):  # as built, then rewritten in place
         program = LiteRTProgram(write_weights(blob, layout, weights), num_threads=1)
-        rng = np.random.default_rng(2)
-        x, y = batch(spec, BATCH, rng)
-        phi = rng.normal(0.0, 0.3, patch.k).astype(np.float32)
-        m = rng.normal(0.0, 0.01, patch.k).astype(np.float32)
-        v = rng.uniform(1e-4, 1e-3, patch.k).astype(np.float32)
-        ref = torch_reference(spec, patch, full_variant(spec), weights, x, y, phi)
-        out = program.train_phi_const(x, y, phi, m, v, 3.0, 0.02)
-        want_phi, _, _ = adam_step(phi, ref["grad_phi"], m, v, 3.0, AdamConfig(), lr=0.02)
-        np.testing.assert_allclose(out["loss"], ref["loss"], rtol=1e-4)
-        scale = float(np.abs(ref["grad_phi"]).max())
-        np.testing.assert_allclose(out["grad"], ref["grad_phi"], rtol=1e-4, atol=1e-4 * scale)
-        np.testing.assert_allclose(out["phi"], want_phi, rtol=1e-4, atol=1e-6)
+        check_phi_const_step(program, spec, patch, weights, BATCH, seed=2)
 
 
 def test_chunks_are_emitted_one_after_another() -> None:
